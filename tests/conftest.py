@@ -1,0 +1,47 @@
+"""Shared, expensive fixtures. Everything here is session-scoped: build once, copy before mutating."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# The Hugging Face Hub is unreachable here and must never be needed: every model and data set is built locally.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def trainer_output(tmp_path_factory) -> Path:
+    """A real `transformers.Trainer` output dir with checkpoint-10, -20, -30 of the tiny model.
+
+    Read-only: tests that change files must copy it first (see `copy_trainer_output`).
+    """
+    from watcher.tiny import train_tiny
+
+    out = tmp_path_factory.mktemp("trainer-output")
+    train_tiny(out, max_steps=30, save_steps=10)
+    return out
+
+
+@pytest.fixture
+def copy_trainer_output(trainer_output, tmp_path):
+    """A private copy of the Trainer output dir (metadata and mtimes preserved), safe to modify."""
+
+    def _copy(name: str = "output") -> Path:
+        dest = tmp_path / name
+        shutil.copytree(trainer_output, dest)
+        return dest
+
+    return _copy
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(trainer_output) -> Path:
+    """A consolidated Hugging Face model folder (the last Trainer checkpoint). Read-only."""
+    return trainer_output / "checkpoint-30"

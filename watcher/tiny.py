@@ -1,0 +1,104 @@
+"""A tiny causal language model trained with the real `transformers.Trainer` on the CPU.
+
+`ckpt-watch demo` and the tests use it to produce genuine Trainer checkpoints without any download:
+the tokenizer is a plain byte-level one built in code (the Hub is not reachable offline), and the
+model is a two-layer Llama small enough to train a few steps in seconds.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+
+
+def build_tokenizer():
+    """A byte-level tokenizer: every UTF-8 byte is one token, so any text is encodable with no training."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: index for index, symbol in enumerate(sorted(alphabet))}
+    for special in (BOS, EOS, PAD):
+        vocab[special] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=512
+    )
+
+
+def build_model(tokenizer, seed: int = 0):
+    """A randomly initialised two-layer Llama with ~0.1M parameters."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+def training_text() -> str:
+    return resources.files("watcher").joinpath("data/smoke/train.txt").read_text(encoding="utf-8")
+
+
+def _token_blocks(tokenizer, text: str, block: int) -> list[dict]:
+    ids = tokenizer(text)["input_ids"]
+    blocks = [ids[i : i + block] for i in range(0, len(ids) - block + 1, block)] or [ids]
+    return [{"input_ids": b, "labels": list(b)} for b in blocks]
+
+
+def train_tiny(
+    output_dir: str | Path,
+    max_steps: int = 30,
+    save_steps: int = 10,
+    seed: int = 0,
+    callbacks: Sequence = (),
+    save_total_limit: int | None = None,
+    block_size: int = 64,
+) -> Path:
+    """Train the tiny model with `transformers.Trainer`, saving `checkpoint-N` folders into output_dir.
+
+    Each checkpoint is a genuine Trainer checkpoint: model.safetensors, config.json, tokenizer files,
+    optimizer/scheduler/RNG state and trainer_state.json, written in the Trainer's own order.
+    """
+    from transformers import Trainer, TrainingArguments
+
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, seed=seed)
+    dataset = _token_blocks(tokenizer, training_text(), block_size)
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        save_steps=save_steps,
+        save_strategy="steps",
+        save_total_limit=save_total_limit,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        logging_steps=max(1, save_steps),
+        report_to=[],
+        use_cpu=True,
+        seed=seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks)
+    )
+    trainer.train()
+    return Path(output_dir)
