@@ -102,3 +102,34 @@ def train_tiny(
     )
     trainer.train()
     return Path(output_dir)
+
+
+def _slow_down(seconds: float):
+    """A callback that sleeps after every step, so checkpoints arrive seconds apart like a real run."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class SlowDown(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            time.sleep(seconds)
+
+    return SlowDown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m watcher.tiny OUTPUT_DIR`: train the tiny model (used by `ckpt-watch demo` as the trainer)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m watcher.tiny")
+    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--save-steps", type=int, default=10)
+    parser.add_argument("--step-delay", type=float, default=0.0, help="seconds to sleep after each step")
+    args = parser.parse_args(argv)
+    callbacks = [_slow_down(args.step_delay)] if args.step_delay > 0 else []
+    train_tiny(args.output_dir, max_steps=args.steps, save_steps=args.save_steps, callbacks=callbacks)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Config precedence and device pinning (without touching CUDA)."""
+
+import pytest
+
+from watcher import devices
+from watcher.config import ConfigError, build_config, load_toml
+
+
+def test_flags_override_the_file_and_paths_are_relative_to_it(tmp_path):
+    config_file = tmp_path / "conf" / "watch.toml"
+    config_file.parent.mkdir()
+    config_file.write_text('output_dir = "../run"\ndevice = "cuda:1"\npolicy = "latest"\nsettle = 5\n')
+    config = build_config(load_toml(config_file), {"device": "cpu", "settle": None})
+    assert config.device == "cpu"  # flag wins
+    assert config.policy == "latest" and config.settle == 5.0  # file value kept where no flag
+    assert config.output_dir == (tmp_path / "run").resolve()
+
+
+def test_step_from_folder_names():
+    config = build_config({}, {})
+    assert config.step_of("checkpoint-500") == 500
+    assert config.step_of("step-20") == 20
+    assert config.step_of("checkpoint-500.tmp") is None
+    assert config.step_of("global_step500") is None
+    custom = build_config({"checkpoint_pattern": r"^global_step(\d+)$"}, {})
+    assert custom.step_of("global_step500") == 500
+
+
+@pytest.mark.parametrize("text, visible", [("cpu", []), ("cuda", ["0"]), ("cuda:2", ["2"]), ("cuda:1,3", ["1", "3"])])
+def test_device_pinning(monkeypatch, text, visible):
+    monkeypatch.setattr(devices, "physical_gpu_count", lambda: 4)
+    spec = devices.parse_device(text)
+    entries = devices.check_available(spec, environ={})
+    assert entries == visible
+    env = devices.child_environment(spec, entries, base={})
+    assert env["CUDA_VISIBLE_DEVICES"] == ",".join(visible)
+    assert spec.child_device == ("cpu" if text == "cpu" else "cuda:0")
+
+
+def test_device_indices_go_through_the_daemons_own_visible_devices(monkeypatch):
+    monkeypatch.setattr(devices, "physical_gpu_count", lambda: 8)
+    spec = devices.parse_device("cuda:1")
+    assert devices.check_available(spec, environ={"CUDA_VISIBLE_DEVICES": "4,6"}) == ["6"]
+    with pytest.raises(ConfigError, match="2 visible GPU"):
+        devices.check_available(devices.parse_device("cuda:2"), environ={"CUDA_VISIBLE_DEVICES": "4,6"})
+
+
+def test_no_gpu_at_all(monkeypatch):
+    monkeypatch.setattr(devices, "physical_gpu_count", lambda: 0)
+    with pytest.raises(ConfigError, match="no NVIDIA GPU"):
+        devices.check_available(devices.parse_device("cuda:0"), environ={})

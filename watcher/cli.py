@@ -1,0 +1,124 @@
+"""Command line: `ckpt-watch OUTPUT_DIR [options]` (daemon or `--scan`) and `ckpt-watch demo`.
+
+Exit status: 0 success (or nothing to do), 1 at least one job failed, 2 usage or configuration error.
+Every usage or configuration problem is one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from watcher import __version__
+from watcher.config import POLICIES, ConfigError, WatchConfig, build_config, load_toml
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+SUBCOMMANDS = ("demo",)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's default prints the whole usage first)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def watch_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="ckpt-watch",
+        description="Evaluate every checkpoint of a training run as soon as it is completely written, on a "
+        "device of its own. Other commands: `ckpt-watch demo`.",
+    )
+    parser.add_argument("output_dir", nargs="?", type=Path, help="the training run's output_dir")
+    parser.add_argument("--config", type=Path, help="TOML file setting any option below (flags override it)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or cuda:N,M (default: cpu)")
+    parser.add_argument("--preset", help="evaluation preset (default: smoke)")
+    parser.add_argument("--policy", choices=POLICIES, help="all: every checkpoint in order; latest: newest only")
+    parser.add_argument("--scan", action="store_true", help="one-shot backfill: process what is there, then exit")
+    parser.add_argument("--retry-failed", action="store_true", help="run jobs that failed every attempt again")
+    parser.add_argument("--results-dir", type=Path, help="default: OUTPUT_DIR/ckpt-watch")
+    parser.add_argument("--poll", type=_seconds, metavar="SECONDS", help="poll instead of inotify, this often")
+    parser.add_argument("--settle", type=_seconds, metavar="SECONDS", help="quiet time before a checkpoint counts")
+    parser.add_argument("--sentinel", metavar="NAME", help="a checkpoint is complete when this file exists in it")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("--version", action="version", version=f"ckpt-watch {__version__}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv and argv[0] == "demo":
+            from watcher.demo import main as demo_main
+
+            return demo_main(argv[1:])
+        return watch_main(argv)
+    except ConfigError as exc:
+        print(f"ckpt-watch: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def load_config(args: argparse.Namespace) -> WatchConfig:
+    file_values = load_toml(args.config) if args.config else {}
+    verbosity = 1 if args.verbose else (-1 if args.quiet else None)
+    config = build_config(
+        file_values,
+        {
+            "output_dir": args.output_dir,
+            "device": args.device,
+            "preset": args.preset,
+            "policy": args.policy,
+            "results_dir": args.results_dir,
+            "poll": args.poll,
+            "settle": args.settle,
+            "sentinel": args.sentinel,
+            "verbosity": verbosity,
+        },
+    )
+    if config.output_dir is None:
+        raise ConfigError("no output dir: give OUTPUT_DIR or set output_dir in the config file")
+    if not Path(config.output_dir).is_dir():
+        raise ConfigError(f"output dir not found: {config.output_dir}")
+    config.output_dir = Path(config.output_dir).resolve()
+    return config
+
+
+def watch_main(argv: list[str]) -> int:
+    from watcher.daemon import Daemon, resolve_setup
+    from watcher.devices import check_available, parse_device
+    from watcher.presets import get_preset
+
+    args = watch_parser().parse_args(argv)
+    config = load_config(args)
+    setup_logging(config.verbosity)
+    preset = get_preset(config.preset, config.presets)
+    device = parse_device(config.device)
+    gpu_entries = check_available(device)
+    setup = resolve_setup(config, preset, device, gpu_entries)
+    setup.retry_failed = args.retry_failed
+    return Daemon(setup).run(scan=args.scan)
+
+
+def setup_logging(verbosity: int) -> None:
+    level = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}.get(verbosity, logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("ckpt-watch").setLevel(level)
+    logging.getLogger("watchdog").setLevel(logging.WARNING)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

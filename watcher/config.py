@@ -1,0 +1,168 @@
+"""Configuration: one typed dataclass, loadable from TOML, overridable from the command line.
+
+Every field is documented where it is declared. A TOML file may set any field by its name; command-line flags
+override the file. Unknown keys are an error naming the key, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A usage or configuration problem: reported as one line, exit status 2."""
+
+
+DEFAULT_CHECKPOINT_PATTERN = r"^(?:checkpoint|step)-(?P<step>\d+)$"
+POLICIES = ("all", "latest")
+VARIANTS = ("regular", "ema")
+
+
+@dataclass
+class WatchConfig:
+    output_dir: Path | None = None
+    """The training run's output_dir, whose checkpoint folders are watched."""
+
+    device: str = "cpu"
+    """Where jobs run: `cpu`, `cuda`, `cuda:N`, or a list `cuda:1,2`. Jobs run in child processes whose
+    CUDA_VISIBLE_DEVICES is set to exactly these GPUs; the daemon itself never initialises CUDA."""
+
+    preset: str = "smoke"
+    """Evaluation preset to run on every checkpoint (see `presets` below and the bundled ones)."""
+
+    policy: str = "all"
+    """`all`: every checkpoint in step order. `latest`: always the newest complete checkpoint, skipping the ones
+    overtaken while busy (the newest, and so the run's final checkpoint, is never skipped)."""
+
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    """Weight variants to evaluate when a checkpoint has them: `regular`, `ema`."""
+
+    results_dir: Path | None = None
+    """Where results, logs and the journal go. Default: OUTPUT_DIR/ckpt-watch (a name no trainer globs)."""
+
+    journal_dir: Path | None = None
+    """Where the SQLite journal lives. Default: the results dir, or a local state dir when the results dir is on a
+    network filesystem (SQLite locking is unreliable there)."""
+
+    poll: float | None = None
+    """Poll the output dir every this many seconds instead of using inotify. Default: inotify on local disks,
+    polling every 10 s on network filesystems (NFS, Lustre, GPFS, CIFS, FUSE), where inotify sees nothing."""
+
+    settle: float | None = None
+    """Seconds a complete checkpoint's file list, sizes and mtimes must stay unchanged before it becomes a job.
+    Default: 1 s on local disks, 30 s on network filesystems (attribute caches lag there)."""
+
+    sentinel: str | None = None
+    """If set, a checkpoint is complete exactly when this file exists in it; no other rule applies."""
+
+    checkpoint_pattern: str = DEFAULT_CHECKPOINT_PATTERN
+    """Regular expression for checkpoint folder names; its group `step` (or first group) is the training step."""
+
+    rescan_interval: float = 30.0
+    """Seconds between reconciliation scans under inotify, which silently drops events when its queue overflows."""
+
+    job_timeout: float = 6 * 3600.0
+    """Seconds a job may run before it is stopped and marked failed (a preset's own budget, if set, wins)."""
+
+    max_attempts: int = 3
+    """Attempts per job before it stays failed (until `--retry-failed`)."""
+
+    retry_backoff: float = 60.0
+    """Seconds before the first retry of a failed job; doubles with each further attempt."""
+
+    verbosity: int = 0
+    """-1 quiet, 0 normal, 1 verbose (debug)."""
+
+    presets: dict[str, Any] = field(default_factory=dict)
+    """Extra or overriding presets, as `[presets.NAME]` tables with the same shape as the bundled ones."""
+
+    # --- derived helpers -------------------------------------------------------------------------------------
+
+    def resolved_results_dir(self) -> Path:
+        assert self.output_dir is not None
+        return Path(self.results_dir) if self.results_dir else Path(self.output_dir) / "ckpt-watch"
+
+    def step_of(self, name: str) -> int | None:
+        """The training step encoded in a checkpoint folder name, or None if the name is not a checkpoint."""
+        match = re.match(self.checkpoint_pattern, name)
+        if not match:
+            return None
+        groups = match.groupdict()
+        text = groups.get("step") if "step" in groups else (match.group(1) if match.groups() else None)
+        return int(text) if text is not None and text.isdigit() else None
+
+
+FIELD_NAMES = {f.name for f in dataclasses.fields(WatchConfig)}
+_PATH_FIELDS = {"output_dir", "results_dir", "journal_dir"}
+_FLOAT_FIELDS = {"poll", "settle", "rescan_interval", "job_timeout", "retry_backoff"}
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a config file into a dict of known keys; relative paths in it are relative to the file."""
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    for key in data:
+        if key not in FIELD_NAMES:
+            raise ConfigError(f"unknown key '{key}' in config file {path}")
+    for key in _PATH_FIELDS & data.keys():
+        data[key] = (Path(path).parent / Path(data[key]).expanduser()).resolve()
+    return data
+
+
+def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> WatchConfig:
+    """Defaults, then the config file, then command-line overrides (None means 'not given')."""
+    values = dict(file_values)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = WatchConfig(**values)
+    validate(config)
+    return config
+
+
+def validate(config: WatchConfig) -> None:
+    """Check types and ranges; every message names the option."""
+    for name in _FLOAT_FIELDS:
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"{name} must be a non-negative number of seconds, got {value!r}")
+        setattr(config, name, float(value))
+    for name in _PATH_FIELDS:
+        value = getattr(config, name)
+        if value is not None and not isinstance(value, Path):
+            if not isinstance(value, str):
+                raise ConfigError(f"{name} must be a path, got {value!r}")
+            setattr(config, name, Path(value).expanduser())
+    if config.policy not in POLICIES:
+        raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {config.policy!r}")
+    if not isinstance(config.variants, list) or not config.variants or any(v not in VARIANTS for v in config.variants):
+        raise ConfigError(f"variants must be a non-empty list of {', '.join(VARIANTS)}, got {config.variants!r}")
+    if not isinstance(config.max_attempts, int) or config.max_attempts < 1:
+        raise ConfigError(f"max_attempts must be a positive integer, got {config.max_attempts!r}")
+    if not isinstance(config.preset, str) or not config.preset:
+        raise ConfigError(f"preset must be a name, got {config.preset!r}")
+    if not isinstance(config.presets, dict):
+        raise ConfigError("presets must be a table of [presets.NAME] tables")
+    try:
+        re.compile(config.checkpoint_pattern)
+    except (re.error, TypeError) as exc:
+        raise ConfigError(f"checkpoint_pattern is not a valid regular expression: {exc}") from None
+    if config.sentinel is not None and (not isinstance(config.sentinel, str) or "/" in config.sentinel):
+        raise ConfigError(f"sentinel must be a file name, got {config.sentinel!r}")

@@ -1,0 +1,419 @@
+"""The daemon: one loop that runs the pipeline detect -> journal -> schedule -> run -> record -> deliver.
+
+Read `Daemon.run` top to bottom: everything else is one stage each. The loop is single-threaded (the only
+other thread is watchdog's observer, which just queues folder names), and heavy work happens in job child
+processes, so the daemon stays small and responsive and never touches CUDA itself.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from watcher import __version__
+from watcher.config import ConfigError, WatchConfig
+from watcher.detect import Detector, Ready
+from watcher.devices import DeviceSpec, child_environment
+from watcher.jobs import JobPaths, RunningJob, launch
+from watcher.journal import Job, Journal
+from watcher.presets import Preset
+from watcher.scheduler import decide
+from watcher.sinks import FileSink, Sink
+from watcher.watch import InotifyFeed, PollingFeed, is_network_filesystem
+
+log = logging.getLogger("ckpt-watch")
+
+TICK = 0.5  # seconds between looks at a running job; events wake the loop sooner
+NETWORK_POLL = 10.0
+NETWORK_SETTLE = 30.0
+LOCAL_SETTLE = 1.0
+STOP_GRACE = 10.0  # seconds a running job gets to exit after SIGTERM when the daemon stops
+
+
+@dataclass
+class Setup:
+    """Everything `Daemon` needs, resolved and checked by the CLI before anything starts."""
+
+    config: WatchConfig
+    preset: Preset
+    device: DeviceSpec
+    gpu_entries: list[str]  # CUDA_VISIBLE_DEVICES entries for jobs
+    results_dir: Path
+    journal_path: Path
+    network_fs: bool
+    settle: float
+    poll: float | None  # None: inotify
+    retry_failed: bool = False
+    sinks: list[Sink] = field(default_factory=list)
+
+
+def resolve_setup(config: WatchConfig, preset: Preset, device: DeviceSpec, gpu_entries: list[str]) -> Setup:
+    output_dir = Path(config.output_dir)
+    results_dir = config.resolved_results_dir()
+    network = is_network_filesystem(output_dir)
+    journal_dir = config.journal_dir
+    if journal_dir is None:
+        journal_dir = results_dir
+        if is_network_filesystem(results_dir.parent if not results_dir.exists() else results_dir):
+            # SQLite's locking and WAL need a local disk; keep the journal in the local state dir instead.
+            state_home = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
+            key = hashlib.sha256(str(results_dir.resolve()).encode()).hexdigest()[:16]
+            journal_dir = state_home / "ckpt-watch" / key
+    settle = config.settle if config.settle is not None else (NETWORK_SETTLE if network else LOCAL_SETTLE)
+    poll = config.poll if config.poll is not None else (NETWORK_POLL if network else None)
+    return Setup(
+        config=config,
+        preset=preset,
+        device=device,
+        gpu_entries=gpu_entries,
+        results_dir=results_dir,
+        journal_path=Path(journal_dir) / "journal.sqlite",
+        network_fs=network,
+        settle=settle,
+        poll=poll,
+        sinks=[FileSink(results_dir)],
+    )
+
+
+class Daemon:
+    def __init__(self, setup: Setup):
+        self.setup = setup
+        self.config = setup.config
+        self.preset = setup.preset
+        self.output_dir = Path(self.config.output_dir)
+        self.results_dir = setup.results_dir
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = _take_lock(setup.journal_path.parent / "ckpt-watch.lock", self.results_dir)
+        self.journal = Journal(setup.journal_path)
+        self.detector = Detector(
+            self.output_dir,
+            step_of=self.config.step_of,
+            known_fingerprint=self._known_fingerprint,
+            settle=setup.settle,
+            sentinel=self.config.sentinel,
+        )
+        self.running: RunningJob | None = None
+        self._stop_requested = False
+        self._feed: InotifyFeed | PollingFeed | None = None
+
+    # --- the main loop ---------------------------------------------------------------------------------------
+
+    def run(self, scan: bool = False, finish_when: Callable[[], bool] | None = None) -> int:
+        """Watch until stopped (SIGINT/SIGTERM), or with `scan`, until every complete checkpoint is done.
+
+        `finish_when`: also end once idle and this returns True (used by `ckpt-watch demo`).
+        Returns the exit status: 1 if a job of this preset is failed (scan), else 0.
+        """
+        self._install_signal_handlers()
+        recovered = self.journal.recover_interrupted()
+        if recovered:
+            log.info("%d job(s) interrupted by the last stop are pending again", recovered)
+        self.deliver_pending()
+        if scan and self.config.policy == "all":
+            self.journal.requeue(self.preset.name, ["skipped"])
+        if self.setup.retry_failed:
+            count = self.journal.requeue(self.preset.name, ["failed"])
+            log.info("re-queued %d failed job(s)", count)
+
+        if not scan:
+            self._feed = self._make_feed()
+            self._feed.start()
+        self.reconcile()
+        self._announce(scan)
+        next_reconcile = time.monotonic() + self._reconcile_interval()
+        changed: set[str] = set()
+        final_look = False
+        while True:
+            self.detect(changed)
+            self.supervise()
+            if self.running is None and not self._stop_requested:
+                self.schedule()
+            if self._stop_requested:
+                break
+            if (scan or finish_when) and self.idle() and (finish_when is None or finish_when()):
+                if final_look:
+                    break
+                # One more full look before ending: events for the last files may not have arrived yet.
+                final_look = True
+                self.reconcile()
+                continue
+            changed = self._wait(self._timeout(next_reconcile))
+            if time.monotonic() >= next_reconcile:
+                self.reconcile()
+                next_reconcile = time.monotonic() + self._reconcile_interval()
+        return self.shutdown(scan)
+
+    def shutdown(self, scan: bool) -> int:
+        if self.running is not None:
+            log.info("stopping the running job (%s); it will run again at the next start", self._describe(self.running.job))
+            self.running.stop(STOP_GRACE)
+            self.running.close()
+            self.running = None
+            self.journal.recover_interrupted()
+        if self._feed is not None:
+            self._feed.stop()
+        failed = self.journal.jobs(self.preset.name, ["failed"]) if scan else []
+        self.journal.close()
+        if failed:
+            log.error("%d job(s) failed; see the logs under %s (use --retry-failed to run them again)",
+                      len(failed), self.results_dir)  # fmt: skip
+        return 1 if failed else 0
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+        if self._feed is not None:
+            self._feed.stop()
+
+    # --- detect ----------------------------------------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        """Full scan of the output dir: catches what events missed (inotify overflow) and deletions."""
+        names = self.detector.candidates()
+        present = set(names)
+        for checkpoint in self.journal.present_checkpoints():
+            if checkpoint.name not in present:
+                self._gone(checkpoint.id, checkpoint.name)
+        self.admit(self.detector.check(names))
+        for checkpoint in self.journal.present_checkpoints():
+            self.journal.ensure_jobs(checkpoint, self._variants(checkpoint.variants), self.preset.name)
+
+    def detect(self, changed: set[str]) -> None:
+        names = {n for n in changed if self.config.step_of(n) is not None} | set(self.detector.due())
+        for name in names:
+            latest = self.journal.latest_checkpoint(name)
+            if latest is not None and not latest.gone and not (self.output_dir / name).is_dir():
+                self._gone(latest.id, name)
+        self.admit(self.detector.check(names))
+
+    def admit(self, ready: list[Ready]) -> None:
+        """Journal newly complete checkpoints and create their jobs."""
+        for found in ready:
+            checkpoint = self.journal.add_checkpoint(
+                found.name, found.step, found.path, found.fingerprint, found.verdict.layout,
+                found.verdict.variants or ("regular",),
+            )  # fmt: skip
+            self.journal.ensure_jobs(checkpoint, self._variants(checkpoint.variants), self.preset.name)
+            generation = f" (generation {checkpoint.generation})" if checkpoint.generation > 1 else ""
+            log.info("%s complete%s: layout %s, variants %s", found.name, generation, found.verdict.layout,
+                     ", ".join(self._variants(checkpoint.variants)))  # fmt: skip
+
+    def _gone(self, checkpoint_id: int, name: str) -> None:
+        self.journal.mark_gone(checkpoint_id)
+        log.info("%s was deleted (checkpoint rotation?); its unfinished jobs are recorded as gone", name)
+
+    # --- schedule and run --------------------------------------------------------------------------------------
+
+    def schedule(self) -> None:
+        pending = self.journal.jobs(self.preset.name, ["pending"])
+        decision = decide(pending, self.config.policy, time.time())
+        if decision.skip:
+            newest = max(j.checkpoint.step for j in pending)
+            self.journal.skip([j.id for j in decision.skip], f"policy latest: overtaken by step {newest}")
+            log.info("policy latest: skipping %s", ", ".join(sorted({j.checkpoint.name for j in decision.skip})))
+        if decision.run is not None:
+            self.start(decision.run)
+
+    def start(self, job: Job) -> None:
+        if not job.checkpoint.path.is_dir():
+            self._gone(job.checkpoint.id, job.checkpoint.name)
+            return
+        self.journal.start(job.id)
+        job = self.journal.job(job.id)
+        spec = {
+            "job_id": job.id,
+            "checkpoint_name": job.checkpoint.name,
+            "checkpoint_path": str(job.checkpoint.path),
+            "step": job.checkpoint.step,
+            "variant": job.variant,
+            "preset": self.preset.to_dict(),
+            "device": self.setup.device.child_device,
+            "parent_pid": os.getpid(),
+        }
+        timeout = self.preset.time_budget or self.config.job_timeout
+        env = child_environment(self.setup.device, self.setup.gpu_entries)
+        paths = JobPaths.for_job(self.results_dir, job)
+        self.running = launch(job, spec, paths, env, timeout)
+        log.info("started %s on %s (attempt %d)", self._describe(job), self.setup.device, job.attempts)
+
+    def supervise(self) -> None:
+        """Follow the running job: stage changes, its checkpoint vanishing, timeout, and its end."""
+        running = self.running
+        if running is None:
+            return
+        job = running.job
+        for stage in running.new_stages():
+            if stage == "evaluating":
+                self.journal.set_stage(job.id, "evaluating")
+        if not job.checkpoint.path.is_dir() or self.journal.job(job.id).state == "gone":
+            log.info("%s: checkpoint went away during the job; stopping it", self._describe(job))
+            self._end_running(stop=True)
+            if not job.checkpoint.gone:
+                self.journal.mark_gone(job.checkpoint.id)
+            return
+        if running.poll() is None:
+            if running.timed_out:
+                log.warning("%s: timed out after %.0f s; stopping it", self._describe(job), running.timeout)
+                self._end_running(stop=True)
+                self.record(job, running, {"status": "failed", "error": f"timed out after {running.timeout:.0f} s"})
+            return
+        outcome = running.outcome()
+        self._end_running(stop=False)
+        if outcome.get("status") != "ok" and not job.checkpoint.path.is_dir():
+            self._gone(job.checkpoint.id, job.checkpoint.name)
+            return
+        self.record(job, running, outcome)
+
+    def _end_running(self, stop: bool) -> None:
+        assert self.running is not None
+        if stop:
+            self.running.stop(STOP_GRACE)
+        self.running.close()
+        self.running = None
+
+    # --- record and deliver ----------------------------------------------------------------------------------
+
+    def record(self, job: Job, running: RunningJob, outcome: dict[str, Any]) -> None:
+        """Commit the outcome to the journal first; only then deliver it to the sinks."""
+        attempt = self.journal.job(job.id).attempts
+        ok = outcome.get("status") == "ok"
+        if not ok and attempt < self.config.max_attempts:
+            delay = self.config.retry_backoff * 2 ** (attempt - 1)
+            self.journal.retry_later(job.id, outcome.get("error", "failed"), delay)
+            log.warning("%s failed (attempt %d of %d, retry in %.0f s): %s", self._describe(job), attempt,
+                        self.config.max_attempts, delay, outcome.get("error"))  # fmt: skip
+            return
+        record = self._build_record(job, running, outcome, attempt)
+        if not self.journal.finish(job.id, record):
+            return
+        if ok:
+            headline = ", ".join(f"{k}={v:.4g}" for k, v in list(record["metrics"].items())[:4])
+            log.info("%s done in %.1f s: %s", self._describe(job), record["walltime_s"], headline)
+        else:
+            log.error("%s failed after %d attempt(s): %s", self._describe(job), attempt, record["error"])
+        self.deliver_pending()
+
+    def _build_record(self, job: Job, running: RunningJob, outcome: dict[str, Any], attempt: int) -> dict[str, Any]:
+        finished = time.time()
+        return {
+            "result_id": uuid.uuid4().hex,
+            "step": job.checkpoint.step,
+            "checkpoint": job.checkpoint.name,
+            "checkpoint_path": str(job.checkpoint.path),
+            "generation": job.checkpoint.generation,
+            "layout": job.checkpoint.layout,
+            "variant": job.variant,
+            "preset": job.preset,
+            "status": "ok" if outcome.get("status") == "ok" else "failed",
+            "error": outcome.get("error"),
+            "metrics": outcome.get("metrics", {}),
+            "raw": outcome.get("raw", {}),
+            "versions": {"ckpt_watch": __version__, **outcome.get("versions", {})},
+            "device": str(self.setup.device),
+            "cuda_visible_devices": ",".join(self.setup.gpu_entries),
+            "attempt": attempt,
+            "started_at": _iso(running.started),
+            "finished_at": _iso(finished),
+            "walltime_s": round(finished - running.started, 3),
+            "timings": outcome.get("timings", {}),
+            "log": str(running.paths.log.relative_to(self.results_dir)),
+        }
+
+    def deliver_pending(self) -> None:
+        """Deliver every committed result a sink has not yet acknowledged (in commit order)."""
+        for sink in self.setup.sinks:
+            for record in self.journal.undelivered(sink.name):
+                try:
+                    sink.deliver(record)
+                except OSError as exc:
+                    log.error("could not deliver a result to %s (will retry): %s", sink.name, exc)
+                    break
+                self.journal.mark_delivered(record["result_id"], sink.name)
+
+    # --- helpers ---------------------------------------------------------------------------------------------
+
+    def idle(self) -> bool:
+        return (
+            self.running is None
+            and not self.detector.settling
+            and not self.journal.jobs(self.preset.name, ["pending"])
+        )
+
+    def _variants(self, available: tuple[str, ...]) -> list[str]:
+        return [v for v in self.config.variants if v in available]
+
+    def _known_fingerprint(self, name: str) -> str | None:
+        latest = self.journal.latest_checkpoint(name)
+        return latest.fingerprint if latest is not None and not latest.gone else None
+
+    def _make_feed(self) -> InotifyFeed | PollingFeed:
+        if self.setup.poll is not None:
+            return PollingFeed(self.setup.poll)
+        return InotifyFeed(self.output_dir, ignore={self.results_dir.name})
+
+    def _reconcile_interval(self) -> float:
+        return self.setup.poll if self.setup.poll is not None else self.config.rescan_interval
+
+    def _timeout(self, next_reconcile: float) -> float:
+        candidates = [TICK, max(0.0, next_reconcile - time.monotonic())]
+        due = self.detector.next_due()
+        if due is not None:
+            candidates.append(due)
+        return min(candidates)
+
+    def _wait(self, timeout: float) -> set[str]:
+        if self._feed is None:
+            time.sleep(timeout)
+            return set()
+        return self._feed.wait(timeout)
+
+    def _announce(self, scan: bool) -> None:
+        mode = "scan" if scan else (self._feed.mode if self._feed else "?")
+        where = f"polling every {self.setup.poll:g} s" if (self._feed and self._feed.mode == "polling") else mode
+        log.info("ckpt-watch %s: %s (%s), preset %s, policy %s, device %s, settle %g s, results in %s",
+                 __version__, self.output_dir, where, self.preset.name, self.config.policy, self.setup.device,
+                 self.setup.settle, self.results_dir)  # fmt: skip
+        if self.setup.journal_path.parent != self.results_dir:
+            log.info("journal kept on local disk at %s", self.setup.journal_path)
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            log.info("received %s: finishing up", signal.Signals(signum).name)
+            self.request_stop()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, handler)
+
+    @staticmethod
+    def _describe(job: Job) -> str:
+        return f"{job.checkpoint.name}/{job.variant}/{job.preset}"
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
+
+
+def _take_lock(path: Path, results_dir: Path):
+    """One daemon per results dir: a second one would run every job twice."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise ConfigError(f"another ckpt-watch (pid {holder}) is already using {results_dir}") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle

@@ -1,0 +1,89 @@
+"""`ckpt-watch demo`: the whole pipeline on an embedded default, with nothing to download.
+
+A tiny causal LM is trained by the real `transformers.Trainer` on the CPU in a child process, saving a
+checkpoint every few seconds into a temporary output dir, while the daemon watches that dir with the offline
+`smoke` preset. When training has ended and every checkpoint is evaluated, the results table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from watcher.cli import EXIT_FAILED, EXIT_OK, _Parser, setup_logging
+from watcher.config import WatchConfig, build_config
+
+
+def main(argv: list[str]) -> int:
+    parser = _Parser(prog="ckpt-watch demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="where evaluation jobs run (default: cpu)")
+    parser.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
+    parser.add_argument("--save-steps", type=int, default=10, help="steps between checkpoints (default: 10)")
+    parser.add_argument("--step-delay", type=float, default=0.15, help="seconds slept per step (default: 0.15)")
+    parser.add_argument("--output-dir", type=Path, help="keep the run here instead of a temporary dir")
+    args = parser.parse_args(argv)
+    setup_logging(0)
+    if args.output_dir is not None:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        return run_demo(args, args.output_dir.resolve())
+    with tempfile.TemporaryDirectory(prefix="ckpt-watch-demo-") as tmp:
+        return run_demo(args, Path(tmp))
+
+
+def run_demo(args: argparse.Namespace, output_dir: Path) -> int:
+    from watcher.daemon import Daemon, resolve_setup
+    from watcher.devices import check_available, parse_device
+    from watcher.presets import get_preset
+
+    config: WatchConfig = build_config({}, {"output_dir": output_dir, "device": args.device, "preset": "smoke"})
+    device = parse_device(config.device)
+    setup = resolve_setup(config, get_preset("smoke"), device, check_available(device))
+    print(f"ckpt-watch demo: training a tiny model into {output_dir}; the daemon evaluates each checkpoint\n",
+          flush=True)  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    train_log = open(output_dir / "train.log", "wb")
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "watcher.tiny", str(output_dir), "--steps", str(args.steps),
+         "--save-steps", str(args.save_steps), "--step-delay", str(args.step_delay)],
+        stdout=train_log, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    try:
+        status = Daemon(setup).run(finish_when=lambda: trainer.poll() is not None)
+    finally:
+        if trainer.poll() is None:
+            trainer.terminate()
+        trainer.wait()
+        train_log.close()
+    if trainer.returncode != 0:
+        print(f"ckpt-watch demo: the trainer failed (status {trainer.returncode}); see {output_dir / 'train.log'}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED
+    records = _read_results(setup.results_dir / "results.jsonl")
+    print_results(records)
+    failed = any(r["status"] != "ok" for r in records)
+    return EXIT_FAILED if failed or status else EXIT_OK
+
+
+def _read_results(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def print_results(records: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    names = sorted({k for r in records for k in r.get("metrics", {}) if not k.endswith("_stderr")})
+    table = Table(title="ckpt-watch results")
+    for column in ("step", "variant", "status", *names, "time (s)"):
+        table.add_column(column, justify="right" if column not in ("variant", "status") else "left")
+    for r in sorted(records, key=lambda r: (r["step"], r["variant"])):
+        cells = [f"{r['metrics'][n]:.4g}" if n in r.get("metrics", {}) else "" for n in names]
+        table.add_row(str(r["step"]), r["variant"], r["status"], *cells, f"{r['walltime_s']:.1f}")
+    Console().print(table)

@@ -1,0 +1,144 @@
+"""Detection: turn "something changed in the output dir" into "checkpoint-N is complete and settled".
+
+A folder becomes ready only when (1) its completion rule holds (see `watcher.completion`) and (2) its
+fingerprint (names, sizes, mtimes) stays unchanged across the settle window. A folder whose newest mtime is
+already older than the settle window (a backfill) is settled at once. The detector only reads; it never
+writes inside the output dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from watcher.completion import Verdict, check_checkpoint, fingerprint
+
+log = logging.getLogger("ckpt-watch")
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A complete, settled checkpoint folder."""
+
+    name: str
+    step: int
+    path: Path
+    fingerprint: str
+    verdict: Verdict
+    complete_since: float  # when it was first seen complete (for detection latency figures)
+
+
+@dataclass
+class _Settling:
+    fingerprint: str
+    since: float
+    verdict: Verdict
+
+
+class Detector:
+    def __init__(
+        self,
+        output_dir: Path,
+        step_of: Callable[[str], int | None],
+        known_fingerprint: Callable[[str], str | None],
+        settle: float,
+        sentinel: str | None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.output_dir = Path(output_dir)
+        self._step_of = step_of
+        self._known = known_fingerprint  # the journal's fingerprint of the latest present generation
+        self.settle = settle
+        self.sentinel = sentinel
+        self._clock = clock
+        self._settling: dict[str, _Settling] = {}
+        self._last_reason: dict[str, str] = {}
+
+    def candidates(self) -> list[str]:
+        """Checkpoint folder names present in the output dir, one level deep."""
+        try:
+            entries = list(os.scandir(self.output_dir))
+        except OSError:
+            return []
+        return sorted(e.name for e in entries if self._step_of(e.name) is not None and _is_dir(e))
+
+    def check(self, names: set[str] | list[str]) -> list[Ready]:
+        ready = []
+        for name in sorted(names, key=lambda n: (self._step_of(n) or 0, n)):
+            found = self._check_one(name)
+            if found:
+                ready.append(found)
+        return ready
+
+    def due(self) -> list[str]:
+        """Folders whose settle window has passed and that must be looked at again."""
+        now = self._clock()
+        return [name for name, s in self._settling.items() if now - s.since >= self.settle]
+
+    def next_due(self) -> float | None:
+        """Seconds until the next settle window ends, or None when nothing is settling."""
+        if not self._settling:
+            return None
+        now = self._clock()
+        return max(0.0, min(s.since + self.settle - now for s in self._settling.values()))
+
+    @property
+    def settling(self) -> bool:
+        return bool(self._settling)
+
+    def _check_one(self, name: str) -> Ready | None:
+        step = self._step_of(name)
+        if step is None:
+            return None
+        path = self.output_dir / name
+        try:
+            digest = fingerprint(path)
+        except FileNotFoundError:
+            self._settling.pop(name, None)
+            return None
+        if digest == self._known(name):
+            self._settling.pop(name, None)
+            return None
+        verdict = check_checkpoint(path, step, self.sentinel)
+        if not verdict.complete:
+            self._settling.pop(name, None)
+            if self._last_reason.get(name) != verdict.reason:
+                self._last_reason[name] = verdict.reason
+                log.debug("%s not complete yet: %s", name, verdict.reason)
+            return None
+        self._last_reason.pop(name, None)
+        now = self._clock()
+        current = self._settling.get(name)
+        if current is None or current.fingerprint != digest:
+            # First sight of this state. A folder untouched for longer than the window has settled already.
+            since = now
+            if current is None and now - newest_mtime(path) >= self.settle:
+                since = now - self.settle
+            current = self._settling[name] = _Settling(digest, since, verdict)
+        if now - current.since < self.settle:
+            return None
+        del self._settling[name]
+        return Ready(name, step, path, digest, verdict, current.since)
+
+
+def newest_mtime(folder: Path) -> float:
+    """The newest modification time of the folder or anything in it (stat only)."""
+    newest = 0.0
+    for root, dirs, files in os.walk(folder):
+        for entry in [root, *(os.path.join(root, f) for f in files)]:
+            try:
+                newest = max(newest, os.stat(entry).st_mtime)
+            except OSError:
+                continue
+    return newest
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False

@@ -1,0 +1,164 @@
+"""Jobs: start a job's child process on the pinned device, watch it, stop it, collect its outcome.
+
+Each job runs `python -m watcher.worker` in its own process group (so a timeout or a stop reaches every
+process it started) with CUDA_VISIBLE_DEVICES pinned, stdout/stderr appended to the job's log file. A child
+that crashes, is killed for memory or runs past its time fails that job only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from watcher.atomic import write_json_atomic
+from watcher.journal import Job
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    log: Path  # RESULTS_DIR/<checkpoint>/<variant>/<preset>.log, appended to by every attempt
+    workdir: Path  # private scratch space, removed when the job ends
+    spec: Path
+    outcome: Path
+
+    @classmethod
+    def for_job(cls, results_dir: Path, job: Job) -> "JobPaths":
+        workdir = results_dir / ".work" / f"job-{job.id}"
+        return cls(
+            log=results_dir / job.checkpoint.name / job.variant / f"{job.preset}.log",
+            workdir=workdir,
+            spec=workdir / "spec.json",
+            outcome=workdir / "outcome.json",
+        )
+
+
+class RunningJob:
+    def __init__(self, job: Job, proc: subprocess.Popen, status_fd: int, paths: JobPaths, timeout: float):
+        self.job = job
+        self.proc = proc
+        self.paths = paths
+        self.started = time.time()
+        self.deadline = self.started + timeout
+        self.timeout = timeout
+        self.stage = "preparing"
+        self._status_fd = status_fd
+        self._buffer = b""
+
+    def new_stages(self) -> list[str]:
+        """Stages the child reported since the last call (non-blocking)."""
+        stages = []
+        while True:
+            try:
+                chunk = os.read(self._status_fd, 4096)
+            except BlockingIOError:
+                break
+            except OSError:
+                break
+            if not chunk:
+                break
+            self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            try:
+                stages.append(json.loads(line)["stage"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        if stages:
+            self.stage = stages[-1]
+        return stages
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    @property
+    def timed_out(self) -> bool:
+        return time.time() > self.deadline
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the job's whole process group, then SIGKILL whatever is left after `grace` seconds."""
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        _reap_group(self.proc.pid)
+
+    def outcome(self) -> dict[str, Any]:
+        """What the child wrote, or a failure built from its exit status and the end of its log."""
+        code = self.proc.poll()
+        try:
+            return json.loads(self.paths.outcome.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name
+            why = "killed by SIGKILL (out of memory?)" if code == -signal.SIGKILL else f"killed by {name}"
+        else:
+            why = f"exited with status {code}"
+        tail = last_log_line(self.paths.log)
+        return {"status": "failed", "error": f"job process {why}" + (f": {tail}" if tail else "")}
+
+    def close(self) -> None:
+        try:
+            os.close(self._status_fd)
+        except OSError:
+            pass
+        shutil.rmtree(self.paths.workdir, ignore_errors=True)
+
+
+def launch(job: Job, spec: dict[str, Any], paths: JobPaths, env: dict[str, str], timeout: float) -> RunningJob:
+    """Write the spec and start the worker; returns at once."""
+    shutil.rmtree(paths.workdir, ignore_errors=True)
+    paths.workdir.mkdir(parents=True)
+    paths.log.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(paths.spec, {**spec, "outcome_path": str(paths.outcome), "workdir": str(paths.workdir / "scratch")})
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    env = {**env, "CKPT_WATCH_STATUS_FD": str(write_fd), "PYTHONUNBUFFERED": "1"}
+    with open(paths.log, "ab") as log:
+        log.write(f"\n===== attempt {job.attempts + 1} at {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "watcher.worker", str(paths.spec)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            pass_fds=(write_fd,),
+            start_new_session=True,  # own process group: a stop or timeout kills everything it started
+            cwd=str(paths.workdir),
+        )
+    os.close(write_fd)
+    return RunningJob(job, proc, read_fd, paths, timeout)
+
+
+def last_log_line(log: Path, limit: int = 300) -> str:
+    """The last non-empty line of a log file, shortened: usually the exception that ended the job."""
+    try:
+        with open(log, "rb") as handle:
+            handle.seek(max(0, os.path.getsize(log) - 8192))
+            lines = [line.strip() for line in handle.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:limit] if lines else ""
+
+
+def _reap_group(pgid: int) -> None:
+    """Make sure nothing of the job's process group survives (grandchildren the child did not wait for)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,334 @@
+"""The journal: durable state in SQLite (WAL), the single source of truth for what has been done.
+
+One row per checkpoint generation, one row per job = (checkpoint generation, weight variant, preset), and each
+finished job's result record. Job states:
+
+    pending -> preparing -> evaluating -> done
+                   |             |-----> failed (attempts left: back to pending after a backoff)
+                   |-------------------> gone   (the trainer deleted or re-saved the checkpoint)
+    pending -> skipped (policy `latest`: overtaken by a newer checkpoint)
+
+Every transition is one committed transaction, so a SIGKILL at any moment leaves a consistent journal: a job
+caught in preparing/evaluating is simply pending again at the next start. A result is committed here before
+anything else happens to it; the files and other sinks are deliveries tracked per sink (the outbox).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+ACTIVE_STATES = ("preparing", "evaluating")
+FINAL_STATES = ("done", "failed", "gone", "skipped")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id           INTEGER PRIMARY KEY,
+    name         TEXT NOT NULL,
+    step         INTEGER NOT NULL,
+    generation   INTEGER NOT NULL,
+    path         TEXT NOT NULL,
+    fingerprint  TEXT NOT NULL,
+    layout       TEXT NOT NULL,
+    variants     TEXT NOT NULL,           -- JSON list of the weight variants the checkpoint holds
+    completed_at REAL NOT NULL,           -- when ckpt-watch saw it complete and settled
+    gone_at      REAL,                    -- when it was deleted or superseded by a re-save
+    UNIQUE (name, generation)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id              INTEGER PRIMARY KEY,
+    checkpoint_id   INTEGER NOT NULL REFERENCES checkpoints(id),
+    variant         TEXT NOT NULL,
+    preset          TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    created_at      REAL NOT NULL,
+    started_at      REAL,
+    finished_at     REAL,
+    error           TEXT,
+    UNIQUE (checkpoint_id, variant, preset)
+);
+CREATE TABLE IF NOT EXISTS results (
+    result_id    TEXT PRIMARY KEY,
+    job_id       INTEGER NOT NULL REFERENCES jobs(id),
+    record       TEXT NOT NULL,           -- the full JSON record, exactly as delivered to every sink
+    committed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    result_id    TEXT NOT NULL REFERENCES results(result_id),
+    sink         TEXT NOT NULL,
+    delivered_at REAL NOT NULL,
+    PRIMARY KEY (result_id, sink)
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
+"""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    id: int
+    name: str
+    step: int
+    generation: int
+    path: Path
+    fingerprint: str
+    layout: str
+    variants: tuple[str, ...]
+    gone: bool
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job joined with its checkpoint: everything the scheduler and the runner need."""
+
+    id: int
+    state: str
+    variant: str
+    preset: str
+    attempts: int
+    next_attempt_at: float
+    error: str | None
+    checkpoint: Checkpoint
+
+
+class Journal:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves so each transition is exactly one transaction.
+        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a committed result survives power loss, not only a crash
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _tx(self):
+        return _Transaction(self._db)
+
+    # --- checkpoints -----------------------------------------------------------------------------------------
+
+    def latest_checkpoint(self, name: str) -> Checkpoint | None:
+        row = self._db.execute(
+            "SELECT * FROM checkpoints WHERE name = ? ORDER BY generation DESC LIMIT 1", (name,)
+        ).fetchone()
+        return _checkpoint(row) if row else None
+
+    def present_checkpoints(self) -> list[Checkpoint]:
+        rows = self._db.execute("SELECT * FROM checkpoints WHERE gone_at IS NULL ORDER BY step, generation")
+        return [_checkpoint(r) for r in rows]
+
+    def add_checkpoint(
+        self, name: str, step: int, path: Path, fingerprint: str, layout: str, variants: Iterable[str]
+    ) -> Checkpoint:
+        """Record a complete checkpoint. A new fingerprint under a known name is a new generation (a re-save)."""
+        now = time.time()
+        with self._tx():
+            previous = self.latest_checkpoint(name)
+            generation = 1
+            if previous is not None:
+                generation = previous.generation + 1
+                if not previous.gone:
+                    self._mark_gone(previous.id, now, "superseded by a re-save of the checkpoint")
+            cursor = self._db.execute(
+                "INSERT INTO checkpoints (name, step, generation, path, fingerprint, layout, variants, completed_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, step, generation, str(path), fingerprint, layout, json.dumps(list(variants)), now),
+            )
+            row = self._db.execute("SELECT * FROM checkpoints WHERE id = ?", (cursor.lastrowid,)).fetchone()
+        return _checkpoint(row)
+
+    def mark_gone(self, checkpoint_id: int, reason: str = "checkpoint folder was deleted") -> None:
+        with self._tx():
+            self._mark_gone(checkpoint_id, time.time(), reason)
+
+    def _mark_gone(self, checkpoint_id: int, now: float, reason: str) -> None:
+        self._db.execute("UPDATE checkpoints SET gone_at = ? WHERE id = ? AND gone_at IS NULL", (now, checkpoint_id))
+        self._db.execute(
+            "UPDATE jobs SET state = 'gone', finished_at = ?, error = ? WHERE checkpoint_id = ?"
+            " AND state NOT IN ('done', 'failed', 'gone')",
+            (now, reason, checkpoint_id),
+        )
+
+    # --- jobs ------------------------------------------------------------------------------------------------
+
+    def ensure_jobs(self, checkpoint: Checkpoint, variants: Iterable[str], preset: str) -> None:
+        """Create the (variant, preset) jobs this checkpoint should have; existing ones are left as they are."""
+        now = time.time()
+        with self._tx():
+            for variant in variants:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO jobs (checkpoint_id, variant, preset, state, created_at)"
+                    " VALUES (?, ?, ?, 'pending', ?)",
+                    (checkpoint.id, variant, preset, now),
+                )
+
+    def job(self, job_id: int) -> Job:
+        return self._jobs("WHERE jobs.id = ?", (job_id,))[0]
+
+    def jobs(self, preset: str | None = None, states: Iterable[str] | None = None) -> list[Job]:
+        clauses, params = [], []
+        if preset is not None:
+            clauses.append("jobs.preset = ?")
+            params.append(preset)
+        if states is not None:
+            states = list(states)
+            clauses.append(f"jobs.state IN ({','.join('?' * len(states))})")
+            params.extend(states)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        return self._jobs(where, tuple(params))
+
+    def _jobs(self, where: str, params: tuple) -> list[Job]:
+        rows = self._db.execute(
+            "SELECT jobs.id AS job_id, jobs.state, jobs.variant, jobs.preset, jobs.attempts, jobs.next_attempt_at,"
+            " jobs.error, checkpoints.* FROM jobs JOIN checkpoints ON checkpoints.id = jobs.checkpoint_id "
+            f"{where} ORDER BY checkpoints.step, checkpoints.generation, jobs.variant DESC",
+            params,
+        )
+        return [
+            Job(
+                id=r["job_id"],
+                state=r["state"],
+                variant=r["variant"],
+                preset=r["preset"],
+                attempts=r["attempts"],
+                next_attempt_at=r["next_attempt_at"],
+                error=r["error"],
+                checkpoint=_checkpoint(r),
+            )
+            for r in rows
+        ]
+
+    def recover_interrupted(self) -> int:
+        """Jobs caught mid-run by a crash or stop are pending again; the interrupted attempt does not count."""
+        with self._tx():
+            cursor = self._db.execute(
+                "UPDATE jobs SET state = 'pending', attempts = max(attempts - 1, 0), next_attempt_at = 0,"
+                " error = 'interrupted: ckpt-watch stopped during this job' WHERE state IN ('preparing', 'evaluating')"
+            )
+        return cursor.rowcount
+
+    def start(self, job_id: int) -> None:
+        with self._tx():
+            self._db.execute(
+                "UPDATE jobs SET state = 'preparing', attempts = attempts + 1, started_at = ?, finished_at = NULL"
+                " WHERE id = ? AND state = 'pending'",
+                (time.time(), job_id),
+            )
+
+    def set_stage(self, job_id: int, state: str) -> None:
+        assert state in ACTIVE_STATES
+        with self._tx():
+            self._db.execute(
+                "UPDATE jobs SET state = ? WHERE id = ? AND state IN ('preparing', 'evaluating')", (state, job_id)
+            )
+
+    def retry_later(self, job_id: int, error: str, delay: float) -> None:
+        """A failed attempt with attempts left: pending again once `delay` seconds have passed."""
+        now = time.time()
+        with self._tx():
+            self._db.execute(
+                "UPDATE jobs SET state = 'pending', error = ?, finished_at = ?, next_attempt_at = ?"
+                " WHERE id = ? AND state IN ('preparing', 'evaluating')",
+                (error, now, now + delay, job_id),
+            )
+
+    def finish(self, job_id: int, record: dict[str, Any]) -> bool:
+        """Commit a job's final outcome (done or failed) and its result record in one transaction.
+
+        Returns False, committing nothing, if the job is no longer running (its checkpoint went away meanwhile).
+        """
+        state = "done" if record["status"] == "ok" else "failed"
+        now = time.time()
+        with self._tx():
+            cursor = self._db.execute(
+                "UPDATE jobs SET state = ?, finished_at = ?, error = ? WHERE id = ? AND state IN ('preparing', 'evaluating')",
+                (state, now, record.get("error"), job_id),
+            )
+            if cursor.rowcount == 0:
+                return False
+            self._db.execute(
+                "INSERT INTO results (result_id, job_id, record, committed_at) VALUES (?, ?, ?, ?)",
+                (record["result_id"], job_id, json.dumps(record, sort_keys=True, allow_nan=False), now),
+            )
+        return True
+
+    def skip(self, job_ids: Iterable[int], reason: str) -> None:
+        with self._tx():
+            for job_id in job_ids:
+                self._db.execute(
+                    "UPDATE jobs SET state = 'skipped', error = ?, finished_at = ? WHERE id = ? AND state = 'pending'",
+                    (reason, time.time(), job_id),
+                )
+
+    def requeue(self, preset: str, states: Iterable[str]) -> int:
+        """Put finished-but-unsuccessful jobs (failed, skipped) of present checkpoints back to pending."""
+        states = list(states)
+        with self._tx():
+            cursor = self._db.execute(
+                f"UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = 0 WHERE preset = ?"
+                f" AND state IN ({','.join('?' * len(states))})"
+                " AND checkpoint_id IN (SELECT id FROM checkpoints WHERE gone_at IS NULL)",
+                (preset, *states),
+            )
+        return cursor.rowcount
+
+    # --- results and their delivery (the outbox) -------------------------------------------------------------
+
+    def results(self) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT record FROM results ORDER BY committed_at")
+        return [json.loads(r["record"]) for r in rows]
+
+    def undelivered(self, sink: str) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT record FROM results WHERE result_id NOT IN (SELECT result_id FROM deliveries WHERE sink = ?)"
+            " ORDER BY committed_at",
+            (sink,),
+        )
+        return [json.loads(r["record"]) for r in rows]
+
+    def mark_delivered(self, result_id: str, sink: str) -> None:
+        with self._tx():
+            self._db.execute(
+                "INSERT OR IGNORE INTO deliveries (result_id, sink, delivered_at) VALUES (?, ?, ?)",
+                (result_id, sink, time.time()),
+            )
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+        self._outer = db.in_transaction
+
+    def __enter__(self):
+        if not self._outer:
+            self._db.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._outer:
+            return False
+        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        return False
+
+
+def _checkpoint(row: sqlite3.Row) -> Checkpoint:
+    return Checkpoint(
+        id=row["id"],
+        name=row["name"],
+        step=row["step"],
+        generation=row["generation"],
+        path=Path(row["path"]),
+        fingerprint=row["fingerprint"],
+        layout=row["layout"],
+        variants=tuple(json.loads(row["variants"])),
+        gone=row["gone_at"] is not None,
+    )

@@ -1,0 +1,88 @@
+"""Evaluation presets as data: the bundled TOML file plus the user's `[presets.NAME]` tables.
+
+A preset names the evaluators a job runs (backend + options) and an optional time budget. Presets are
+validated when the daemon starts, so a typo is a one-line error before any checkpoint is touched.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from watcher.config import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_PRESET_KEYS = {"description", "time_budget", "evaluators"}
+
+
+@dataclass(frozen=True)
+class EvaluatorStep:
+    backend: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    time_budget: float | None
+    evaluators: tuple[EvaluatorStep, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain-data form handed to a job's child process."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "time_budget": self.time_budget,
+            "evaluators": [{"backend": e.backend, "options": e.options} for e in self.evaluators],
+        }
+
+
+def bundled_tables() -> dict[str, Any]:
+    text = resources.files("watcher.presets").joinpath("bundled.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)
+
+
+def load_presets(user_tables: dict[str, Any] | None = None) -> dict[str, Preset]:
+    """All presets by name: bundled ones, overridden or extended by the user's tables."""
+    tables = bundled_tables()
+    tables.update(user_tables or {})
+    return {name: _parse(name, table) for name, table in tables.items()}
+
+
+def get_preset(name: str, user_tables: dict[str, Any] | None = None) -> Preset:
+    presets = load_presets(user_tables)
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(presets))}")
+    return presets[name]
+
+
+def _parse(name: str, table: Any) -> Preset:
+    from watcher.evaluators import known_backends  # lazy: keeps `import watcher.presets` light
+
+    if not isinstance(table, dict):
+        raise ConfigError(f"preset {name!r} must be a table")
+    unknown = set(table) - _PRESET_KEYS
+    if unknown:
+        raise ConfigError(f"unknown key '{sorted(unknown)[0]}' in preset {name!r}")
+    steps = []
+    for entry in table.get("evaluators", []):
+        options = dict(entry)
+        backend = options.pop("backend", None)
+        if backend not in known_backends():
+            raise ConfigError(
+                f"preset {name!r}: unknown backend {backend!r}; known backends: {', '.join(known_backends())}"
+            )
+        steps.append(EvaluatorStep(backend, options))
+    if not steps:
+        raise ConfigError(f"preset {name!r} runs no evaluator: add at least one [[{name}.evaluators]] entry")
+    budget = table.get("time_budget")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
+        raise ConfigError(f"preset {name!r}: time_budget must be a positive number of seconds, got {budget!r}")
+    return Preset(name, str(table.get("description", "")), float(budget) if budget else None, tuple(steps))

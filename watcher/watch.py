@@ -1,0 +1,114 @@
+"""Change feeds: tell the main loop which checkpoint folders may have changed.
+
+Two backends with one shape, like watchdog's own observers: `InotifyFeed` (watchdog, recursive, for local
+disks) and `PollingFeed` (no watching at all; the main loop re-lists the output dir one level deep every poll
+interval). Network filesystems (NFS, Lustre, GPFS, CIFS, FUSE, ...) deliver no inotify events for writes made
+on other hosts, so they get polling. Either way the main loop also runs a periodic reconciliation scan, because
+inotify silently drops events when its queue overflows.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from pathlib import Path
+
+NETWORK_FILESYSTEMS = {
+    "nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "beegfs",
+    "panfs", "wekafs", "9p", "afs", "ncpfs", "davfs", "sshfs", "fuse",
+}  # fmt: skip
+
+
+def filesystem_type(path: Path, mounts_file: str = "/proc/self/mounts") -> str:
+    """The filesystem type of the mount holding `path` (the longest matching mount point), or "unknown"."""
+    target = os.path.realpath(path)
+    best, best_type = "", "unknown"
+    try:
+        with open(mounts_file, encoding="utf-8") as handle:
+            for line in handle:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                # The mount table escapes spaces and friends as octal (\040).
+                mount_point = fields[1].encode().decode("unicode_escape")
+                inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+                if inside and len(mount_point) >= len(best):
+                    best, best_type = mount_point, fields[2]
+    except OSError:
+        pass
+    return best_type
+
+
+def is_network_filesystem(path: Path) -> bool:
+    fstype = filesystem_type(path)
+    return fstype in NETWORK_FILESYSTEMS or fstype.startswith("fuse.") or fstype.startswith("nfs")
+
+
+class PollingFeed:
+    """No events: the main loop re-lists the output dir every poll interval."""
+
+    mode = "polling"
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self._wake = threading.Event()
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self._wake.set()
+
+    def wait(self, timeout: float) -> set[str]:
+        self._wake.wait(timeout)
+        return set()
+
+
+class InotifyFeed:
+    """watchdog observer on the output dir; reports the top-level names under which something happened."""
+
+    mode = "inotify"
+
+    def __init__(self, output_dir: Path, ignore: set[str]):
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        self._root = os.path.realpath(output_dir)
+        self._ignore = ignore  # our own results dir, whose writes would only wake us for nothing
+        self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+        feed = self
+
+        class _Handler(FileSystemEventHandler):
+            def on_any_event(self, event):
+                for path in (event.src_path, getattr(event, "dest_path", "")):
+                    if path:
+                        feed._note(os.fsdecode(path))
+
+        self._observer = Observer()
+        self._observer.schedule(_Handler(), self._root, recursive=True)
+
+    def _note(self, path: str) -> None:
+        relative = os.path.relpath(path, self._root)
+        top = relative.split(os.sep, 1)[0]
+        if top not in (".", "..") and top not in self._ignore:
+            self._queue.put(top)
+
+    def start(self) -> None:
+        self._observer.start()
+
+    def stop(self) -> None:
+        self._observer.stop()
+        self._queue.put("")  # wake a waiting main loop
+        self._observer.join(timeout=5)
+
+    def wait(self, timeout: float) -> set[str]:
+        names: set[str] = set()
+        try:
+            names.add(self._queue.get(timeout=timeout))
+            while True:
+                names.add(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        names.discard("")
+        return names

@@ -1,0 +1,102 @@
+"""The job's child process: prepare the weights, run the preset's evaluators, write the outcome to disk.
+
+Run as `python -m watcher.worker SPEC.json` by `watcher.jobs`, with CUDA_VISIBLE_DEVICES already pinned, so
+heavy work (torch, lm-eval) and any crash, out-of-memory kill or hang stay inside this process. It reports its
+stage through a pipe (CKPT_WATCH_STATUS_FD) and writes its outcome atomically to the spec's `outcome_path`;
+stdout and stderr go to the job's log file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from watcher.atomic import write_json_atomic
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL us if the daemon dies (even by SIGKILL), so no orphan holds the GPU."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the daemon's process-group kill still covers stops
+        return
+    if os.getppid() != parent_pid:  # the daemon died before prctl took effect
+        os._exit(1)
+
+
+def _report_stage(stage: str) -> None:
+    fd = os.environ.get("CKPT_WATCH_STATUS_FD")
+    if fd:
+        try:
+            os.write(int(fd), (json.dumps({"stage": stage}) + "\n").encode())
+        except OSError:
+            pass
+    print(f"[ckpt-watch] stage: {stage}", flush=True)
+
+
+def run_job(spec: dict[str, Any]) -> dict[str, Any]:
+    from watcher.evaluators import get_evaluator
+    from watcher.prepare import prepare_model
+
+    workdir = Path(spec["workdir"])
+    workdir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    _report_stage("preparing")
+    start = time.time()
+    model_dir = prepare_model(Path(spec["checkpoint_path"]), spec["variant"], workdir)
+    timings["prepare_s"] = round(time.time() - start, 3)
+
+    _report_stage("evaluating")
+    metrics: dict[str, float] = {}
+    raw: dict[str, Any] = {}
+    versions: dict[str, str] = {}
+    start = time.time()
+    for index, step in enumerate(spec["preset"]["evaluators"]):
+        evaluator = get_evaluator(step["backend"])
+        step_dir = workdir / f"{index}-{step['backend']}"
+        step_dir.mkdir(parents=True, exist_ok=True)
+        output = evaluator.run(model_dir, spec["device"], dict(step["options"]), step_dir)
+        metrics.update(output.metrics)
+        raw[step["backend"]] = output.raw
+        versions.update(output.versions)
+    timings["evaluate_s"] = round(time.time() - start, 3)
+    return {"status": "ok", "metrics": metrics, "raw": raw, "versions": versions, "timings": timings}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    _die_with_parent(int(spec["parent_pid"]))
+    print(f"[ckpt-watch] job {spec['job_id']}: {spec['checkpoint_name']} / {spec['variant']} / "
+          f"{spec['preset']['name']} on {spec['device']} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})",
+          flush=True)  # fmt: skip
+    try:
+        outcome = run_job(spec)
+        code = 0
+    except FileNotFoundError as exc:
+        # Usually the trainer's checkpoint rotation deleting the folder under us; the daemon decides.
+        traceback.print_exc()
+        outcome = {"status": "failed", "error": f"file vanished: {exc}"}
+        code = 3
+    except Exception as exc:  # noqa: BLE001 - any failure must become a recorded outcome, not a lost job
+        traceback.print_exc()
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        outcome = {"status": "failed", "error": f"{type(exc).__name__}: {message}" if message else type(exc).__name__}
+        code = 3
+    write_json_atomic(Path(spec["outcome_path"]), outcome)
+    sys.stdout.flush()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
