@@ -117,7 +117,8 @@ def setup_logging(verbosity: int) -> None:
     level = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}.get(verbosity, logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("ckpt-watch").setLevel(level)
-    logging.getLogger("watchdog").setLevel(logging.WARNING)
+    # watchdog logs its own thread's hiccups at error level; reconciliation scans already cover lost events.
+    logging.getLogger("watchdog").setLevel(logging.CRITICAL)
 
 
 if __name__ == "__main__":

@@ -357,7 +357,7 @@ class Daemon:
     def _make_feed(self) -> InotifyFeed | PollingFeed:
         if self.setup.poll is not None:
             return PollingFeed(self.setup.poll)
-        return InotifyFeed(self.output_dir, ignore={self.results_dir.name})
+        return InotifyFeed(self.output_dir, is_checkpoint=lambda name: self.config.step_of(name) is not None)
 
     def _reconcile_interval(self) -> float:
         return self.setup.poll if self.setup.poll is not None else self.config.rescan_interval

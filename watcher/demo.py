@@ -81,9 +81,14 @@ def print_results(records: list[dict]) -> None:
 
     names = sorted({k for r in records for k in r.get("metrics", {}) if not k.endswith("_stderr")})
     table = Table(title="ckpt-watch results")
-    for column in ("step", "variant", "status", *names, "time (s)"):
-        table.add_column(column, justify="right" if column not in ("variant", "status") else "left")
+    table.add_column("step", justify="right")
+    table.add_column("variant")
+    table.add_column("status")
+    for name in names:
+        task, _, metric = name.rpartition("/")
+        table.add_column(f"{task}\n{metric}", justify="right")
+    table.add_column("time (s)", justify="right")
     for r in sorted(records, key=lambda r: (r["step"], r["variant"])):
         cells = [f"{r['metrics'][n]:.4g}" if n in r.get("metrics", {}) else "" for n in names]
         table.add_row(str(r["step"]), r["variant"], r["status"], *cells, f"{r['walltime_s']:.1f}")
-    Console().print(table)
+    Console(width=max(120, Console().width)).print(table)

@@ -129,7 +129,7 @@ def launch(job: Job, spec: dict[str, Any], paths: JobPaths, env: dict[str, str],
     os.set_blocking(read_fd, False)
     env = {**env, "CKPT_WATCH_STATUS_FD": str(write_fd), "PYTHONUNBUFFERED": "1"}
     with open(paths.log, "ab") as log:
-        log.write(f"\n===== attempt {job.attempts + 1} at {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
+        log.write(f"\n===== attempt {job.attempts} at {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
         log.flush()
         proc = subprocess.Popen(
             [sys.executable, "-m", "watcher.worker", str(paths.spec)],

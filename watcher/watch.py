@@ -13,6 +13,7 @@ import os
 import queue
 import threading
 from pathlib import Path
+from typing import Callable
 
 NETWORK_FILESYSTEMS = {
     "nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "beegfs",
@@ -66,17 +67,22 @@ class PollingFeed:
 
 
 class InotifyFeed:
-    """watchdog observer on the output dir; reports the top-level names under which something happened."""
+    """watchdog observer; reports the checkpoint folder names under which something happened.
+
+    The output dir itself is watched one level deep and each checkpoint folder recursively, rather than the
+    whole tree: the results dir, TensorBoard's `runs/` or W&B's `wandb/` would otherwise flood the queue.
+    """
 
     mode = "inotify"
 
-    def __init__(self, output_dir: Path, ignore: set[str]):
+    def __init__(self, output_dir: Path, is_checkpoint: Callable[[str], bool]):
         from watchdog.events import FileSystemEventHandler
         from watchdog.observers import Observer
 
         self._root = os.path.realpath(output_dir)
-        self._ignore = ignore  # our own results dir, whose writes would only wake us for nothing
+        self._is_checkpoint = is_checkpoint
         self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._watches: dict[str, object] = {}
         feed = self
 
         class _Handler(FileSystemEventHandler):
@@ -85,17 +91,20 @@ class InotifyFeed:
                     if path:
                         feed._note(os.fsdecode(path))
 
+        self._handler = _Handler()
         self._observer = Observer()
-        self._observer.schedule(_Handler(), self._root, recursive=True)
+        self._observer.schedule(self._handler, self._root, recursive=False)
 
     def _note(self, path: str) -> None:
-        relative = os.path.relpath(path, self._root)
-        top = relative.split(os.sep, 1)[0]
-        if top not in (".", "..") and top not in self._ignore:
+        top = os.path.relpath(path, self._root).split(os.sep, 1)[0]
+        if self._is_checkpoint(top):
             self._queue.put(top)
 
     def start(self) -> None:
         self._observer.start()
+        for entry in os.scandir(self._root):
+            if self._is_checkpoint(entry.name):
+                self._follow(entry.name)
 
     def stop(self) -> None:
         self._observer.stop()
@@ -103,6 +112,7 @@ class InotifyFeed:
         self._observer.join(timeout=5)
 
     def wait(self, timeout: float) -> set[str]:
+        """Names changed since the last call; waits up to `timeout` seconds for the first one."""
         names: set[str] = set()
         try:
             names.add(self._queue.get(timeout=timeout))
@@ -111,4 +121,22 @@ class InotifyFeed:
         except queue.Empty:
             pass
         names.discard("")
+        for name in names:
+            self._follow(name)
         return names
+
+    def _follow(self, name: str) -> None:
+        """Watch a checkpoint folder recursively while it exists. The caller checks the folder after this, so
+        writes made before the watch was in place are not missed."""
+        path = os.path.join(self._root, name)
+        exists = os.path.isdir(path)
+        if exists and name not in self._watches:
+            try:
+                self._watches[name] = self._observer.schedule(self._handler, path, recursive=True)
+            except OSError:  # vanished in between
+                pass
+        elif not exists and name in self._watches:
+            try:
+                self._observer.unschedule(self._watches.pop(name))
+            except (KeyError, OSError):
+                pass

@@ -64,7 +64,7 @@ def get_preset(name: str, user_tables: dict[str, Any] | None = None) -> Preset:
 
 
 def _parse(name: str, table: Any) -> Preset:
-    from watcher.evaluators import known_backends  # lazy: keeps `import watcher.presets` light
+    from watcher.evaluators import EvaluatorError, get_evaluator, known_backends  # lazy: keeps the import light
 
     if not isinstance(table, dict):
         raise ConfigError(f"preset {name!r} must be a table")
@@ -79,6 +79,10 @@ def _parse(name: str, table: Any) -> Preset:
             raise ConfigError(
                 f"preset {name!r}: unknown backend {backend!r}; known backends: {', '.join(known_backends())}"
             )
+        try:
+            get_evaluator(backend).check_options(options)
+        except EvaluatorError as exc:
+            raise ConfigError(f"preset {name!r}: {exc}") from None
         steps.append(EvaluatorStep(backend, options))
     if not steps:
         raise ConfigError(f"preset {name!r} runs no evaluator: add at least one [[{name}.evaluators]] entry")

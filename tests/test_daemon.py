@@ -1,0 +1,295 @@
+"""The daemon end to end: real Trainer checkpoints, real child processes, real lm-eval, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+# A probe reads only safetensors headers: for tests of the daemon's mechanics, where lm-eval is not what is
+# being checked. The lm_eval presets make the real evaluator run where it is.
+CONFIG = """
+[presets.params]
+description = "parameter count only"
+[[presets.params.evaluators]]
+backend = "probes"
+probes = ["parameters"]
+
+[presets.quick]
+description = "bundled multiple-choice task, 8 questions"
+[[presets.quick.evaluators]]
+backend = "lm_eval"
+tasks = ["ckpt_watch_smoke_mc"]
+limit = 8
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "ckpt-watch.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+def ckpt_watch(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "watcher", *map(str, args)], capture_output=True, text=True,
+                          timeout=kwargs.pop("timeout", 300), **kwargs)  # fmt: skip
+
+
+def start_daemon(log: Path, *args) -> subprocess.Popen:
+    handle = open(log, "wb")
+    return subprocess.Popen([sys.executable, "-m", "watcher", *map(str, args)], stdout=handle, stderr=subprocess.STDOUT)
+
+
+def results(output: Path) -> list[dict]:
+    path = output / "ckpt-watch" / "results.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def journal_rows(output: Path, sql: str) -> list[tuple]:
+    db = output / "ckpt-watch" / "journal.sqlite"
+    if not db.exists():
+        return []
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as conn:
+        try:
+            return conn.execute(sql).fetchall()
+        except sqlite3.OperationalError:  # schema not created yet
+            return []
+
+
+def job_states(output: Path) -> dict[str, str]:
+    rows = journal_rows(output, "SELECT c.name, j.variant, j.state FROM jobs j JOIN checkpoints c ON c.id = j.checkpoint_id"
+                                " ORDER BY c.generation")  # fmt: skip
+    return {f"{name}/{variant}": state for name, variant, state in rows}
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def worker_processes(spec_root: Path) -> list[int]:
+    """PIDs of job child processes started for this results dir."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "watcher.worker" in cmdline and str(spec_root) in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+# --- --scan ----------------------------------------------------------------------------------------------------
+
+
+def test_scan_evaluates_each_complete_checkpoint_once_with_lm_eval(copy_trainer_output, config_file):
+    output = copy_trainer_output()
+    # A fourth folder that is not complete (its weights are truncated) must never be evaluated.
+    broken = output / "checkpoint-40"
+    shutil.copytree(output / "checkpoint-30", broken)
+    state = json.loads((broken / "trainer_state.json").read_text())
+    (broken / "trainer_state.json").write_text(json.dumps({**state, "global_step": 40}))
+    with open(broken / "model.safetensors", "r+b") as handle:
+        handle.truncate(os.path.getsize(broken / "model.safetensors") - 100)
+
+    first = ckpt_watch(output, "--scan", "--config", config_file, "--preset", "quick")
+    assert first.returncode == 0, first.stderr
+    records = results(output)
+    assert sorted((r["step"], r["variant"], r["preset"], r["status"]) for r in records) == [
+        (10, "regular", "quick", "ok"), (20, "regular", "quick", "ok"), (30, "regular", "quick", "ok")]  # fmt: skip
+    for record in records:
+        assert record["checkpoint"] == f"checkpoint-{record['step']}"
+        assert 0.0 <= record["metrics"]["ckpt_watch_smoke_mc/acc"] <= 1.0
+        assert record["device"] == "cpu" and record["walltime_s"] > 0
+        per_job = json.loads((output / "ckpt-watch" / record["checkpoint"] / "regular" / "quick.json").read_text())
+        assert per_job["result_id"] == record["result_id"] and "lm_eval" in per_job["raw"]
+        assert "lm_eval" in per_job["versions"]
+    assert "checkpoint-40" not in job_states(output)
+    # Nothing was written inside the trainer's folders, and no new top-level name a trainer globs.
+    assert sorted(p.name for p in output.iterdir()) == ["checkpoint-10", "checkpoint-20", "checkpoint-30",
+                                                         "checkpoint-40", "ckpt-watch"]  # fmt: skip
+    assert not any(p.name.startswith(".") or "ckpt" in p.name for p in (output / "checkpoint-10").iterdir())
+
+    second = ckpt_watch(output, "--scan", "--config", config_file, "--preset", "quick")
+    assert second.returncode == 0, second.stderr
+    assert len(results(output)) == 3
+    assert "started" not in second.stderr
+
+
+def test_scan_reports_a_failing_job_with_exit_1_and_keeps_the_others(copy_trainer_output, tmp_path):
+    output = copy_trainer_output()
+    config = tmp_path / "c.toml"
+    config.write_text("max_attempts = 2\nretry_backoff = 0.1\n" + CONFIG)
+    (output / "checkpoint-20" / "config.json").unlink()  # weights without a config: this one job cannot run
+    run = ckpt_watch(output, "--scan", "--config", config, "--preset", "params")
+    assert run.returncode == 1, run.stderr
+    by_step = {r["step"]: r for r in results(output)}
+    assert by_step[10]["status"] == "ok" and by_step[30]["status"] == "ok"
+    assert by_step[20]["status"] == "failed" and "config.json" in by_step[20]["error"]
+    assert by_step[20]["attempt"] == 2
+    assert by_step[10]["metrics"]["params/total"] > 0
+    assert "Traceback" not in run.stderr
+
+    # Failed jobs stay failed (a second scan does nothing and still says 1) until --retry-failed.
+    again = ckpt_watch(output, "--scan", "--config", config, "--preset", "params")
+    assert again.returncode == 1 and len(results(output)) == 3
+    shutil.copy(output / "checkpoint-10" / "config.json", output / "checkpoint-20" / "config.json")
+    retried = ckpt_watch(output, "--scan", "--config", config, "--preset", "params", "--retry-failed")
+    assert retried.returncode == 0, retried.stderr
+    assert [(r["step"], r["status"]) for r in results(output)][-1] == (20, "ok")
+
+
+def test_an_evaluator_error_fails_the_job_with_its_message(copy_trainer_output, tmp_path):
+    output = copy_trainer_output()
+    shutil.rmtree(output / "checkpoint-10")
+    shutil.rmtree(output / "checkpoint-20")
+    config = tmp_path / "c.toml"
+    config.write_text('max_attempts = 1\n[presets.bad]\n[[presets.bad.evaluators]]\nbackend = "lm_eval"\n'
+                      'tasks = ["no_such_task"]\n')  # fmt: skip
+    run = ckpt_watch(output, "--scan", "--config", config, "--preset", "bad")
+    assert run.returncode == 1
+    (record,) = results(output)
+    assert record["status"] == "failed" and "no_such_task" in record["error"]
+    assert "Traceback" not in run.stderr
+    log = output / "ckpt-watch" / record["log"]
+    assert "no_such_task" in log.read_text()
+
+
+# --- crash safety ---------------------------------------------------------------------------------------------
+
+
+def test_sigkill_mid_job_loses_nothing_and_redoes_only_the_interrupted_job(copy_trainer_output, config_file, tmp_path):
+    output = copy_trainer_output()
+    daemon = start_daemon(tmp_path / "first.log", output, "--scan", "--config", config_file, "--preset", "quick")
+    try:
+        wait_for(lambda: job_states(output).get("checkpoint-20/regular") in ("preparing", "evaluating"), 240,
+                 what="the second job to start")  # fmt: skip
+        assert len(results(output)) == 1
+        time.sleep(1.0)  # let the worker get going
+    finally:
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait()
+    # The job's child dies with the daemon (PR_SET_PDEATHSIG): nothing keeps the GPU busy.
+    wait_for(lambda: not worker_processes(output / "ckpt-watch"), 15, what="the orphaned worker to die")
+
+    rerun = ckpt_watch(output, "--scan", "--config", config_file, "--preset", "quick")
+    assert rerun.returncode == 0, rerun.stderr
+    records = results(output)
+    assert sorted(r["step"] for r in records) == [10, 20, 30]
+    assert len({r["result_id"] for r in records}) == 3
+    assert "1 job(s) interrupted" in rerun.stderr
+    assert "started checkpoint-10" not in rerun.stderr  # the finished job was not redone
+    log = (output / "ckpt-watch" / "checkpoint-20" / "regular" / "quick.log").read_text()
+    assert log.count("===== attempt 1") == 2  # the interrupted attempt did not count against the job
+
+
+def test_a_checkpoint_deleted_mid_job_is_gone_not_failed(copy_trainer_output, config_file, tmp_path):
+    output = copy_trainer_output()
+    daemon = start_daemon(tmp_path / "d.log", output, "--scan", "--config", config_file, "--preset", "quick")
+    try:
+        wait_for(lambda: job_states(output).get("checkpoint-10/regular") in ("preparing", "evaluating"), 120,
+                 interval=0.02, what="the first job to start")  # fmt: skip
+        shutil.rmtree(output / "checkpoint-10")  # the trainer's save_total_limit rotation
+        assert daemon.wait(timeout=300) == 0, (tmp_path / "d.log").read_text()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    states = job_states(output)
+    assert states == {"checkpoint-10/regular": "gone", "checkpoint-20/regular": "done", "checkpoint-30/regular": "done"}
+    assert sorted(r["step"] for r in results(output)) == [20, 30]
+
+
+def test_a_resaved_checkpoint_is_a_new_generation_and_is_evaluated_again(copy_trainer_output, config_file):
+    output = copy_trainer_output()
+    assert ckpt_watch(output, "--scan", "--config", config_file, "--preset", "params").returncode == 0
+    state = output / "checkpoint-20" / "trainer_state.json"
+    state.write_text(state.read_text())  # the run restarted from step 10 and saved checkpoint-20 again
+    os.utime(state, (time.time() - 60, time.time() - 60))
+    again = ckpt_watch(output, "--scan", "--config", config_file, "--preset", "params")
+    assert again.returncode == 0, again.stderr
+    records = results(output)
+    assert sorted((r["step"], r["generation"]) for r in records) == [(10, 1), (20, 1), (20, 2), (30, 1)]
+
+
+# --- watching -------------------------------------------------------------------------------------------------
+
+TRAINER_ORDER = ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+                 "trainer_state.json"]  # fmt: skip
+
+
+def slow_copy(source: Path, dest: Path, pause: float) -> float:
+    """Write a checkpoint file by file, each file in two halves, like a slow disk. Returns the completion time."""
+    dest.mkdir()
+    names = [n for n in TRAINER_ORDER if (source / n).exists()]
+    names += sorted(p.name for p in source.iterdir() if p.name not in names)
+    names.remove("trainer_state.json")
+    names.append("trainer_state.json")  # the Trainer's last write
+    for name in names:
+        data = (source / name).read_bytes()
+        with open(dest / name, "wb") as handle:
+            handle.write(data[: len(data) // 2])
+            handle.flush()
+            time.sleep(pause / 2)
+            handle.write(data[len(data) // 2 :])
+        time.sleep(pause / 2)
+    return time.time()
+
+
+def test_the_daemon_picks_up_a_slowly_written_checkpoint_only_when_complete_and_within_2_s(
+    trainer_output, config_file, tmp_path
+):
+    output = tmp_path / "output"
+    output.mkdir()
+    log = tmp_path / "daemon.log"
+    daemon = start_daemon(log, output, "--config", config_file, "--preset", "params", "-v")
+    latencies = []
+    try:
+        wait_for(lambda: b"inotify" in log.read_bytes(), 60, what="the daemon to start watching")
+        for step in (10, 20):
+            done_at = slow_copy(trainer_output / f"checkpoint-{step}", output / f"checkpoint-{step}", pause=0.4)
+            rows = wait_for(lambda: journal_rows(output, f"SELECT completed_at FROM checkpoints WHERE step = {step}"),
+                            30, interval=0.02, what=f"checkpoint-{step} to be detected")  # fmt: skip
+            assert len(rows) == 1, "picked up before it was complete"
+            completed_at = rows[0][0]
+            assert completed_at >= done_at, "picked up before the last file was written"
+            latencies.append(completed_at - done_at)
+        wait_for(lambda: len(results(output)) == 2, 60, what="both results")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
+    print(f"\ndetection latency after the last write: {', '.join(f'{x:.2f} s' for x in latencies)}")
+    assert max(latencies) < 2.0
+    assert [r["step"] for r in results(output)] == [10, 20]
+    assert all(r["status"] == "ok" for r in results(output))
+
+
+def test_policy_latest_skips_overtaken_checkpoints_but_never_the_last(copy_trainer_output, config_file):
+    output = copy_trainer_output()
+    run = ckpt_watch(output, "--scan", "--config", config_file, "--preset", "params", "--policy", "latest")
+    assert run.returncode == 0, run.stderr
+    assert [r["step"] for r in results(output)] == [30]
+    assert job_states(output) == {"checkpoint-10/regular": "skipped", "checkpoint-20/regular": "skipped",
+                                  "checkpoint-30/regular": "done"}  # fmt: skip
+    # A later scan with policy `all` backfills what `latest` skipped.
+    assert ckpt_watch(output, "--scan", "--config", config_file, "--preset", "params").returncode == 0
+    assert sorted(r["step"] for r in results(output)) == [10, 20, 30]

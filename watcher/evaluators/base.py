@@ -1,0 +1,43 @@
+"""The contract between a job's child process and the evaluation backends.
+
+The daemon imports this module (through `watcher.evaluators`), so it must stay free of heavy
+imports: no torch, no lm_eval. Backends do their heavy importing inside `run()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass
+class EvalOutput:
+    """What one evaluation of one checkpoint produced."""
+
+    metrics: dict[str, float]  # flat, "task/metric" -> finite float; never NaN/inf/"N/A"
+    raw: dict  # JSON-serialisable raw backend output, without per-sample logs
+    versions: dict[str, str]  # versions of the backend and what it ran on, e.g. {"lm_eval": "0.4.13"}
+
+
+class EvaluatorError(RuntimeError):
+    """The evaluation request itself is wrong (unknown task or backend, bad option, bad model dir).
+
+    The message is one line meant for the user, so callers can report it without a traceback.
+    """
+
+
+class Evaluator(Protocol):
+    name: str
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Raise EvaluatorError if the options are wrong. Cheap and import-light: the daemon calls it when it
+        loads presets, so a typo in a preset stops the daemon at start, not every job later."""
+        ...
+
+    def run(self, model_dir: Path, device: str, options: dict[str, Any], workdir: Path) -> EvalOutput:
+        """Evaluate the model in `model_dir` on `device` ("cpu" or "cuda:0").
+
+        `workdir` is a private scratch directory for this job; `model_dir` is never written to.
+        """
+        ...
