@@ -285,7 +285,7 @@ class Daemon:
         """Commit the outcome to the journal first; only then deliver it to the sinks."""
         attempt = self.journal.job(job.id).attempts
         ok = outcome.get("status") == "ok"
-        if not ok and attempt < self.config.max_attempts:
+        if not ok and attempt < self.config.max_attempts and not outcome.get("permanent"):
             delay = self.config.retry_backoff * 2 ** (attempt - 1)
             self.journal.retry_later(job.id, outcome.get("error", "failed"), delay)
             log.warning("%s failed (attempt %d of %d, retry in %.0f s): %s", self._describe(job), attempt,

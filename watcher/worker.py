@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from watcher.atomic import write_json_atomic
+from watcher.evaluators.base import EvaluatorError
+from watcher.prepare import PrepareError
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -73,6 +75,11 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     return {"status": "ok", "metrics": metrics, "raw": raw, "versions": versions, "timings": timings}
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
@@ -88,10 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         outcome = {"status": "failed", "error": f"file vanished: {exc}"}
         code = 3
+    except (PrepareError, EvaluatorError) as exc:
+        # The checkpoint or the preset is wrong, not the moment: retrying would fail the same way.
+        print(f"[ckpt-watch] {type(exc).__name__}: {exc}", flush=True)
+        outcome = {"status": "failed", "error": _first_line(exc), "permanent": True}
+        code = 3
     except Exception as exc:  # noqa: BLE001 - any failure must become a recorded outcome, not a lost job
         traceback.print_exc()
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        outcome = {"status": "failed", "error": f"{type(exc).__name__}: {message}" if message else type(exc).__name__}
+        outcome = {"status": "failed", "error": f"{type(exc).__name__}: {_first_line(exc)}".rstrip(": ")}
         code = 3
     write_json_atomic(Path(spec["outcome_path"]), outcome)
     sys.stdout.flush()
