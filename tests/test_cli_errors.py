@@ -3,7 +3,6 @@
 import subprocess
 import sys
 
-import pytest
 
 
 def _run(*args, cwd=None):

@@ -34,6 +34,7 @@ log = logging.getLogger("ckpt-watch")
 
 TICK = 0.5  # seconds between looks at a running job; events wake the loop sooner
 NETWORK_POLL = 10.0
+FALLBACK_POLL = 2.0  # when inotify cannot be used on a local disk
 NETWORK_SETTLE = 30.0
 LOCAL_SETTLE = 1.0
 STOP_GRACE = 10.0  # seconds a running job gets to exit after SIGTERM when the daemon stops
@@ -125,8 +126,7 @@ class Daemon:
             log.info("re-queued %d failed job(s)", count)
 
         if not scan:
-            self._feed = self._make_feed()
-            self._feed.start()
+            self._feed = self._start_feed()
         self.reconcile()
         self._announce(scan)
         next_reconcile = time.monotonic() + self._reconcile_interval()
@@ -178,6 +178,8 @@ class Daemon:
     def reconcile(self) -> None:
         """Full scan of the output dir: catches what events missed (inotify overflow) and deletions."""
         names = self.detector.candidates()
+        if names is None:
+            return
         present = set(names)
         for checkpoint in self.journal.present_checkpoints():
             if checkpoint.name not in present:
@@ -354,10 +356,18 @@ class Daemon:
         latest = self.journal.latest_checkpoint(name)
         return latest.fingerprint if latest is not None and not latest.gone else None
 
-    def _make_feed(self) -> InotifyFeed | PollingFeed:
-        if self.setup.poll is not None:
-            return PollingFeed(self.setup.poll)
-        return InotifyFeed(self.output_dir, is_checkpoint=lambda name: self.config.step_of(name) is not None)
+    def _start_feed(self) -> InotifyFeed | PollingFeed:
+        if self.setup.poll is None:
+            try:
+                feed = InotifyFeed(self.output_dir, is_checkpoint=lambda name: self.config.step_of(name) is not None)
+                feed.start()
+                return feed
+            except OSError as exc:  # e.g. the inotify instance or watch limit (fs.inotify.max_user_*) is reached
+                log.warning("inotify unavailable (%s); polling every %g s instead", exc, FALLBACK_POLL)
+                self.setup.poll = FALLBACK_POLL
+        feed = PollingFeed(self.setup.poll)
+        feed.start()
+        return feed
 
     def _reconcile_interval(self) -> float:
         return self.setup.poll if self.setup.poll is not None else self.config.rescan_interval

@@ -58,12 +58,14 @@ class Detector:
         self._settling: dict[str, _Settling] = {}
         self._last_reason: dict[str, str] = {}
 
-    def candidates(self) -> list[str]:
-        """Checkpoint folder names present in the output dir, one level deep."""
+    def candidates(self) -> list[str] | None:
+        """Checkpoint folder names present in the output dir, one level deep; None if it cannot be listed
+        (a network filesystem hiccup must not look like every checkpoint being deleted)."""
         try:
             entries = list(os.scandir(self.output_dir))
-        except OSError:
-            return []
+        except OSError as exc:
+            log.warning("cannot list %s: %s", self.output_dir, exc)
+            return None
         return sorted(e.name for e in entries if self._step_of(e.name) is not None and _is_dir(e))
 
     def check(self, names: set[str] | list[str]) -> list[Ready]:

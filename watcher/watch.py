@@ -9,11 +9,14 @@ inotify silently drops events when its queue overflows.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
 from pathlib import Path
 from typing import Callable
+
+log = logging.getLogger("ckpt-watch")
 
 NETWORK_FILESYSTEMS = {
     "nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "beegfs",
@@ -133,8 +136,10 @@ class InotifyFeed:
         if exists and name not in self._watches:
             try:
                 self._watches[name] = self._observer.schedule(self._handler, path, recursive=True)
-            except OSError:  # vanished in between
+            except FileNotFoundError:  # vanished in between
                 pass
+            except OSError as exc:  # watch limit reached: the reconciliation scan still sees this folder
+                log.warning("cannot watch %s (%s); relying on the periodic scan for it", path, exc)
         elif not exists and name in self._watches:
             try:
                 self._observer.unschedule(self._watches.pop(name))

@@ -1,0 +1,168 @@
+"""Write a REAL sharded checkpoint of the tiny Llama from a 2-process FSDP2 job on the CPU.
+
+Run it under torchrun (see `factories.make_distributed_checkpoint`, which does that for you):
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 save_distributed.py \
+        --dest OUT --layout hf-fsdp --step 20
+
+Layouts (repeat `--layout` to write several from one job; each then goes to OUT/<layout>/):
+
+* ``torchtitan``  -> ``step-N/``: one DCP save with flat model keys next to ``optimizer``,
+  ``lr_scheduler``, ``dataloader`` and ``train_state`` entries, as torchtitan's CheckpointManager does.
+* ``hf-fsdp``     -> ``checkpoint-N/pytorch_model_fsdp_0/`` (DCP of ``{"model": state_dict}``, what
+  accelerate's FSDP SHARDED_STATE_DICT writes), an EMA twin ``pytorch_ema_model_fsdp_0/``, an
+  ``optimizer_0/`` DCP dir, ``config.json`` and finally ``trainer_state.json``.
+* ``rank-shards`` -> ``checkpoint-N/pytorch_model_fsdp_0/model_world_size_2_rank_R.pt``: every rank
+  ``torch.save``s its own DTensor state dict (veRL / LMMs-Engine style), the EMA twin dir, ``config.json``
+  and finally ``trainer_state.json``.
+
+Next to each checkpoint folder, rank 0 writes ``reference.pt`` (the full, unsharded model state dict,
+HF key names) and ``reference_ema.pt`` (the EMA weights), so merge tests can check exact reassembly.
+
+The model is sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``) on a CPU DeviceMesh over gloo,
+and takes one AdamW step first so that optimizer state exists and the weights are not the init values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from watcher.tiny import build_model, build_tokenizer
+
+LAYOUTS = ("torchtitan", "hf-fsdp", "rank-shards")
+EMA_FACTOR = 0.5  # EMA weights = weights * 0.5: different from the regular ones, trivially checkable
+
+
+def _train_one_step(model, tokenizer) -> torch.optim.Optimizer:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.tensor([tokenizer("a tiny sharded checkpoint for ckpt-watch")["input_ids"]])
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return optimizer
+
+
+def _ema_state_dict(state_dict: dict) -> dict:
+    # DTensor arithmetic keeps placements, so the EMA copy is sharded exactly like the original. Tied
+    # weights (embed_tokens / lm_head) stay one tensor, as they would in a real EMA of the parameters.
+    # state_dict() wraps the same local shard in a fresh DTensor per key, so tie by local data pointer.
+    by_data: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for key, value in state_dict.items():
+        local = value.to_local() if isinstance(value, DTensor) else value
+        tie = (local.data_ptr(), tuple(value.shape))
+        if tie not in by_data:
+            by_data[tie] = value.detach() * EMA_FACTOR
+        out[key] = by_data[tie]
+    return out
+
+
+def _full(state_dict: dict) -> dict:
+    """Gather DTensors into plain CPU tensors (a collective: every rank must call it)."""
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in state_dict.items()}
+
+
+def _write_trainer_files(folder: Path, model, step: int) -> None:
+    model.config.save_pretrained(folder)
+    state = {"global_step": step, "max_steps": step, "epoch": 1.0, "log_history": [], "best_global_step": None}
+    # The Trainer writes trainer_state.json last; so do we.
+    (folder / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+
+
+def save_torchtitan(out: Path, step: int, model, optimizer, rank: int) -> Path:
+    folder = out / f"step-{step}"
+    model_sd = get_model_state_dict(model)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
+    state = dict(model_sd)  # torchtitan flattens the model keys into the top level
+    state["optimizer"] = optim_sd
+    state["lr_scheduler"] = {"last_epoch": step, "_step_count": step + 1, "base_lrs": [1e-2]}
+    state["dataloader"] = {f"dp_rank_{rank}": f"sampler-state-of-rank-{rank}".encode()}  # rank-specific bytes
+    state["train_state"] = {"step": step, "ntokens_seen": 1234 * step}
+    dcp.save(state, checkpoint_id=str(folder))
+    return folder
+
+
+def save_hf_fsdp(out: Path, step: int, model, optimizer, rank: int) -> Path:
+    folder = out / f"checkpoint-{step}"
+    model_sd = get_model_state_dict(model)
+    dcp.save({"model": model_sd}, checkpoint_id=str(folder / "pytorch_model_fsdp_0"))
+    dcp.save({"model": _ema_state_dict(model_sd)}, checkpoint_id=str(folder / "pytorch_ema_model_fsdp_0"))
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder / "optimizer_0"))
+    dist.barrier()
+    if rank == 0:
+        _write_trainer_files(folder, model, step)
+    return folder
+
+
+def save_rank_shards(out: Path, step: int, model, optimizer, rank: int) -> Path:
+    folder = out / f"checkpoint-{step}"
+    world = dist.get_world_size()
+    model_sd = model.state_dict()  # DTensors: each rank pickles its own local shard plus placement info
+    for sub, sd in (("pytorch_model_fsdp_0", model_sd), ("pytorch_ema_model_fsdp_0", _ema_state_dict(model_sd))):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        torch.save(sd, folder / sub / f"model_world_size_{world}_rank_{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        _write_trainer_files(folder, model, step)
+    return folder
+
+
+SAVERS = {"torchtitan": save_torchtitan, "hf-fsdp": save_hf_fsdp, "rank-shards": save_rank_shards}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dest", type=Path, required=True)
+    parser.add_argument("--layout", choices=LAYOUTS, action="append", required=True)
+    parser.add_argument("--step", type=int, default=20)
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)  # 2 ranks on a small CPU box: avoid oversubscription
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, seed=0)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = _train_one_step(model, tokenizer)
+
+    model_sd = get_model_state_dict(model)
+    reference = _full(model_sd)
+    reference_ema = _full(_ema_state_dict(model_sd))
+
+    for layout in args.layout:
+        out = args.dest / layout if len(args.layout) > 1 else args.dest
+        out.mkdir(parents=True, exist_ok=True)
+        folder = SAVERS[layout](out, args.step, model, optimizer, rank)
+        dist.barrier()
+        if rank == 0:
+            torch.save(reference, out / "reference.pt")
+            torch.save(reference_ema, out / "reference_ema.pt")
+            print(f"wrote {folder}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    main()

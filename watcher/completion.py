@@ -1,0 +1,416 @@
+"""Decide whether a `checkpoint-N` / `step-N` folder is COMPLETELY written.
+
+Trainers write checkpoints file by file, over seconds to minutes, with no lock and usually no marker,
+so the watcher must judge a folder by what is on disk. The rules, in order:
+
+1. Sentinel. If a sentinel name is given, or the folder holds `DEFAULT_SENTINEL` (written last by
+   ckpt-watch's own trainer callback), that file's presence is the only rule.
+2. Otherwise the layout decides:
+
+   * "hf": a Hugging Face Trainer folder (`trainer_state.json` or HF weight files). Every weight file
+     must be whole: a safetensors file must be exactly 8 + header length + the largest data offset in
+     its header; a `.bin` (torch.save) must be a zip whose central directory is readable (it sits at
+     the very end, so a truncated file has none); an index (`*.index.json`) must parse and every shard
+     in its `weight_map` must be whole. No recognised weights at all is incomplete.
+   * "hf-fsdp-dcp": accelerate / HF Trainer FSDP SHARDED_STATE_DICT: the weights are a DCP directory
+     `pytorch_model_fsdp_0/` (and the EMA twin `pytorch_ema_model_fsdp_0/`, when present).
+   * "dcp": the folder itself is a DCP checkpoint (torchtitan `step-N/`). `.metadata` is written
+     last, by atomic rename, after every rank's data; it must parse (safely, see merge.dcp_metadata)
+     and each file it references must hold at least max(offset + length) bytes.
+   * "rank-shards": `model_world_size_W_rank_R.pt` per rank (veRL, LMMs-Engine), in the folder or in
+     `pytorch_model_fsdp_0/` (+ the EMA twin): ranks 0..W-1 all present, all agreeing on W, each a
+     whole zip.
+
+   `trainer_state.json` is the HF Trainer's last write, so "hf" and "hf-fsdp-dcp" require it; in every
+   layout, if present it must parse and its `global_step` must equal the N in the folder name.
+
+The check only stats and reads (headers, JSON, zip directories), never writes, never imports torch,
+and never raises for a folder that is half-written or vanishing underneath it: any such surprise is
+an incomplete Verdict whose reason names the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from merge.dcp_metadata import (
+    METADATA_FILE,
+    DcpMetadataError,
+    UnsafeCheckpointError,
+    read_dcp_metadata,
+    required_file_sizes,
+)
+
+DEFAULT_SENTINEL = "ckpt-watch-complete.json"
+TRAINER_STATE = "trainer_state.json"
+FSDP_MODEL_DIR = "pytorch_model_fsdp_0"
+FSDP_EMA_DIR = "pytorch_ema_model_fsdp_0"
+FOLDER_GONE = "folder is gone"
+
+LAYOUTS = ("sentinel", "hf", "hf-fsdp-dcp", "dcp", "rank-shards", "unknown")
+
+_RANK_SHARD = re.compile(r"model_world_size_(\d+)_rank_(\d+)\.pt")
+_HF_SINGLE_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
+_HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_HF_SHARD = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")
+_SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors format refuses larger headers too
+
+
+@dataclass(frozen=True)
+class Verdict:
+    complete: bool
+    layout: str  # one of LAYOUTS
+    reason: str  # one human-readable line saying why it is incomplete; "" when complete
+    variants: tuple[str, ...]  # ("regular",) or ("regular", "ema"); () if unknown
+
+
+class _Incomplete(Exception):
+    """Raised by the rule helpers with the reason; caught in check_checkpoint."""
+
+
+def check_checkpoint(folder: Path, step: int, sentinel: str | None = None) -> Verdict:
+    """Judge whether `folder` (a checkpoint for step `step`) is completely written. Never raises."""
+    folder = Path(folder)
+    layout, variants = "unknown", ()
+    try:
+        if not folder.is_dir():
+            return Verdict(False, "unknown", FOLDER_GONE, ())
+        names = _listdir(folder)
+        detected = _detect_layout(folder, names)
+        variants = _variants(folder, names, detected)
+        marker = sentinel or (DEFAULT_SENTINEL if DEFAULT_SENTINEL in names else None)
+        if marker is not None:
+            layout = "sentinel"
+            if not (folder / marker).exists():
+                raise _Incomplete(f"{marker} missing")
+        else:
+            layout = detected
+            _RULES[layout](folder, names, step)
+        return Verdict(True, layout, "", variants)
+    except _Incomplete as err:
+        reason = str(err)
+    except (OSError, ValueError) as err:  # something changed under our feet between two reads
+        reason = _describe(err, folder)
+    if not _is_dir(folder):
+        reason = FOLDER_GONE
+    return Verdict(False, layout, reason, variants)
+
+
+def fingerprint(folder: Path) -> str:
+    """A hex digest of (relative path, size, mtime_ns) of every file below `folder`, from stat alone.
+
+    Raises FileNotFoundError if `folder` itself is missing; files or subfolders vanishing during the
+    walk are simply left out.
+    """
+    folder = Path(folder)
+    entries: list[str] = []
+
+    def walk(directory: Path, prefix: str) -> None:
+        try:
+            scan = os.scandir(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            if not prefix:
+                raise
+            return  # a subfolder vanished mid-walk
+        with scan:
+            for entry in scan:
+                rel = prefix + entry.name
+                try:
+                    # Never follow symlinked folders (cycles); symlinked files count by their target.
+                    if entry.is_dir(follow_symlinks=False):
+                        walk(Path(entry.path), rel + "/")
+                        continue
+                    st = entry.stat()
+                except OSError:
+                    continue  # vanished (or a dangling link): not part of the checkpoint any more
+                entries.append(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n")
+
+    walk(folder, "")
+    digest = hashlib.sha256()
+    for line in sorted(entries):
+        digest.update(line.encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layout detection (names only, no reads) and the per-layout rules.
+
+
+def _detect_layout(folder: Path, names: set[str]) -> str:
+    if METADATA_FILE in names or any(n.endswith(".distcp") for n in names):
+        return "dcp"
+    if any(_RANK_SHARD.fullmatch(n) for n in names):
+        return "rank-shards"
+    for sub in (FSDP_MODEL_DIR, FSDP_EMA_DIR):
+        if sub in names:
+            # An empty subfolder (just created) is taken for DCP, accelerate's default.
+            return "rank-shards" if _rank_shard_names(_listdir(folder / sub)) else "hf-fsdp-dcp"
+    if TRAINER_STATE in names or _hf_weight_names(names):
+        return "hf"
+    return "unknown"
+
+
+def _variants(folder: Path, names: set[str], layout: str) -> tuple[str, ...]:
+    if FSDP_EMA_DIR in names and (folder / FSDP_EMA_DIR).is_dir():
+        return ("regular", "ema")
+    return () if layout == "unknown" else ("regular",)
+
+
+def _rule_hf(folder: Path, names: set[str], step: int) -> None:
+    _check_hf_weights(folder, names)
+    _check_trainer_state(folder, step, required=True)
+
+
+def _rule_hf_fsdp(folder: Path, names: set[str], step: int) -> None:
+    _check_fsdp_dirs(folder, names)
+    _check_trainer_state(folder, step, required=True)
+
+
+def _rule_dcp(folder: Path, names: set[str], step: int) -> None:
+    _check_dcp(folder, "")
+    _check_trainer_state(folder, step, required=False)
+
+
+def _rule_rank_shards(folder: Path, names: set[str], step: int) -> None:
+    if _rank_shard_names(names):
+        _check_rank_shards(folder, names, "")
+    else:
+        _check_fsdp_dirs(folder, names)
+    # veRL and LMMs-Engine write no trainer_state.json, so it cannot be required here.
+    _check_trainer_state(folder, step, required=False)
+
+
+def _rule_unknown(folder: Path, names: set[str], step: int) -> None:
+    raise _Incomplete(
+        "no recognised weights yet (model.safetensors, pytorch_model.bin, an index, adapter_model.*, "
+        f"{FSDP_MODEL_DIR}/, .metadata or model_world_size_*_rank_*.pt) and no {TRAINER_STATE}"
+    )
+
+
+_RULES = {
+    "hf": _rule_hf,
+    "hf-fsdp-dcp": _rule_hf_fsdp,
+    "dcp": _rule_dcp,
+    "rank-shards": _rule_rank_shards,
+    "unknown": _rule_unknown,
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# trainer_state.json
+
+
+def _check_trainer_state(folder: Path, step: int, required: bool) -> None:
+    try:
+        raw = (folder / TRAINER_STATE).read_bytes()
+    except FileNotFoundError:
+        if required:
+            raise _Incomplete(f"{TRAINER_STATE} missing (the Trainer writes it last)") from None
+        return
+    try:
+        state = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise _Incomplete(f"{TRAINER_STATE}: not valid JSON ({len(raw)} bytes; half-written?)") from None
+    global_step = state.get("global_step") if isinstance(state, dict) else None
+    if type(global_step) is not int:
+        raise _Incomplete(f"{TRAINER_STATE}: no integer global_step")
+    if global_step != step:
+        raise _Incomplete(f"{TRAINER_STATE}: global_step {global_step}, folder says {step}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hugging Face weight files
+
+
+def _hf_weight_names(names: set[str]) -> list[str]:
+    return [n for n in names if n in _HF_SINGLE_FILES or n in _HF_INDEX_FILES or _HF_SHARD.fullmatch(n)]
+
+
+def _check_hf_weights(folder: Path, names: set[str]) -> None:
+    if not _hf_weight_names(names):
+        raise _Incomplete(
+            f"no model weights (model.safetensors, pytorch_model.bin, an index, adapter_model.* or {FSDP_MODEL_DIR}/)"
+        )
+    indexed: set[str] = set()
+    for index_name in _HF_INDEX_FILES:
+        if index_name in names:
+            shards = _read_index(folder / index_name, index_name)
+            for shard in shards:
+                _check_weight_file(folder / shard, shard)
+            indexed.update(shards)
+    # save_pretrained writes the shards first and the index after them.
+    for name in sorted(names):
+        if _HF_SHARD.fullmatch(name) and name not in indexed:
+            index_name = _HF_INDEX_FILES[0] if name.endswith(".safetensors") else _HF_INDEX_FILES[1]
+            if index_name not in names:
+                raise _Incomplete(f"{name}: shard present but {index_name} missing")
+    for name in _HF_SINGLE_FILES:
+        if name in names:
+            _check_weight_file(folder / name, name)
+
+
+def _read_index(path: Path, label: str) -> list[str]:
+    raw = path.read_bytes()
+    try:
+        weight_map = json.loads(raw)["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise _Incomplete(f"{label}: not a valid index yet ({len(raw)} bytes; half-written?)") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise _Incomplete(f"{label}: weight_map is malformed")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if Path(shard).name != shard or shard in (".", ".."):
+            raise _Incomplete(f"{label}: shard name {shard!r} points outside the folder")
+    return shards
+
+
+def _check_weight_file(path: Path, label: str) -> None:
+    if label.endswith(".safetensors"):
+        _check_safetensors(path, label)
+    else:
+        _check_zip(path, label)
+
+
+def _check_safetensors(path: Path, label: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size  # of the very file we read, not of a later replacement
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _Incomplete(f"{label}: {size} bytes on disk, too short for a safetensors header")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > _SAFETENSORS_MAX_HEADER or 8 + header_len > size:
+                raise _Incomplete(f"{label}: {size} bytes on disk, header alone says {8 + header_len}")
+            header_bytes = f.read(header_len)
+    except FileNotFoundError:
+        raise _Incomplete(f"{label} missing") from None
+    try:
+        header = json.loads(header_bytes)
+        data_end = max(
+            (int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"),
+            default=0,
+        )
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
+        raise _Incomplete(f"{label}: safetensors header is not valid") from None
+    expected = 8 + header_len + data_end
+    if size != expected:
+        raise _Incomplete(f"{label}: {size} bytes on disk, header says {expected}")
+
+
+def _check_zip(path: Path, label: str) -> None:
+    """torch.save writes a zip whose end-of-central-directory record comes last."""
+    try:
+        with open(path, "rb") as f:
+            # zipfile.is_zipfile only looks for an end record near the end, and tensor bytes can
+            # contain one by chance; opening also parses the central directory it points to, and a
+            # torch.save zip always lists at least one entry.
+            with zipfile.ZipFile(f) as archive:
+                whole = bool(archive.infolist())
+    except FileNotFoundError:
+        raise _Incomplete(f"{label} missing") from None
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError):
+        whole = False
+    if not whole:
+        size = _size_or_none(path)
+        raise _Incomplete(f"{label}: not a complete zip ({size} bytes; torch.save still writing?)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# FSDP subfolders, DCP directories and per-rank shards
+
+
+def _check_fsdp_dirs(folder: Path, names: set[str]) -> None:
+    if FSDP_MODEL_DIR not in names:
+        raise _Incomplete(f"{FSDP_MODEL_DIR}/ missing")
+    for sub in (FSDP_MODEL_DIR, FSDP_EMA_DIR):
+        if sub in names:
+            sub_names = _listdir(folder / sub)
+            if _rank_shard_names(sub_names):
+                _check_rank_shards(folder / sub, sub_names, f"{sub}/")
+            else:
+                _check_dcp(folder / sub, f"{sub}/")
+
+
+def _check_dcp(directory: Path, label: str) -> None:
+    try:
+        meta = read_dcp_metadata(directory / METADATA_FILE)
+    except FileNotFoundError:
+        raise _Incomplete(f"{label}{METADATA_FILE} missing (DCP writes it last)") from None
+    except UnsafeCheckpointError as err:
+        raise _Incomplete(f"{label}{METADATA_FILE}: {err}") from None
+    except DcpMetadataError as err:
+        raise _Incomplete(f"{label}{METADATA_FILE}: unreadable: {err}") from None
+    for rel, needed in sorted(required_file_sizes(meta).items()):
+        size = _size_or_none(directory / rel)
+        if size is None:
+            raise _Incomplete(f"{label}{rel} missing")
+        if size < needed:
+            raise _Incomplete(f"{label}{rel}: {size} bytes on disk, {METADATA_FILE} says at least {needed}")
+
+
+def _rank_shard_names(names: set[str]) -> dict[str, tuple[int, int]]:
+    """file name -> (world size, rank) for every model_world_size_W_rank_R.pt."""
+    found = {}
+    for name in names:
+        match = _RANK_SHARD.fullmatch(name)
+        if match:
+            found[name] = (int(match[1]), int(match[2]))
+    return found
+
+
+def _check_rank_shards(directory: Path, names: set[str], label: str) -> None:
+    shards = _rank_shard_names(names)
+    worlds = sorted({world for world, _ in shards.values()})
+    if len(worlds) != 1:
+        raise _Incomplete(f"{label}model_world_size_*_rank_*.pt disagree on the world size: {worlds}")
+    world = worlds[0]
+    stray = sorted(name for name, (_, rank) in shards.items() if rank >= world)
+    if stray:
+        raise _Incomplete(f"{label}{stray[0]}: rank out of range for world size {world}")
+    for rank in range(world):
+        name = f"model_world_size_{world}_rank_{rank}.pt"
+        if name not in shards:
+            raise _Incomplete(f"{label}{name} missing")
+        _check_zip(directory / name, f"{label}{name}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Small filesystem helpers
+
+
+def _listdir(directory: Path) -> set[str]:
+    return set(os.listdir(directory))
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _size_or_none(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _describe(err: OSError | ValueError, folder: Path) -> str:
+    filename = getattr(err, "filename", None)
+    if not filename:
+        return f"changed while being checked: {err}"
+    try:
+        rel = Path(filename).relative_to(folder).as_posix()
+    except ValueError:
+        rel = str(filename)
+    if isinstance(err, FileNotFoundError):
+        return f"{rel} missing"
+    return f"{rel}: {getattr(err, 'strerror', None) or err}"
