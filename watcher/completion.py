@@ -103,16 +103,29 @@ def check_checkpoint(folder: Path, step: int, sentinel: str | None = None) -> Ve
     return Verdict(False, layout, reason, variants)
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    digest: str  # fingerprint(): changes whenever a file is added, removed, resized or touched
+    newest_mtime: float  # the newest file mtime (0.0 for an empty folder): how long it has been quiet
+
+
 def fingerprint(folder: Path) -> str:
     """A hex digest of (relative path, size, mtime_ns) of every file below `folder`, from stat alone.
 
     Raises FileNotFoundError if `folder` itself is missing; files or subfolders vanishing during the
     walk are simply left out.
     """
+    return snapshot(folder).digest
+
+
+def snapshot(folder: Path) -> Snapshot:
+    """The fingerprint and the newest mtime of a folder, in one stat-only walk (see `fingerprint`)."""
     folder = Path(folder)
     entries: list[str] = []
+    newest = 0
 
     def walk(directory: Path, prefix: str) -> None:
+        nonlocal newest
         try:
             scan = os.scandir(directory)
         except (FileNotFoundError, NotADirectoryError):
@@ -131,12 +144,13 @@ def fingerprint(folder: Path) -> str:
                 except OSError:
                     continue  # vanished (or a dangling link): not part of the checkpoint any more
                 entries.append(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n")
+                newest = max(newest, st.st_mtime_ns)
 
     walk(folder, "")
     digest = hashlib.sha256()
     for line in sorted(entries):
         digest.update(line.encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()
+    return Snapshot(digest.hexdigest(), newest / 1e9)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from watcher.completion import Verdict, check_checkpoint, fingerprint
+from watcher.completion import Verdict, check_checkpoint, snapshot
 
 log = logging.getLogger("ckpt-watch")
 
@@ -98,10 +98,11 @@ class Detector:
             return None
         path = self.output_dir / name
         try:
-            digest = fingerprint(path)
+            state = snapshot(path)
         except FileNotFoundError:
             self._settling.pop(name, None)
             return None
+        digest = state.digest
         if digest == self._known(name):
             self._settling.pop(name, None)
             return None
@@ -118,25 +119,13 @@ class Detector:
         if current is None or current.fingerprint != digest:
             # First sight of this state. A folder untouched for longer than the window has settled already.
             since = now
-            if current is None and now - newest_mtime(path) >= self.settle:
+            if current is None and now - state.newest_mtime >= self.settle:
                 since = now - self.settle
             current = self._settling[name] = _Settling(digest, since, verdict)
         if now - current.since < self.settle:
             return None
         del self._settling[name]
         return Ready(name, step, path, digest, verdict, current.since)
-
-
-def newest_mtime(folder: Path) -> float:
-    """The newest modification time of the folder or anything in it (stat only)."""
-    newest = 0.0
-    for root, dirs, files in os.walk(folder):
-        for entry in [root, *(os.path.join(root, f) for f in files)]:
-            try:
-                newest = max(newest, os.stat(entry).st_mtime)
-            except OSError:
-                continue
-    return newest
 
 
 def _is_dir(entry: os.DirEntry) -> bool:
