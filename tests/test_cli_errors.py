@@ -65,3 +65,21 @@ def test_empty_output_dir_scan_is_nothing_to_do(tmp_path):
     result = _run(str(tmp_path), "--scan", "-q")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "ckpt-watch" / "journal.sqlite").exists()
+
+
+def test_a_typo_in_a_preset_is_caught_at_start(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('[presets.mine]\n[[presets.mine.evaluators]]\nbackend = "lm_eval"\ntasks = ["x"]\nlimt = 5\n')
+    _assert_one_line_error(_run(str(tmp_path), "--config", str(config), "--preset", "mine"), "preset 'mine'", "limt")
+
+
+def test_a_second_daemon_on_the_same_results_dir_is_refused(tmp_path):
+    import fcntl
+
+    lock_path = tmp_path / "ckpt-watch" / "ckpt-watch.lock"
+    lock_path.parent.mkdir()
+    with open(lock_path, "w") as held:
+        held.write("4242")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running daemon holds
+        _assert_one_line_error(_run(str(tmp_path), "--scan"), "another ckpt-watch (pid 4242)")

@@ -161,7 +161,7 @@ class Daemon:
             self.journal.recover_interrupted()
         if self._feed is not None:
             self._feed.stop()
-        failed = self.journal.jobs(self.preset.name, ["failed"]) if scan else []
+        failed = [j for j in self.journal.jobs(self.preset.name, ["failed"]) if not j.checkpoint.gone] if scan else []
         self.journal.close()
         if failed:
             log.error("%d job(s) failed; see the logs under %s (use --retry-failed to run them again)",
@@ -171,7 +171,7 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop_requested = True
         if self._feed is not None:
-            self._feed.stop()
+            self._feed.wake()
 
     # --- detect ----------------------------------------------------------------------------------------------
 

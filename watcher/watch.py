@@ -62,10 +62,15 @@ class PollingFeed:
         pass
 
     def stop(self) -> None:
+        self.wake()
+
+    def wake(self) -> None:
+        """End the current `wait` early (safe to call from a signal handler)."""
         self._wake.set()
 
     def wait(self, timeout: float) -> set[str]:
         self._wake.wait(timeout)
+        self._wake.clear()
         return set()
 
 
@@ -111,8 +116,12 @@ class InotifyFeed:
 
     def stop(self) -> None:
         self._observer.stop()
-        self._queue.put("")  # wake a waiting main loop
+        self.wake()
         self._observer.join(timeout=5)
+
+    def wake(self) -> None:
+        """End the current `wait` early (safe to call from a signal handler)."""
+        self._queue.put("")
 
     def wait(self, timeout: float) -> set[str]:
         """Names changed since the last call; waits up to `timeout` seconds for the first one."""
