@@ -49,3 +49,17 @@ def test_no_gpu_at_all(monkeypatch):
     monkeypatch.setattr(devices, "physical_gpu_count", lambda: 0)
     with pytest.raises(ConfigError, match="no NVIDIA GPU"):
         devices.check_available(devices.parse_device("cuda:0"), environ={})
+
+
+def test_the_daemon_process_never_imports_torch():
+    """No torch import means no CUDA initialisation in the daemon: only job children touch the GPU."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, watcher.cli, watcher.daemon, watcher.completion, watcher.evaluators\n"
+        "from watcher.presets import load_presets; load_presets()\n"
+        "heavy = sorted(m for m in ('torch', 'lm_eval', 'transformers', 'datasets') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
