@@ -91,9 +91,8 @@ def check_available(spec: DeviceSpec, environ: dict[str, str] | None = None) -> 
         raise ConfigError(f"device {spec} is not available: no NVIDIA GPU is visible on this machine")
     missing = [i for i in spec.indices if i >= len(gpus)]
     if missing:
-        raise ConfigError(
-            f"device {spec} is not available: this machine has {len(gpus)} visible GPU(s) (cuda:0..cuda:{len(gpus) - 1})"
-        )
+        have = "cuda:0" if len(gpus) == 1 else f"cuda:0..cuda:{len(gpus) - 1}"
+        raise ConfigError(f"device {spec} is not available: this machine has {len(gpus)} visible GPU(s) ({have})")
     return [gpus[i] for i in spec.indices]
 
 

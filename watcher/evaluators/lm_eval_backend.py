@@ -294,4 +294,9 @@ def _versions() -> dict[str, str]:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             pass
+    import torch  # already imported by the evaluation; its own version string names the build (e.g. +cu130)
+
+    versions["torch"] = torch.__version__
+    if torch.version.cuda:
+        versions["cuda"] = torch.version.cuda
     return versions
