@@ -37,6 +37,7 @@ NETWORK_POLL = 10.0
 FALLBACK_POLL = 2.0  # when inotify cannot be used on a local disk
 NETWORK_SETTLE = 30.0
 LOCAL_SETTLE = 1.0
+THOROUGH_RESCAN = 300.0  # seconds between re-walks of every journaled checkpoint (re-saves that kept names)
 STOP_GRACE = 10.0  # seconds a running job gets to exit after SIGTERM when the daemon stops
 
 
@@ -130,6 +131,7 @@ class Daemon:
         self.reconcile()
         self._announce(scan)
         next_reconcile = time.monotonic() + self._reconcile_interval()
+        next_thorough = time.monotonic() + THOROUGH_RESCAN
         changed: set[str] = set()
         final_look = False
         while True:
@@ -148,8 +150,11 @@ class Daemon:
                 continue
             changed = self._wait(self._timeout(next_reconcile))
             if time.monotonic() >= next_reconcile:
-                self.reconcile()
+                thorough = time.monotonic() >= next_thorough
+                self.reconcile(thorough)
                 next_reconcile = time.monotonic() + self._reconcile_interval()
+                if thorough:
+                    next_thorough = time.monotonic() + THOROUGH_RESCAN
         return self.shutdown(scan)
 
     def shutdown(self, scan: bool) -> int:
@@ -175,8 +180,10 @@ class Daemon:
 
     # --- detect ----------------------------------------------------------------------------------------------
 
-    def reconcile(self) -> None:
-        """Full scan of the output dir: catches what events missed (inotify overflow) and deletions."""
+    def reconcile(self, thorough: bool = True) -> None:
+        """Scan of the output dir: catches what events missed (inotify overflow), deletions, and under polling
+        everything. Checkpoints already journaled are walked again only when `thorough` (every
+        THOROUGH_RESCAN seconds) or when their folder's own stat changed."""
         names = self.detector.candidates()
         if names is None:
             return
@@ -184,7 +191,7 @@ class Daemon:
         for checkpoint in self.journal.present_checkpoints():
             if checkpoint.name not in present:
                 self._gone(checkpoint.id, checkpoint.name)
-        self.admit(self.detector.check(names))
+        self.admit(self.detector.check(names, thorough))
         for checkpoint in self.journal.present_checkpoints():
             self.journal.ensure_jobs(checkpoint, self._variants(checkpoint.variants), self.preset.name)
 
@@ -297,7 +304,8 @@ class Daemon:
         if not self.journal.finish(job.id, record):
             return
         if ok:
-            headline = ", ".join(f"{k}={v:.4g}" for k, v in list(record["metrics"].items())[:4])
+            shown = [k for k in record["metrics"] if not k.endswith("_stderr")][:5]
+            headline = ", ".join(f"{k}={record['metrics'][k]:.4g}" for k in shown)
             log.info("%s done in %.1f s: %s", self._describe(job), record["walltime_s"], headline)
         else:
             log.error("%s failed after %d attempt(s): %s", self._describe(job), attempt, record["error"])

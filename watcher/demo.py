@@ -80,15 +80,18 @@ def print_results(records: list[dict]) -> None:
     from rich.table import Table
 
     names = sorted({k for r in records for k in r.get("metrics", {}) if not k.endswith("_stderr")})
-    table = Table(title="ckpt-watch results")
+    # Task names share long prefixes (ckpt_watch_smoke_mc, ckpt_watch_smoke_ppl): show only what differs.
+    tasks = sorted({n.rpartition("/")[0] for n in names})
+    common = os.path.commonprefix(tasks) if len(tasks) > 1 else ""
+    common = common[: common.rfind("_") + 1]
+    table = Table(title="ckpt-watch results" + (f" (tasks {common}*)" if common else ""))
     table.add_column("step", justify="right")
     table.add_column("variant")
     table.add_column("status")
     for name in names:
-        task, _, metric = name.rpartition("/")
-        table.add_column(f"{task}\n{metric}", justify="right")
+        table.add_column(name[len(common) :], justify="right", min_width=len(name) - len(common))
     table.add_column("time (s)", justify="right")
     for r in sorted(records, key=lambda r: (r["step"], r["variant"])):
         cells = [f"{r['metrics'][n]:.4g}" if n in r.get("metrics", {}) else "" for n in names]
         table.add_row(str(r["step"]), r["variant"], r["status"], *cells, f"{r['walltime_s']:.1f}")
-    Console(width=max(120, Console().width)).print(table)
+    Console(width=max(140, Console().width)).print(table)

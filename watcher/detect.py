@@ -57,6 +57,7 @@ class Detector:
         self._clock = clock
         self._settling: dict[str, _Settling] = {}
         self._last_reason: dict[str, str] = {}
+        self._verified: dict[str, tuple[int, int]] = {}  # folder stat when it last matched the journal
 
     def candidates(self) -> list[str] | None:
         """Checkpoint folder names present in the output dir, one level deep; None if it cannot be listed
@@ -68,10 +69,13 @@ class Detector:
             return None
         return sorted(e.name for e in entries if self._step_of(e.name) is not None and _is_dir(e))
 
-    def check(self, names: set[str] | list[str]) -> list[Ready]:
+    def check(self, names: set[str] | list[str], thorough: bool = True) -> list[Ready]:
+        """Look at these folders now. With `thorough=False`, a folder already matching the journal is skipped
+        while its own stat (inode, mtime) is unchanged: a one-level poll that does not walk every checkpoint,
+        which matters on network filesystems whose metadata servers are shared with the training job."""
         ready = []
         for name in sorted(names, key=lambda n: (self._step_of(n) or 0, n)):
-            found = self._check_one(name)
+            found = self._check_one(name, thorough)
             if found:
                 ready.append(found)
         return ready
@@ -92,20 +96,26 @@ class Detector:
     def settling(self) -> bool:
         return bool(self._settling)
 
-    def _check_one(self, name: str) -> Ready | None:
+    def _check_one(self, name: str, thorough: bool = True) -> Ready | None:
         step = self._step_of(name)
         if step is None:
             return None
         path = self.output_dir / name
         try:
+            folder = os.stat(path)
+            if not thorough and self._verified.get(name) == (folder.st_ino, folder.st_mtime_ns):
+                return None
             state = snapshot(path)
         except FileNotFoundError:
             self._settling.pop(name, None)
+            self._verified.pop(name, None)
             return None
         digest = state.digest
         if digest == self._known(name):
             self._settling.pop(name, None)
+            self._verified[name] = (folder.st_ino, folder.st_mtime_ns)
             return None
+        self._verified.pop(name, None)
         verdict = check_checkpoint(path, step, self.sentinel)
         if not verdict.complete:
             self._settling.pop(name, None)
