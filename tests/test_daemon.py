@@ -234,3 +234,36 @@ def test_policy_latest_skips_overtaken_checkpoints_but_never_the_last(copy_train
     # A later scan with policy `all` backfills what `latest` skipped.
     assert ckpt_watch(output, "--scan", "--config", config_file, "--preset", "params").returncode == 0
     assert sorted(r["step"] for r in results(output)) == [10, 20, 30]
+
+
+def test_a_job_over_its_time_budget_is_stopped_and_failed_and_the_daemon_carries_on(copy_trainer_output, tmp_path):
+    output = copy_trainer_output()
+    shutil.rmtree(output / "checkpoint-10")
+    config = tmp_path / "c.toml"
+    config.write_text("max_attempts = 1\n" + CONFIG + '[presets.slow]\ntime_budget = 1\n[[presets.slow.evaluators]]\n'
+                      'backend = "lm_eval"\ntasks = ["ckpt_watch_smoke_mc"]\n')  # fmt: skip
+    run = ckpt_watch(output, "--scan", "--config", config, "--preset", "slow")
+    assert run.returncode == 1
+    assert [(r["step"], r["status"], r["error"]) for r in results(output)] == [
+        (20, "failed", "timed out after 1 s"), (30, "failed", "timed out after 1 s")]  # fmt: skip
+    assert all(r["walltime_s"] < 15 for r in results(output))
+    assert not worker_processes(output / "ckpt-watch")
+
+
+def test_a_job_child_killed_by_the_kernel_fails_that_attempt_only(copy_trainer_output, tmp_path):
+    output = copy_trainer_output()
+    shutil.rmtree(output / "checkpoint-10")
+    shutil.rmtree(output / "checkpoint-20")
+    config = tmp_path / "c.toml"
+    config.write_text("max_attempts = 2\nretry_backoff = 0.1\n" + CONFIG)
+    daemon = start_daemon(tmp_path / "d.log", output, "--scan", "--config", config, "--preset", "quick")
+    try:
+        pids = wait_for(lambda: worker_processes(output / "ckpt-watch"), 120, interval=0.05, what="a job child")
+        os.kill(pids[0], signal.SIGKILL)  # what the OOM killer does
+        assert daemon.wait(timeout=300) == 0, (tmp_path / "d.log").read_text()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    (record,) = results(output)
+    assert (record["status"], record["attempt"]) == ("ok", 2)
+    assert "killed by SIGKILL" in (tmp_path / "d.log").read_text()
