@@ -7,6 +7,7 @@ Every usage or configuration problem is one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from watcher import __version__
 from watcher.config import POLICIES, ConfigError, WatchConfig, build_config, load_toml
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-SUBCOMMANDS = ("demo",)
+SUBCOMMANDS = {"demo": "watcher.demo", "merge": "watcher.merge_command"}  # name -> module with main(argv)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,7 +38,7 @@ def watch_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ckpt-watch",
         description="Evaluate every checkpoint of a training run as soon as it is completely written, on a "
-        "device of its own. Other commands: `ckpt-watch demo`.",
+        "device of its own. Other commands: `ckpt-watch demo`, `ckpt-watch merge`.",
     )
     parser.add_argument("output_dir", nargs="?", type=Path, help="the training run's output_dir")
     parser.add_argument("--config", type=Path, help="TOML file setting any option below (flags override it)")
@@ -60,10 +61,8 @@ def watch_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv and argv[0] == "demo":
-            from watcher.demo import main as demo_main
-
-            return demo_main(argv[1:])
+        if argv and argv[0] in SUBCOMMANDS:
+            return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
         return watch_main(argv)
     except ConfigError as exc:
         print(f"ckpt-watch: error: {exc}", file=sys.stderr)

@@ -54,6 +54,18 @@ class WatchConfig:
     """Where the SQLite journal lives. Default: the results dir, or a local state dir when the results dir is on a
     network filesystem (SQLite locking is unreliable there)."""
 
+    scratch_dir: Path | None = None
+    """Where sharded checkpoints are merged for evaluation (needs room for one merged model). Default:
+    RESULTS_DIR/.work. A fast local disk (NVMe) makes merges faster."""
+
+    keep_merged: int = 0
+    """Keep the merged models of the newest K checkpoints (per variant) under SCRATCH_DIR/merged/; 0 deletes each
+    merged copy once it is evaluated."""
+
+    base_model: Path | None = None
+    """A Hugging Face model folder whose config and tokenizer files are used when a checkpoint lacks them
+    (torchtitan saves weights only)."""
+
     poll: float | None = None
     """Poll the output dir every this many seconds instead of using inotify. Default: inotify on local disks,
     polling every 10 s on network filesystems (NFS, Lustre, GPFS, CIFS, FUSE), where inotify sees nothing."""
@@ -92,6 +104,9 @@ class WatchConfig:
         assert self.output_dir is not None
         return Path(self.results_dir) if self.results_dir else Path(self.output_dir) / "ckpt-watch"
 
+    def resolved_scratch_dir(self) -> Path:
+        return Path(self.scratch_dir) if self.scratch_dir else self.resolved_results_dir() / ".work"
+
     def step_of(self, name: str) -> int | None:
         """The training step encoded in a checkpoint folder name, or None if the name is not a checkpoint."""
         match = re.match(self.checkpoint_pattern, name)
@@ -103,7 +118,7 @@ class WatchConfig:
 
 
 FIELD_NAMES = {f.name for f in dataclasses.fields(WatchConfig)}
-_PATH_FIELDS = {"output_dir", "results_dir", "journal_dir"}
+_PATH_FIELDS = {"output_dir", "results_dir", "journal_dir", "scratch_dir", "base_model"}
 _FLOAT_FIELDS = {"poll", "settle", "rescan_interval", "job_timeout", "retry_backoff"}
 
 
@@ -154,6 +169,8 @@ def validate(config: WatchConfig) -> None:
         raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {config.policy!r}")
     if not isinstance(config.variants, list) or not config.variants or any(v not in VARIANTS for v in config.variants):
         raise ConfigError(f"variants must be a non-empty list of {', '.join(VARIANTS)}, got {config.variants!r}")
+    if isinstance(config.keep_merged, bool) or not isinstance(config.keep_merged, int) or config.keep_merged < 0:
+        raise ConfigError(f"keep_merged must be a non-negative integer, got {config.keep_merged!r}")
     if not isinstance(config.max_attempts, int) or config.max_attempts < 1:
         raise ConfigError(f"max_attempts must be a positive integer, got {config.max_attempts!r}")
     if not isinstance(config.preset, str) or not config.preset:

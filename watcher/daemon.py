@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import time
 import uuid
@@ -246,10 +247,11 @@ class Daemon:
             "preset": self.preset.to_dict(),
             "device": self.setup.device.child_device,
             "parent_pid": os.getpid(),
+            "base_model": str(self.config.base_model) if self.config.base_model else None,
         }
         timeout = self.preset.time_budget or self.config.job_timeout
         env = child_environment(self.setup.device, self.setup.gpu_entries)
-        paths = JobPaths.for_job(self.results_dir, job)
+        paths = JobPaths.for_job(self.results_dir, self.config.resolved_scratch_dir(), job)
         self.running = launch(job, spec, paths, env, timeout)
         log.info("started %s on %s (attempt %d)", self._describe(job), self.setup.device, job.attempts)
 
@@ -275,6 +277,7 @@ class Daemon:
                 self.record(job, running, {"status": "failed", "error": f"timed out after {running.timeout:.0f} s"})
             return
         outcome = running.outcome()
+        self._keep_merged(job, outcome)
         self._end_running(stop=False)
         if outcome.get("status") != "ok" and not job.checkpoint.path.is_dir():
             self._gone(job.checkpoint.id, job.checkpoint.name)
@@ -287,6 +290,21 @@ class Daemon:
             self.running.stop(STOP_GRACE)
         self.running.close()
         self.running = None
+
+    def _keep_merged(self, job: Job, outcome: dict[str, Any]) -> None:
+        """Move a merged model out of the job's scratch folder (deleted next) if the newest K are to be kept."""
+        merged, keep = outcome.get("merged_model"), self.config.keep_merged
+        if not merged or not keep or outcome.get("status") != "ok" or not Path(merged).is_dir():
+            return
+        kept = self.config.resolved_scratch_dir() / "merged" / job.variant
+        kept.mkdir(parents=True, exist_ok=True)
+        destination = kept / job.checkpoint.name
+        shutil.rmtree(destination, ignore_errors=True)
+        os.replace(merged, destination)
+        by_step = sorted(kept.iterdir(), key=lambda p: self.config.step_of(p.name) or -1)
+        for old in by_step[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("kept the merged model at %s", destination)
 
     # --- record and deliver ----------------------------------------------------------------------------------
 

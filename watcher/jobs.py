@@ -30,8 +30,8 @@ class JobPaths:
     outcome: Path
 
     @classmethod
-    def for_job(cls, results_dir: Path, job: Job) -> "JobPaths":
-        workdir = results_dir / ".work" / f"job-{job.id}"
+    def for_job(cls, results_dir: Path, scratch_dir: Path, job: Job) -> "JobPaths":
+        workdir = scratch_dir / f"job-{job.id}"
         return cls(
             log=results_dir / job.checkpoint.name / job.variant / f"{job.preset}.log",
             workdir=workdir,

@@ -55,7 +55,8 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
 
     _report_stage("preparing")
     start = time.time()
-    model_dir = prepare_model(Path(spec["checkpoint_path"]), spec["variant"], workdir)
+    base_model = Path(spec["base_model"]) if spec.get("base_model") else None
+    model_dir, merged = prepare_model(Path(spec["checkpoint_path"]), spec["variant"], workdir, base_model)
     timings["prepare_s"] = round(time.time() - start, 3)
 
     _report_stage("evaluating")
@@ -72,7 +73,8 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
         raw[step["backend"]] = output.raw
         versions.update(output.versions)
     timings["evaluate_s"] = round(time.time() - start, 3)
-    return {"status": "ok", "metrics": metrics, "raw": raw, "versions": versions, "timings": timings}
+    return {"status": "ok", "metrics": metrics, "raw": raw, "versions": versions, "timings": timings,
+            "merged_model": str(model_dir) if merged else None}  # fmt: skip
 
 
 def _first_line(exc: BaseException) -> str:

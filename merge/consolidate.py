@@ -1,0 +1,260 @@
+"""Turn one checkpoint (or several, averaged) into a Hugging Face model folder.
+
+    open_weights(checkpoint, variant)  -> a WeightSource for the layout found on disk
+    merge_checkpoint(checkpoint, out)  -> out/ with sharded safetensors, index, config and tokenizer files
+    average_checkpoints([a, b], out)   -> the tensor-by-tensor mean, accumulated in fp32
+
+The output is written into a temporary sibling folder and renamed into place only when complete, so a
+half-written merge is never mistaken for a finished one; on any error nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+from merge.safetensors_source import SafetensorsSource, has_safetensors
+from merge.source import MergeError, TensorSpec, WeightSource
+from merge.writer import DEFAULT_SHARD_BYTES, Progress, write_weights
+
+log = logging.getLogger("ckpt-watch")
+
+WEIGHT_DIRS = {"regular": "pytorch_model_fsdp_0", "ema": "pytorch_ema_model_fsdp_0"}
+RANK_SHARD_GLOB = "model_world_size_*_rank_*.pt"
+# What a model folder needs besides weights: config, generation config, tokenizer and processor files.
+MODEL_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+    "sentencepiece.bpe.model", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+    "processor_config.json", "video_preprocessor_config.json", "image_processor_config.json",
+)  # fmt: skip
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+
+def variants_of(checkpoint: Path) -> list[str]:
+    return ["regular", "ema"] if (checkpoint / WEIGHT_DIRS["ema"]).is_dir() else ["regular"]
+
+
+def is_consolidated(checkpoint: Path) -> bool:
+    """Regular weights already in Hugging Face form: nothing to merge."""
+    return has_safetensors(checkpoint) or (checkpoint / "pytorch_model.bin").is_file() or (
+        checkpoint / "pytorch_model.bin.index.json"
+    ).is_file()
+
+
+def open_weights(checkpoint: Path, variant: str = "regular") -> WeightSource:
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise MergeError(f"checkpoint folder not found: {checkpoint}")
+    if variant == "ema":
+        ema_dir = checkpoint / WEIGHT_DIRS["ema"]
+        if not ema_dir.is_dir():
+            raise MergeError(f"{checkpoint.name} has no EMA weights ({WEIGHT_DIRS['ema']}/ is missing)")
+        # Tensors the EMA does not track (buffers, frozen weights) come from the regular weights.
+        return OverlaySource(_open_folder(ema_dir), open_weights(checkpoint, "regular"))
+    if variant != "regular":
+        raise MergeError(f"unknown weight variant {variant!r}; use regular or ema")
+    if has_safetensors(checkpoint):
+        return SafetensorsSource(checkpoint)
+    sharded = checkpoint / WEIGHT_DIRS["regular"]
+    return _open_folder(sharded if sharded.is_dir() else checkpoint)
+
+
+def _open_folder(folder: Path) -> WeightSource:
+    names = {p.name for p in folder.iterdir()}
+    if ".metadata" in names or any(n.endswith(".distcp") for n in names):
+        from merge.dcp_source import DcpSource
+
+        return DcpSource(folder)
+    if any(fnmatch.fnmatch(n, RANK_SHARD_GLOB) for n in names):
+        from merge.rank_shards_source import RankShardSource
+
+        return RankShardSource(folder)
+    if has_safetensors(folder):
+        return SafetensorsSource(folder)
+    if "pytorch_model.bin" in names or "pytorch_model.bin.index.json" in names:
+        raise MergeError(f"{folder}: pytorch_model.bin weights cannot be streamed; save with safetensors")
+    raise MergeError(f"{folder}: no weights found (no DCP .metadata, rank shards or safetensors)")
+
+
+class OverlaySource:
+    """`top`'s tensors where it has them, `base`'s for the rest (EMA over regular)."""
+
+    def __init__(self, top: WeightSource, base: WeightSource):
+        self.top, self.base = top, base
+        self._top_specs = top.specs()
+        self._specs = {**base.specs(), **self._top_specs}
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return dict(self._specs)
+
+    def read(self, name: str, out: memoryview) -> None:
+        (self.top if name in self._top_specs else self.base).read(name, out)
+
+    def close(self) -> None:
+        self.top.close()
+        self.base.close()
+
+
+class AverageSource:
+    """The element-wise mean of several sources' tensors, accumulated in fp32, one tensor at a time.
+
+    Floating-point tensors are averaged; integer ones (counters, ids) must agree and are taken from the first.
+    """
+
+    def __init__(self, sources: list[WeightSource], labels: list[str]):
+        self.sources = sources
+        first = sources[0].specs()
+        for source, label in zip(sources[1:], labels[1:]):
+            other = source.specs()
+            if other.keys() != first.keys():
+                odd = sorted(other.keys() ^ first.keys())[0]
+                raise MergeError(f"cannot average: {label} and {labels[0]} differ in tensor {odd}")
+            for name, spec in other.items():
+                if spec.shape != first[name].shape:
+                    raise MergeError(f"cannot average: {name} is {spec.shape} in {label}, {first[name].shape} in {labels[0]}")
+        self._specs = first
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return dict(self._specs)
+
+    def read(self, name: str, out: memoryview) -> None:
+        import torch
+
+        spec = self._specs[name]
+        if spec.dtype not in ("float64", "float32", "float16", "bfloat16") or spec.numel == 0:
+            self.sources[0].read(name, out)
+            return
+        total = torch.zeros(spec.numel, dtype=torch.float32)
+        for source in self.sources:
+            own = source.specs()[name]
+            scratch = bytearray(own.nbytes)
+            source.read(name, memoryview(scratch))
+            total += torch.frombuffer(scratch, dtype=getattr(torch, own.dtype)).float()
+        total /= len(self.sources)
+        result = total.to(getattr(torch, spec.dtype))
+        out[:] = memoryview(result.view(torch.uint8).numpy())
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()
+
+
+def merge_checkpoint(
+    checkpoint: Path,
+    out: Path,
+    variant: str = "regular",
+    dtype: str | None = None,
+    base_model: Path | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: Progress | None = None,
+) -> Path:
+    """Write `variant`'s weights of `checkpoint` as a Hugging Face model folder at `out`."""
+    checkpoint = Path(checkpoint)
+    source = open_weights(checkpoint, variant)  # validates coverage before anything is written
+    try:
+        return _write_model(source, [checkpoint], Path(out), dtype, base_model, max_shard_bytes, progress)
+    finally:
+        source.close()
+
+
+def average_checkpoints(
+    checkpoints: list[Path],
+    out: Path,
+    variant: str = "regular",
+    dtype: str | None = None,
+    base_model: Path | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: Progress | None = None,
+) -> Path:
+    checkpoints = [Path(c) for c in checkpoints]
+    sources: list[WeightSource] = []
+    try:
+        for checkpoint in checkpoints:
+            sources.append(open_weights(checkpoint, variant))
+        source = AverageSource(sources, [c.name for c in checkpoints])
+        return _write_model(source, checkpoints, Path(out), dtype, base_model, max_shard_bytes, progress)
+    finally:
+        for source in sources:
+            source.close()
+
+
+def _write_model(
+    source: WeightSource,
+    checkpoints: list[Path],
+    out: Path,
+    dtype: str | None,
+    base_model: Path | None,
+    max_shard_bytes: int,
+    progress: Progress | None,
+) -> Path:
+    if out.exists() and any(out.iterdir()):
+        raise MergeError(f"output folder {out} already exists and is not empty")
+    config_home = _find_config(checkpoints[0], base_model)
+    config = json.loads((config_home / "config.json").read_text(encoding="utf-8"))
+    names = _output_names(source.specs(), config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        write_weights(staging, source, names, dtype, max_shard_bytes, progress)
+        _copy_model_files(checkpoints[0], base_model, staging, dtype)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _model_folders(checkpoint: Path, base_model: Path | None) -> Iterable[Path]:
+    """Where config and tokenizer files come from: the checkpoint first, then --base-model."""
+    yield checkpoint
+    if base_model is not None:
+        yield Path(base_model)
+
+
+def _find_config(checkpoint: Path, base_model: Path | None) -> Path:
+    for folder in _model_folders(checkpoint, base_model):
+        if (folder / "config.json").is_file():
+            return folder
+    where = f"{checkpoint} or --base-model {base_model}" if base_model else f"{checkpoint} (give --base-model DIR)"
+    raise MergeError(f"no config.json in {where}")
+
+
+def _output_names(specs: dict[str, TensorSpec], config: dict) -> list[str]:
+    """Tensor names in the model's order; a tied lm_head is dropped, as save_pretrained does."""
+    names = list(specs)
+    tied = config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings", False))
+    embed = next((n for n in names if n.endswith("embed_tokens.weight")), None)
+    if "lm_head.weight" in specs and tied and embed is not None:
+        names.remove("lm_head.weight")
+    elif "lm_head.weight" not in specs and not tied and _is_causal_lm(config):
+        raise MergeError("lm_head.weight is missing and config.json does not tie it to the embeddings")
+    return names
+
+
+def _is_causal_lm(config: dict) -> bool:
+    return any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
+
+
+def _copy_model_files(checkpoint: Path, base_model: Path | None, staging: Path, dtype: str | None) -> None:
+    for name in MODEL_FILES:
+        for folder in _model_folders(checkpoint, base_model):
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, staging / name)
+                break
+    if dtype:
+        config = json.loads((staging / "config.json").read_text(encoding="utf-8"))
+        config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if not any((staging / name).is_file() for name in TOKENIZER_FILES):
+        log.warning("no tokenizer files in %s%s: the merged weights are complete, but evaluators need a tokenizer",
+                    checkpoint, f" or {base_model}" if base_model else "")  # fmt: skip

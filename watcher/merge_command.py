@@ -1,0 +1,79 @@
+"""`ckpt-watch merge`: consolidate a sharded checkpoint (or average several) into a Hugging Face model folder.
+
+    ckpt-watch merge CKPT_DIR -o OUT [--variant regular|ema|all] [--dtype bf16|fp16|fp32] [--base-model DIR]
+    ckpt-watch merge --average CKPT [CKPT ...] -o OUT [...]
+
+Exit status: 0 merged, 1 the checkpoint cannot be merged (a one-line error naming the file; nothing is left
+behind), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+               "fp32": "float32", "float32": "float32"}  # fmt: skip
+
+
+def _size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    upper = text.strip().upper()
+    for unit, factor in units.items():
+        if upper.endswith(unit):
+            return int(float(upper[: -len(unit)]) * factor)
+    try:
+        return int(upper)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB)") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    from watcher.cli import _Parser
+
+    p = _Parser(prog="ckpt-watch merge", description=__doc__.splitlines()[0])
+    p.add_argument("checkpoints", nargs="+", type=Path, metavar="CKPT_DIR")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the model folder to create")
+    p.add_argument("--average", action="store_true", help="average the given checkpoints tensor by tensor")
+    p.add_argument("--variant", choices=("regular", "ema", "all"), default="regular",
+                   help="which weights; `all` writes OUT/regular and OUT/ema")  # fmt: skip
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="cast floating-point weights (default: keep)")
+    p.add_argument("--base-model", type=Path, help="config and tokenizer files when the checkpoint lacks them")
+    p.add_argument("--shard-size", type=_size, default="5GB", help="maximum bytes per safetensors file (5GB)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    from merge import MergeError, average_checkpoints, merge_checkpoint, variants_of
+    from watcher.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+
+    args = parser().parse_args(argv)
+    if len(args.checkpoints) > 1 and not args.average:
+        print("ckpt-watch merge: error: several checkpoints given; add --average to average them", file=sys.stderr)
+        return EXIT_USAGE
+    dtype = DTYPE_NAMES.get(args.dtype) if args.dtype else None
+    first = args.checkpoints[0]
+    variants = variants_of(first) if args.variant == "all" else [args.variant]
+    written = 0
+
+    def progress(count: int) -> None:
+        nonlocal written
+        written += count
+
+    start = time.monotonic()
+    try:
+        for variant in variants:
+            out = args.output / variant if args.variant == "all" else args.output
+            if args.average:
+                average_checkpoints(args.checkpoints, out, variant, dtype, args.base_model, args.shard_size, progress)
+            else:
+                merge_checkpoint(first, out, variant, dtype, args.base_model, args.shard_size, progress)
+    except MergeError as exc:
+        print(f"ckpt-watch merge: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    seconds = time.monotonic() - start
+    rate = written / seconds / 1e9 if seconds > 0 else 0.0
+    print(f"wrote {written / 1e9:.2f} GB ({', '.join(variants)}) to {args.output} in {seconds:.1f} s ({rate:.2f} GB/s)")
+    return EXIT_OK
