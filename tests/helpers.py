@@ -9,6 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 
 def ckpt_watch(*args, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "watcher", *map(str, args)], capture_output=True, text=True,
@@ -66,3 +69,24 @@ def worker_processes(spec_root: Path) -> list[int]:
             if "watcher.worker" in cmdline and str(spec_root) in cmdline:
                 pids.append(int(entry.name))
     return pids
+
+
+# --- merged model folders ----------------------------------------------------------------------------------
+
+
+def load_folder(folder: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(set(index["weight_map"].values())):
+        tensors.update(load_file(folder / file))
+    assert set(tensors) == set(index["weight_map"])
+    return tensors
+
+
+def logits(folder: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = torch.tensor([[5, 77, 130, 200, 31, 9]])
+    with torch.no_grad():
+        return model(ids).logits

@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,24 +15,7 @@ from safetensors.torch import load_file
 from merge import MergeError, average_checkpoints, merge_checkpoint
 from merge.source import TensorSpec
 from merge.writer import plan_shards
-
-
-def load_folder(folder: Path) -> dict[str, torch.Tensor]:
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(set(index["weight_map"].values())):
-        tensors.update(load_file(folder / file))
-    assert set(tensors) == set(index["weight_map"])
-    return tensors
-
-
-def logits(folder: Path) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    ids = torch.tensor([[5, 77, 130, 200, 31, 9]])
-    with torch.no_grad():
-        return model(ids).logits
+from helpers import load_folder, logits
 
 
 def test_plan_shards_is_greedy_in_order():
