@@ -3,7 +3,18 @@
 Run it under torchrun (see `factories.make_distributed_checkpoint`, which does that for you):
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 save_distributed.py \
-        --dest OUT --layout hf-fsdp --step 20
+        --dest OUT --layout hf-fsdp --step 20 [--dtype bfloat16] [--shard-dim1]
+
+Options (the defaults reproduce the original checkpoints exactly):
+
+* ``--dtype float32|bfloat16``: the parameters' own dtype when sharded and saved (the model is cast
+  before ``fully_shard``, so the DTensors, the optimizer state and the saved chunks are all that dtype).
+  Repeat it to write several variants from one job (one fresh model each); each then goes to OUT/<dtype>/.
+* ``--shard-dim1``: every 2-D weight inside the decoder layers is sharded with ``Shard(1)`` (FSDP2's
+  ``shard_placement_fn``), so its chunks are column blocks: each is contiguous in the file but not in
+  the full row-major tensor. The embedding (259 rows) keeps ``Shard(0)`` and stays an uneven split.
+  FSDP2 only allows even splits on dims other than 0 (torch/distributed/fsdp/_fully_shard/_fsdp_param.py
+  raises "FSDP does not support uneven sharding on dim 1"), so the column split needs an even world size.
 
 Layouts (repeat `--layout` to write several from one job; each then goes to OUT/<layout>/):
 
@@ -40,11 +51,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from watcher.tiny import build_model, build_tokenizer
 
 LAYOUTS = ("torchtitan", "hf-fsdp", "rank-shards")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 EMA_FACTOR = 0.5  # EMA weights = weights * 0.5: different from the regular ones, trivially checkable
 
 
@@ -123,6 +135,18 @@ def save_rank_shards(out: Path, step: int, model, optimizer, rank: int) -> Path:
     return folder
 
 
+def _dim1_placement(param: torch.nn.Parameter) -> Shard | None:
+    """shard_placement_fn for the decoder layers: column-shard every matrix, default for the rest."""
+    return Shard(1) if param.ndim == 2 else None
+
+
+def shard_model(model, mesh, shard_dim1: bool) -> None:
+    placement_fn = _dim1_placement if shard_dim1 else None
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, shard_placement_fn=placement_fn)
+    fully_shard(model, mesh=mesh)  # the embedding / tied lm_head / final norm: Shard(0), 259 rows uneven
+
+
 SAVERS = {"torchtitan": save_torchtitan, "hf-fsdp": save_hf_fsdp, "rank-shards": save_rank_shards}
 
 
@@ -131,35 +155,41 @@ def main() -> None:
     parser.add_argument("--dest", type=Path, required=True)
     parser.add_argument("--layout", choices=LAYOUTS, action="append", required=True)
     parser.add_argument("--step", type=int, default=20)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), action="append")
+    parser.add_argument("--shard-dim1", action="store_true")
     args = parser.parse_args()
+    dtypes = args.dtype or ["float32"]
 
     torch.set_num_threads(1)  # 2 ranks on a small CPU box: avoid oversubscription
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, seed=0)
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    for dtype in dtypes:
+        dest = args.dest / dtype if len(dtypes) > 1 else args.dest
+        save_variant(dest, args.layout, args.step, tokenizer, mesh, DTYPES[dtype], args.shard_dim1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def save_variant(dest: Path, layouts: list[str], step: int, tokenizer, mesh, dtype: torch.dtype, shard_dim1: bool):
+    rank = dist.get_rank()
+    model = build_model(tokenizer, seed=0).to(dtype)
+    shard_model(model, mesh, shard_dim1)
     optimizer = _train_one_step(model, tokenizer)
 
     model_sd = get_model_state_dict(model)
     reference = _full(model_sd)
     reference_ema = _full(_ema_state_dict(model_sd))
 
-    for layout in args.layout:
-        out = args.dest / layout if len(args.layout) > 1 else args.dest
+    for layout in layouts:
+        out = dest / layout if len(layouts) > 1 else dest
         out.mkdir(parents=True, exist_ok=True)
-        folder = SAVERS[layout](out, args.step, model, optimizer, rank)
+        folder = SAVERS[layout](out, step, model, optimizer, rank)
         dist.barrier()
         if rank == 0:
             torch.save(reference, out / "reference.pt")
             torch.save(reference_ema, out / "reference_ema.pt")
             print(f"wrote {folder}", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
