@@ -74,6 +74,14 @@ def main(argv: list[str]) -> int:
         print(f"ckpt-watch merge: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     seconds = time.monotonic() - start
-    rate = written / seconds / 1e9 if seconds > 0 else 0.0
-    print(f"wrote {written / 1e9:.2f} GB ({', '.join(variants)}) to {args.output} in {seconds:.1f} s ({rate:.2f} GB/s)")
+    rate = written / seconds if seconds > 0 else 0.0
+    print(f"wrote {_human(written)} ({', '.join(variants)}) to {args.output} in {seconds:.1f} s ({_human(rate)}/s)")
     return EXIT_OK
+
+
+def _human(count: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.3g} {unit}"
+        count /= 1000
+    return f"{count:.3g} TB"
