@@ -4,9 +4,9 @@ Each rank of an FSDP2 (or any DTensor) job `torch.save`s its own `model.state_di
 `model_world_size_W_rank_R.pt`. Every value is a DTensor: the rank's local shard plus the global shape, the
 DeviceMesh and one placement per mesh dimension. This source opens every rank file once with
 `torch.load(mmap=True, weights_only=True)`, works out from that metadata which box of the full tensor each
-rank holds, and `read()` copies the boxes of one tensor into the caller's buffer. Tensor bytes stay in the
-mapped files until read, and are dropped from this process again right after (see `_release`), so memory
-does not grow with the number of tensors or ranks.
+rank holds (merge/placements.py), and `read()` copies the boxes of one tensor into the caller's buffer.
+Tensor bytes stay in the mapped files until read, and are dropped from this process again right after
+(merge/mapped_pages.py), so memory does not grow with the number of tensors or ranks.
 
 Supported placements, over meshes of any number of dimensions: `Shard(d)` (torch.chunk semantics: ceil-sized
 pieces first, trailing ranks may hold fewer rows or none), `Replicate()`, and several mesh dims sharding the
@@ -18,13 +18,9 @@ a TP-sharded dim: a rank's rows are not one contiguous block) and any non-defaul
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
-import math
-import mmap
 import pickle
 import re
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +28,8 @@ from typing import Any
 
 import torch
 
+from merge.mapped_pages import mapped_ranges, releasable, release
+from merge.placements import Box, check_tiling, local_box
 from merge.source import DTYPES, MergeError, TensorSpec, model_key
 
 RANK_FILE = re.compile(r"model_world_size_(\d+)_rank_(\d+)\.pt")
@@ -39,83 +37,6 @@ RANK_FILE = re.compile(r"model_world_size_(\d+)_rank_(\d+)\.pt")
 CONTAINERS = ("model", "state_dict", "module")
 
 __all__ = ["RANK_FILE", "Box", "RankShardSource", "check_tiling", "local_box"]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Boxes: which part of the full tensor a rank holds
-
-
-@dataclass(frozen=True)
-class Box:
-    offsets: tuple[int, ...]
-    sizes: tuple[int, ...]
-
-    @property
-    def empty(self) -> bool:
-        return math.prod(self.sizes) == 0
-
-    def slices(self) -> tuple[slice, ...]:
-        return tuple(slice(o, o + s) for o, s in zip(self.offsets, self.sizes))
-
-
-def local_box(
-    global_shape: Sequence[int], mesh_shape: Sequence[int], coordinate: Sequence[int], placements: Sequence[Any]
-) -> Box:
-    """The box of the full tensor held at `coordinate` of a mesh of `mesh_shape`.
-
-    The rule is torch's (torch/distributed/tensor/_utils.py `_compute_local_shape_and_global_offset` with
-    `Shard.local_shard_size_and_offset` in placement_types.py): mesh dims are applied left to right; a
-    `Shard(d)` over n ranks cuts the *current* extent of dim d into ceil(extent / n)-sized pieces, so a second
-    mesh dim sharding the same tensor dim subdivides the first one's piece. Raises ValueError for any
-    placement that is not a plain Shard or Replicate (the caller names the tensor).
-    """
-    from torch.distributed.tensor import Replicate, Shard
-
-    offsets = [0] * len(global_shape)
-    sizes = list(global_shape)
-    for mesh_dim, placement in enumerate(placements):
-        # type() and not isinstance: a subclass (e.g. a future strided variant) may not chunk contiguously.
-        if type(placement) is Replicate:
-            continue
-        if type(placement) is not Shard:
-            raise ValueError(f"placement {placement} on mesh dim {mesh_dim} is not supported")
-        dim = placement.dim + len(sizes) if placement.dim < 0 else placement.dim
-        if not 0 <= dim < len(sizes):
-            raise ValueError(f"{placement} on a {len(sizes)}-dim tensor")
-        extent, pieces = sizes[dim], mesh_shape[mesh_dim]
-        chunk = -(-extent // pieces)  # ceil: torch.chunk puts the remainder on the leading ranks' side
-        start = min(chunk * coordinate[mesh_dim], extent)
-        sizes[dim] = min(start + chunk, extent) - start
-        offsets[dim] += start
-    return Box(tuple(offsets), tuple(sizes))
-
-
-def check_tiling(shape: tuple[int, ...], boxes: Sequence[Box]) -> str | None:
-    """None if the distinct non-empty `boxes` cover the tensor exactly once, else why not.
-
-    Boxes from chunking form a grid. So: along every dim the distinct intervals must cut [0, size) into
-    consecutive pieces, and the boxes must be exactly the grid's cells (all distinct and as many as cells).
-    O(boxes log boxes), unlike a pairwise overlap test, so thousands of ranks stay cheap.
-    """
-    if math.prod(shape) == 0:
-        return None
-    cells = {box for box in boxes if not box.empty}
-    if not cells:
-        return "no rank holds any of it"
-    grid = 1
-    for dim, size in enumerate(shape):
-        intervals = sorted({(box.offsets[dim], box.sizes[dim]) for box in cells})
-        end = 0
-        for start, length in intervals:
-            if start != end:
-                return f"dim {dim}: {'gap' if start > end else 'overlap'} at index {min(start, end)}"
-            end = start + length
-        if end != size:
-            return f"dim {dim}: pieces cover {end} of {size}"
-        grid *= len(intervals)
-    if len(cells) != grid:
-        return f"{len(cells)} distinct pieces do not form the {grid}-cell grid their extents imply"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -279,63 +200,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Dropping mapped pages after a read
-
-_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
-_PAGE = mmap.PAGESIZE
-_libc: Any = None
-if sys.platform.startswith("linux"):
-    with contextlib.suppress(OSError, AttributeError):
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-
-
-def _mapped_ranges(paths: Sequence[Path]) -> list[tuple[int, int]]:
-    """Address ranges where `paths` are mapped into this process (Linux; [] elsewhere)."""
-    if _libc is None:
-        return []
-    wanted = {str(path.resolve()) for path in paths}
-    ranges = []
-    with contextlib.suppress(OSError), open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-        for line in maps:
-            # "start-end perms offset dev inode   /path/to/file" (the path may contain spaces)
-            fields = line.rstrip("\n").split(maxsplit=5)
-            if len(fields) == 6 and fields[5] in wanted:
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                ranges.append((start, end))
-    return ranges
-
-
-def _byte_span(tensor: torch.Tensor) -> tuple[int, int]:
-    elements = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
-    return tensor.data_ptr(), tensor.data_ptr() + elements * tensor.element_size()
-
-
-def _releasable(tensor: torch.Tensor, mapped: Sequence[tuple[int, int]]) -> bool:
-    if tensor.numel() == 0:
-        return False
-    begin, end = _byte_span(tensor)
-    return any(start <= begin and end <= stop for start, stop in mapped)
-
-
-def _release(tensor: torch.Tensor) -> None:
-    """Drop the pages a read touched, so resident memory does not grow with every tensor read.
-
-    mmap=True maps each rank file whole (MAP_PRIVATE: serialization.py, `UntypedStorage.from_file`), and
-    pages a copy touched stay resident, counted in this process's RSS, until the kernel runs short of
-    memory: reading every tensor once would leave the whole checkpoint resident. Nothing writes to the
-    mapping, so each page is a clean copy of the file: MADV_DONTNEED drops it, and a later access reads
-    the file again. Only called for tensors that `_releasable` found inside a rank file's mapping: on
-    anonymous memory MADV_DONTNEED would zero the data.
-    """
-    begin, end = _byte_span(tensor)
-    first = -(-begin // _PAGE) * _PAGE  # madvise takes whole pages: leave the two partial edge pages
-    last = end // _PAGE * _PAGE
-    if last > first:
-        _libc.madvise(first, last - first, _MADV_DONTNEED)
-
-
-# ---------------------------------------------------------------------------------------------------
 # The source
 
 
@@ -364,10 +228,10 @@ class RankShardSource:
         self._files = files
         with torch.no_grad():
             self._build(files, states)
-        mapped = _mapped_ranges(files)
+        mapped = mapped_ranges(files)
         for tensor in self._tensors.values():
             for piece in tensor.pieces:
-                piece.releasable = _releasable(piece.local, mapped)
+                piece.releasable = releasable(piece.local, mapped)
 
     # -- discovery -------------------------------------------------------------------------------
 
@@ -444,7 +308,7 @@ class RankShardSource:
         for piece in tensor.pieces:
             full[piece.box.slices()].copy_(piece.local)
             if piece.releasable:
-                _release(piece.local)
+                release(piece.local)
 
     def _check_identical(self, name: str, tensor: _Tensor) -> None:
         # A plain tensor in a DTensor state dict is not sharded: every rank must hold the same bytes.

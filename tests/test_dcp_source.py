@@ -22,8 +22,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import FileSystemWriter, SerializationFormat
 
+from merge.coverage import _find_overlap, check_coverage
 from merge.dcp_metadata import read_dcp_metadata
-from merge.dcp_source import DcpSource, _contiguous_box, _find_overlap, check_coverage
+from merge.dcp_source import DcpSource, _contiguous_box
 from merge.source import MergeError
 
 try:  # tests/ is on sys.path when pytest runs from the project root

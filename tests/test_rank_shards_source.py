@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from merge.rank_shards_source import Box, RankShardSource, check_tiling, local_box
+from merge.placements import Box, check_tiling, local_box
+from merge.rank_shards_source import RankShardSource
 from merge.source import MergeError
 
 try:  # tests/ is a package (tests/__init__.py) in the project tree; without it, tests/ itself is on sys.path
