@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from factories import session_distributed_checkpoints
+from factories import session_distributed_variants
 from merge import merge_checkpoint
 from helpers import load_folder, logits
 
@@ -18,7 +18,9 @@ IDS = torch.tensor([[5, 77, 130, 200, 31, 9, 254]])
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def checkpoints(request, tmp_path_factory):
-    return request.param, session_distributed_checkpoints(tmp_path_factory, dtype=request.param, shard_dim1=True)
+    # Both dtypes come from one torchrun (shared with test_dcp_source.py through the session cache).
+    built = session_distributed_variants(tmp_path_factory, ("float32", "bfloat16"), shard_dim1=True)
+    return request.param, built[request.param]
 
 
 def _reference_logits(config_dir, state_dict, dtype):
