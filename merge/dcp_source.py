@@ -220,6 +220,31 @@ class DcpSource:
             except OSError as err:
                 raise MergeError(f"{self.directory / ref.relative_path}: {fqn}: {err.strerror or err}") from None
 
+    def byte_ranges(self, name: str) -> list[tuple[Path, int, int]] | None:
+        """The tensor's bytes as (file, offset, length) runs in row-major order, or None when some chunk is not
+        one contiguous run of the full tensor (Shard(1), permuted strides). With these the writer can copy in
+        the kernel (copy_file_range) instead of passing every byte through user space twice."""
+        fqn = self._names.get(name)
+        if fqn is None:
+            raise KeyError(name)
+        if self._verify_crc:
+            return None  # the CRC needs the bytes in user space
+        info = self._meta.tensors[fqn]
+        itemsize = DTYPE_ITEMSIZE[info.dtype]
+        runs = []
+        for chunk in info.chunks:
+            if not math.prod(chunk.sizes):
+                continue
+            ref, stored = self._locate(info, chunk)
+            if not (_is_row_major(stored.size, stored.stride) and _contiguous_box(info.shape, chunk.sizes)):
+                return None
+            at = _linear(chunk.offsets, info.shape) * itemsize
+            start = stored.file_offset + stored.storage_offset * itemsize
+            runs.append((at, self.directory / ref.relative_path, start, math.prod(chunk.sizes) * itemsize))
+        runs.sort(key=lambda run: run[0])
+        # Coverage was checked when the source was opened, so sorted contiguous runs abut exactly.
+        return [(path, start, length) for _, path, start, length in runs]
+
     def close(self) -> None:
         fds, self._fds = self._fds, {}
         for fd in fds.values():

@@ -79,6 +79,11 @@ class SafetensorsSource:
             fd = self._handles[file] = os.open(self.folder / file, os.O_RDONLY)
         read_range(fd, begin, out[: end - begin], file)
 
+    def byte_ranges(self, name: str) -> list[tuple[Path, int, int]]:
+        """The tensor as one (file, offset, length) run: see WeightSource.byte_ranges."""
+        file, begin, end = self._where[name]
+        return [(self.folder / file, begin, end - begin)]
+
     def close(self) -> None:
         for fd in self._handles.values():
             os.close(fd)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 # torch dtype name -> (bytes per element, safetensors dtype code)
@@ -63,6 +64,13 @@ class WeightSource(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def byte_ranges(source: WeightSource, name: str) -> list[tuple[Path, int, int]] | None:
+    """Optional capability: a source that can say where a tensor's bytes lie on disk, as (file, offset, length)
+    runs that concatenate to the row-major tensor, returns them from `byte_ranges(name)`; None otherwise."""
+    method = getattr(source, "byte_ranges", None)
+    return method(name) if method is not None else None
 
 
 # Wrappers that torch.compile, DDP/FSDP1 and activation checkpointing insert into parameter names.

@@ -8,12 +8,13 @@ by hand here, one tensor at a time, from one reusable buffer.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
 from typing import Callable
 
-from merge.source import DTYPES, FLOATING, TensorSpec, WeightSource
+from merge.source import DTYPES, FLOATING, MergeError, TensorSpec, WeightSource, byte_ranges
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # what transformers' save_pretrained uses ("5GB")
 INDEX_NAME = "model.safetensors.index.json"
@@ -80,23 +81,67 @@ def write_weights(
     weight_map: dict[str, str] = {}
     for number, shard in enumerate(shards, 1):
         file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        with open(folder / file, "wb") as handle:
-            handle.write(safetensors_header(shard, specs))
+        fd = os.open(folder / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            position = _write_all(fd, safetensors_header(shard, specs), 0)
             for name in shard:
-                data = buffer.view(source_specs[name].nbytes)
-                if len(data):
-                    source.read(name, data)
-                if specs[name].dtype != source_specs[name].dtype:
-                    data = _cast(data, source_specs[name].dtype, specs[name].dtype)
-                handle.write(data)
+                runs = byte_ranges(source, name) if specs[name].dtype == source_specs[name].dtype else None
+                if runs is not None:
+                    for path, offset, length in runs:
+                        position = _copy_range(path, offset, length, fd, position)
+                else:
+                    data = buffer.view(source_specs[name].nbytes)
+                    if len(data):
+                        source.read(name, data)
+                    if specs[name].dtype != source_specs[name].dtype:
+                        data = _cast(data, source_specs[name].dtype, specs[name].dtype)
+                    position = _write_all(fd, data, position)
                 if progress:
-                    progress(len(data))
+                    progress(specs[name].nbytes)
                 weight_map[name] = file
-            handle.flush()
-            os.fsync(handle.fileno())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     index = {"metadata": {"total_size": sum(s.nbytes for s in specs.values())}, "weight_map": weight_map}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return index
+
+
+_SLICE = 16 << 20  # write big buffers in slices: one multi-GB write() was measured 3-5x slower than 16 MiB ones
+
+
+def _write_all(fd: int, data: memoryview | bytes, position: int) -> int:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done : done + _SLICE], position + done)
+    return position + done
+
+
+def _copy_range(path: Path, offset: int, length: int, out_fd: int, position: int) -> int:
+    """Copy bytes file-to-file in the kernel (copy_file_range, what `cp` uses): no trip through user space.
+    Falls back to a bounded pread/pwrite loop where the kernel or filesystem cannot (EXDEV, ENOSYS, ...)."""
+    in_fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        try:
+            while done < length:
+                count = os.copy_file_range(in_fd, out_fd, min(length - done, 1 << 30), offset + done, position + done)
+                if count == 0:
+                    raise MergeError(f"{path.name}: file ends early (truncated)")
+                done += count
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise MergeError(f"{path.name}: {exc.strerror}") from None
+            while done < length:
+                chunk = os.pread(in_fd, min(length - done, _SLICE), offset + done)
+                if not chunk:
+                    raise MergeError(f"{path.name}: file ends early (truncated)")
+                _write_all(out_fd, chunk, position + done)
+                done += len(chunk)
+    finally:
+        os.close(in_fd)
+    return position + length
 
 
 def _cast(data: memoryview, source: str, target: str) -> memoryview:

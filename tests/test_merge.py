@@ -84,15 +84,15 @@ def test_a_failure_mid_write_leaves_nothing_behind(tiny_model_dir, tmp_path, mon
     from merge import safetensors_source
 
     calls = {"n": 0}
-    real_read = safetensors_source.SafetensorsSource.read
+    real_ranges = safetensors_source.SafetensorsSource.byte_ranges
 
-    def failing_read(self, name, out):
+    def failing_ranges(self, name):
         calls["n"] += 1
         if calls["n"] == 5:
             raise MergeError("disk went away")
-        return real_read(self, name, out)
+        return real_ranges(self, name)
 
-    monkeypatch.setattr(safetensors_source.SafetensorsSource, "read", failing_read)
+    monkeypatch.setattr(safetensors_source.SafetensorsSource, "byte_ranges", failing_ranges)
     with pytest.raises(MergeError, match="disk went away"):
         merge_checkpoint(tiny_model_dir, tmp_path / "out", max_shard_bytes=60_000)
     assert list(tmp_path.iterdir()) == []
@@ -123,3 +123,14 @@ def test_cli_usage_errors(tiny_model_dir, tmp_path):
     assert ok.returncode == 0, ok.stderr
     again = _cli(tiny_model_dir, "-o", tmp_path / "o")
     assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_kernel_copy_and_buffered_paths_write_identical_files(tiny_model_dir, tmp_path, monkeypatch):
+    from merge import safetensors_source
+
+    fast = merge_checkpoint(tiny_model_dir, tmp_path / "fast", max_shard_bytes=150_000)
+    monkeypatch.setattr(safetensors_source.SafetensorsSource, "byte_ranges", lambda self, name: None)
+    slow = merge_checkpoint(tiny_model_dir, tmp_path / "slow", max_shard_bytes=150_000)
+    files = sorted(p.name for p in fast.glob("*.safetensors"))
+    assert files == sorted(p.name for p in slow.glob("*.safetensors"))
+    assert all((fast / f).read_bytes() == (slow / f).read_bytes() for f in files)
