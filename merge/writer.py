@@ -89,7 +89,7 @@ def write_weights(
     specs = {n: TensorSpec(output_dtype(source_specs[n].dtype, cast), source_specs[n].shape) for n in names}
     shards = plan_shards([(n, specs[n].nbytes) for n in names], max_shard_bytes)
     files = [f"model-{number:05d}-of-{len(shards):05d}.safetensors" for number in range(1, len(shards) + 1)]
-    buffer = _Buffer()
+    buffer, cast_buffer = _Buffer(), _Buffer()
     source_lock = threading.Lock()  # sources and the buffer are not thread-safe; the kernel copies are
     fds: list[int] = []
     tasks = []  # (name, fd, position in the file)
@@ -111,7 +111,8 @@ def write_weights(
                     if len(data):
                         source.read(name, data)
                     if not same_dtype:
-                        data = _cast(data, source_specs[name].dtype, specs[name].dtype)
+                        data = _cast(data, source_specs[name].dtype, cast_buffer.view(specs[name].nbytes),
+                                     specs[name].dtype)  # fmt: skip
                     _write_all(fd, data, position)
             for path, offset, length in runs or ():
                 position = _copy_range(path, offset, length, fd, position)
@@ -169,10 +170,11 @@ def _copy_range(path: Path, offset: int, length: int, out_fd: int, position: int
     return position + length
 
 
-def _cast(data: memoryview, source: str, target: str) -> memoryview:
+def _cast(data: memoryview, source: str, out: memoryview, target: str) -> memoryview:
+    """Convert into a reused buffer: a fresh tensor per cast would be kept by malloc's per-thread arenas."""
     import torch  # only when casting: numpy has no bfloat16
 
-    if len(data) == 0:
-        return data
-    tensor = torch.frombuffer(data, dtype=getattr(torch, source)).to(getattr(torch, target))
-    return memoryview(tensor.view(torch.uint8).numpy())
+    if len(data):
+        converted = torch.frombuffer(out, dtype=getattr(torch, target))
+        converted.copy_(torch.frombuffer(data, dtype=getattr(torch, source)))
+    return out
