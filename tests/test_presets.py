@@ -1,0 +1,44 @@
+"""Presets as data: the bundled file, user presets from the config, and `ckpt-watch presets`."""
+
+import subprocess
+import sys
+
+import pytest
+
+from watcher.config import ConfigError
+from watcher.presets import get_preset, load_presets
+
+
+def _presets(*args):
+    return subprocess.run([sys.executable, "-m", "watcher", "presets", *map(str, args)], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+
+
+def test_the_bundled_smoke_preset_runs_the_offline_tasks():
+    smoke = get_preset("smoke")
+    assert [step.backend for step in smoke.evaluators] == ["lm_eval"]
+    assert smoke.evaluators[0].options["tasks"] == ["ckpt_watch_smoke_mc", "ckpt_watch_smoke_ppl"]
+    assert smoke.time_budget and smoke.time_budget > 0
+
+
+def test_user_presets_add_to_and_override_the_bundled_ones():
+    user = {"smoke": {"description": "mine", "evaluators": [{"backend": "probes"}]},
+            "tiny": {"evaluators": [{"backend": "lm_eval", "tasks": ["ckpt_watch_smoke_mc"], "limit": 4}]}}  # fmt: skip
+    presets = load_presets(user)
+    assert presets["smoke"].description == "mine" and presets["tiny"].evaluators[0].options["limit"] == 4
+    with pytest.raises(ConfigError, match="runs no evaluator"):
+        load_presets({"empty": {"description": "nothing"}})
+    with pytest.raises(ConfigError, match="time_budget"):
+        load_presets({"bad": {"time_budget": -1, "evaluators": [{"backend": "probes"}]}})
+
+
+def test_the_presets_command_lists_what_each_preset_runs(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('[presets.mine]\ndescription = "params only"\n[[presets.mine.evaluators]]\nbackend = "probes"\n')
+    listed = _presets("--config", config)
+    assert listed.returncode == 0, listed.stderr
+    assert "smoke (time budget" in listed.stdout and "ckpt_watch_smoke_mc" in listed.stdout
+    assert "mine [from config]: params only" in listed.stdout
+    config.write_text('[presets.mine]\n[[presets.mine.evaluators]]\nbackend = "nonesuch"\n')
+    broken = _presets("--config", config)
+    assert broken.returncode == 2 and broken.stderr.count("\n") == 1 and "unknown backend 'nonesuch'" in broken.stderr

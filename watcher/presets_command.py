@@ -1,0 +1,30 @@
+"""`ckpt-watch presets [--config FILE]`: list the presets (bundled and your own) and what each runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def describe_step(backend: str, options: dict) -> str:
+    details = ", ".join(f"{key}={value}" for key, value in options.items())
+    return f"{backend}({details})" if details else backend
+
+
+def main(argv: list[str]) -> int:
+    from watcher.cli import _Parser
+    from watcher.config import load_toml
+    from watcher.presets import load_presets
+
+    parser = _Parser(prog="ckpt-watch presets", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, help="a config file whose [presets.NAME] tables are included")
+    args = parser.parse_args(argv)
+    user = load_toml(args.config).get("presets", {}) if args.config else {}
+    for name, preset in sorted(load_presets(user).items()):
+        budget = f" (time budget {preset.time_budget:g} s)" if preset.time_budget else ""
+        origin = " [from config]" if name in user else ""
+        print(f"{name}{origin}{budget}: {preset.description}")
+        for step in preset.evaluators:
+            print(f"    {describe_step(step.backend, step.options)}")
+    sys.stdout.flush()
+    return 0
