@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from watcher.atomic import write_json_atomic
-from watcher.evaluators.base import EvaluatorError
+from watcher.evaluators.base import EvaluatorError, JobContext
 from watcher.prepare import PrepareError
 
 
@@ -60,6 +60,7 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     timings["prepare_s"] = round(time.time() - start, 3)
 
     _report_stage("evaluating")
+    context = JobContext(checkpoint=spec["checkpoint_name"], step=int(spec["step"]), variant=spec["variant"])
     metrics: dict[str, float] = {}
     raw: dict[str, Any] = {}
     versions: dict[str, str] = {}
@@ -68,7 +69,7 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
         evaluator = get_evaluator(step["backend"])
         step_dir = workdir / f"{index}-{step['backend']}"
         step_dir.mkdir(parents=True, exist_ok=True)
-        output = evaluator.run(model_dir, spec["device"], dict(step["options"]), step_dir)
+        output = evaluator.run(model_dir, spec["device"], dict(step["options"]), step_dir, context)
         metrics.update(output.metrics)
         raw[step["backend"]] = output.raw
         versions.update(output.versions)

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import importlib
 
-from watcher.evaluators.base import EvalOutput, Evaluator, EvaluatorError
+from watcher.evaluators.base import EvalOutput, Evaluator, EvaluatorError, JobContext
 
-__all__ = ["EvalOutput", "Evaluator", "EvaluatorError", "get_evaluator", "known_backends"]
+__all__ = ["EvalOutput", "Evaluator", "EvaluatorError", "JobContext", "get_evaluator", "known_backends"]
 
 # backend name -> (module, class); strings so that listing backends imports nothing.
 _BACKENDS: dict[str, tuple[str, str]] = {
     "lm_eval": ("watcher.evaluators.lm_eval_backend", "LmEvalBackend"),
     "probes": ("watcher.evaluators.probes", "ProbesBackend"),
+    "command": ("watcher.evaluators.command", "CommandBackend"),
 }
 
 

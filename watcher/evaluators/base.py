@@ -20,6 +20,15 @@ class EvalOutput:
     versions: dict[str, str]  # versions of the backend and what it ran on, e.g. {"lm_eval": "0.4.13"}
 
 
+@dataclass(frozen=True)
+class JobContext:
+    """What is being evaluated, for backends that hand it on (the custom command's placeholders)."""
+
+    checkpoint: str = ""
+    step: int = 0
+    variant: str = "regular"
+
+
 class EvaluatorError(RuntimeError):
     """The evaluation request itself is wrong (unknown task or backend, bad option, bad model dir).
 
@@ -35,7 +44,9 @@ class Evaluator(Protocol):
         loads presets, so a typo in a preset stops the daemon at start, not every job later."""
         ...
 
-    def run(self, model_dir: Path, device: str, options: dict[str, Any], workdir: Path) -> EvalOutput:
+    def run(
+        self, model_dir: Path, device: str, options: dict[str, Any], workdir: Path, context: JobContext | None = None
+    ) -> EvalOutput:
         """Evaluate the model in `model_dir` on `device` ("cpu" or "cuda:0").
 
         `workdir` is a private scratch directory for this job; `model_dir` is never written to.

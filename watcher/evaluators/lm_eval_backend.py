@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from watcher.evaluators.base import EvalOutput, EvaluatorError
+from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext
 
 BUNDLED_TASKS = ("ckpt_watch_smoke", "ckpt_watch_smoke_mc", "ckpt_watch_smoke_ppl")
 
@@ -60,7 +60,9 @@ class LmEvalBackend:
     def check_options(self, options: dict[str, Any]) -> None:
         parse_options(options)
 
-    def run(self, model_dir: Path, device: str, options: dict[str, Any], workdir: Path) -> EvalOutput:
+    def run(
+        self, model_dir: Path, device: str, options: dict[str, Any], workdir: Path, context: JobContext | None = None
+    ) -> EvalOutput:
         opts = parse_options(options)
         model_dir = Path(model_dir)
         if not model_dir.is_dir():

@@ -13,7 +13,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from watcher.evaluators.base import EvalOutput, EvaluatorError
+from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
@@ -64,7 +64,9 @@ class ProbesBackend:
         if unknown:
             raise EvaluatorError(f"unknown probe {unknown[0]!r}; known probes: {', '.join(sorted(_PROBES))}")
 
-    def run(self, model_dir: Path, device: str, options: dict[str, Any], workdir: Path) -> EvalOutput:
+    def run(
+        self, model_dir: Path, device: str, options: dict[str, Any], workdir: Path, context: JobContext | None = None
+    ) -> EvalOutput:
         self.check_options(options)
         names = options.get("probes", ["parameters"])
         metrics: dict[str, float] = {}
