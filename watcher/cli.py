@@ -16,7 +16,12 @@ from watcher import __version__
 from watcher.config import POLICIES, ConfigError, WatchConfig, build_config, load_toml
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-SUBCOMMANDS = {"demo": "watcher.demo", "merge": "watcher.merge_command", "presets": "watcher.presets_command"}  # name -> module with main(argv)
+SUBCOMMANDS = {  # name -> module with main(argv)
+    "demo": "watcher.demo",
+    "merge": "watcher.merge_command",
+    "presets": "watcher.presets_command",
+    "compare": "watcher.compare",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,7 +43,7 @@ def watch_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ckpt-watch",
         description="Evaluate every checkpoint of a training run as soon as it is completely written, on a "
-        "device of its own. Other commands: `ckpt-watch demo`, `ckpt-watch merge`, `ckpt-watch presets`.",
+        "device of its own. Other commands: demo, merge, presets, compare (`ckpt-watch COMMAND --help`).",
     )
     parser.add_argument("output_dir", nargs="?", type=Path, help="the training run's output_dir")
     parser.add_argument("--config", type=Path, help="TOML file setting any option below (flags override it)")

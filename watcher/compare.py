@@ -1,0 +1,140 @@
+"""`ckpt-watch compare`: two results side by side, each metric's difference and which one is better.
+
+    ckpt-watch compare A.json B.json [--json]
+    ckpt-watch compare OUTPUT_DIR STEP_A STEP_B [--variant regular] [--preset smoke] [--results-dir DIR] [--json]
+
+A and B are per-job result files (RESULTS_DIR/<checkpoint>/<variant>/<preset>.json). Whether higher or lower
+is better comes from lm-eval's own `higher_is_better` in the raw output where it has one, else from the
+metric's name; metrics are grouped as accuracy, routing, inference and cost.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from watcher.config import ConfigError
+
+GROUPS = ("accuracy", "routing", "inference", "cost")
+_LOWER = ("perplexity", "bits_per_byte", "nll", "loss", "latency", "_mb", "gini", "coefficient_of_variation", "cv")
+_HIGHER = ("acc", "exact_match", "f1", "bleu", "rouge", "mcc", "tokens_per_s", "utilisation", "utilization", "score")
+
+
+def group_of(metric: str) -> str:
+    head = metric.split("/", 1)[0]
+    if head == "routing":
+        return "routing"
+    if head == "inference":
+        return "inference"
+    if head in ("params", "flops"):
+        return "cost"
+    return "accuracy"
+
+
+def higher_is_better(metric: str, record: dict[str, Any]) -> bool | None:
+    """True/False when known, None for metrics with no direction (counts, sizes of the model)."""
+    task, _, name = metric.rpartition("/")
+    name = name.split("@", 1)[0]
+    declared = (record.get("raw", {}).get("lm_eval", {}).get("higher_is_better", {}) or {}).get(task, {})
+    if name in declared:
+        return bool(declared[name])
+    if group_of(metric) == "cost" or name.endswith("_stderr") or name == "tokens":
+        return None
+    if any(key in name for key in _LOWER):
+        return False
+    if any(key in name for key in _HIGHER):
+        return True
+    return None
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for metric in sorted(set(a.get("metrics", {})) | set(b.get("metrics", {}))):
+        if metric.endswith("_stderr"):
+            continue
+        va, vb = a.get("metrics", {}).get(metric), b.get("metrics", {}).get(metric)
+        direction = higher_is_better(metric, a) if metric in a.get("metrics", {}) else higher_is_better(metric, b)
+        better = None
+        if va is not None and vb is not None and direction is not None and va != vb:
+            better = "B" if (vb > va) == direction else "A"
+        rows.append({"group": group_of(metric), "metric": metric, "a": va, "b": vb,
+                     "difference": vb - va if va is not None and vb is not None else None,
+                     "higher_is_better": direction, "better": better})  # fmt: skip
+    rows.sort(key=lambda r: (GROUPS.index(r["group"]), r["metric"]))
+    return rows
+
+
+def load_record(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"result file not found: {path}") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"not a result file: {path} ({exc})") from None
+
+
+def find_record(results_dir: Path, step: int, variant: str, preset: str) -> dict[str, Any]:
+    """The newest successful result for this step, variant and preset in RESULTS_DIR/results.jsonl."""
+    jsonl = results_dir / "results.jsonl"
+    if not jsonl.is_file():
+        raise ConfigError(f"no results in {results_dir} (results.jsonl is missing)")
+    found = None
+    for line in jsonl.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if (record.get("step"), record.get("variant"), record.get("preset"), record.get("status")) == (
+            step, variant, preset, "ok"
+        ):  # fmt: skip
+            found = record
+    if found is None:
+        raise ConfigError(f"no successful {preset} result for step {step} ({variant}) in {jsonl}")
+    full = results_dir / found["checkpoint"] / variant / f"{preset}.json"
+    return load_record(full) if full.is_file() else found
+
+
+def main(argv: list[str]) -> int:
+    from watcher.cli import _Parser
+
+    parser = _Parser(prog="ckpt-watch compare", description=__doc__.splitlines()[0])
+    parser.add_argument("things", nargs="+", metavar="A B | OUTPUT_DIR STEP_A STEP_B")
+    parser.add_argument("--variant", default="regular", choices=("regular", "ema"))
+    parser.add_argument("--preset", default="smoke")
+    parser.add_argument("--results-dir", type=Path, help="default: OUTPUT_DIR/ckpt-watch")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = parser.parse_args(argv)
+    if len(args.things) == 2:
+        a, b = (load_record(Path(p)) for p in args.things)
+        labels = [Path(p).as_posix() for p in args.things]
+    elif len(args.things) == 3 and Path(args.things[0]).is_dir():
+        output_dir, *steps = args.things
+        if not all(s.isdigit() for s in steps):
+            raise ConfigError(f"steps must be numbers, got {steps[0]!r} and {steps[1]!r}")
+        results_dir = args.results_dir or Path(output_dir) / "ckpt-watch"
+        a, b = (find_record(results_dir, int(s), args.variant, args.preset) for s in steps)
+        labels = [f"step {s}" for s in steps]
+    else:
+        raise ConfigError("give two result files, or OUTPUT_DIR and two steps")
+    rows = compare(a, b)
+    if args.json:
+        print(json.dumps({"a": labels[0], "b": labels[1], "rows": rows}, indent=2))
+    else:
+        _print_table(rows, labels)
+    sys.stdout.flush()
+    return 0
+
+
+def _print_table(rows: list[dict[str, Any]], labels: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"A = {labels[0]}, B = {labels[1]}")
+    for column in ("group", "metric", "A", "B", "B - A", "better"):
+        table.add_column(column, justify="right" if column in ("A", "B", "B - A") else "left")
+    for row in rows:
+        cells = [f"{row[k]:.4g}" if row[k] is not None else "-" for k in ("a", "b", "difference")]
+        table.add_row(row["group"], row["metric"], *cells, row["better"] or "")
+    Console(width=max(120, Console().width)).print(table)
