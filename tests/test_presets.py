@@ -42,3 +42,24 @@ def test_the_presets_command_lists_what_each_preset_runs(tmp_path):
     config.write_text('[presets.mine]\n[[presets.mine.evaluators]]\nbackend = "nonesuch"\n')
     broken = _presets("--config", config)
     assert broken.returncode == 2 and broken.stderr.count("\n") == 1 and "unknown backend 'nonesuch'" in broken.stderr
+
+
+def test_the_time_budget_family_is_bundled_and_valid():
+    presets = load_presets()
+    assert {"smoke", "30s", "1min", "5min", "15min", "full"} <= set(presets)
+    budgets = [presets[name].time_budget for name in ("30s", "1min", "5min", "15min")]
+    assert budgets == sorted(budgets) and presets["full"].time_budget is None
+    lm_eval = {name: next(s.options for s in presets[name].evaluators if s.backend == "lm_eval")
+               for name in ("1min", "5min", "15min", "full")}  # fmt: skip
+    assert [lm_eval[n].get("limit") for n in ("1min", "5min", "15min", "full")] == [5, 20, 100, None]
+    assert lm_eval["full"]["tasks"] == ["mmlu", "hellaswag", "arc_easy"]
+
+
+def test_the_30s_preset_runs_offline_on_a_real_checkpoint(copy_trainer_output):
+    from helpers import ckpt_watch, results
+
+    output = copy_trainer_output()
+    run = ckpt_watch(output, "--scan", "--preset", "30s")
+    assert run.returncode == 0, run.stderr
+    assert all({"params/total", "ppl/perplexity"} <= set(r["metrics"]) for r in results(output))
+    assert len(results(output)) == 3
