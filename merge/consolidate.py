@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterable
 
 from merge.safetensors_source import SafetensorsSource, has_safetensors
-from merge.source import MergeError, TensorSpec, WeightSource
+from merge.source import FLOATING, MergeError, TensorSpec, WeightSource
 from merge.writer import DEFAULT_SHARD_BYTES, Progress, write_weights
 
 log = logging.getLogger("ckpt-watch")
@@ -127,7 +127,7 @@ class AverageSource:
         import torch
 
         spec = self._specs[name]
-        if spec.dtype not in ("float64", "float32", "float16", "bfloat16") or spec.numel == 0:
+        if spec.dtype not in FLOATING or spec.numel == 0:
             self.sources[0].read(name, out)
             return
         total = torch.zeros(spec.numel, dtype=torch.float32)

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from watcher.sinks import read_results
+
 
 def ckpt_watch(*args, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "watcher", *map(str, args)], capture_output=True, text=True,
@@ -24,10 +26,7 @@ def start_daemon(log: Path, *args) -> subprocess.Popen:
 
 
 def results(output: Path) -> list[dict]:
-    path = output / "ckpt-watch" / "results.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return read_results(output / "ckpt-watch")
 
 
 def journal_rows(output: Path, sql: str) -> list[tuple]:

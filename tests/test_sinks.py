@@ -40,3 +40,14 @@ def test_a_complete_line_missing_its_newline_is_terminated(tmp_path):
     sink.deliver(_record("a"))
     sink.deliver(_record("b", 20))
     assert [r["result_id"] for r in _lines(sink)] == ["a", "b"]
+
+
+def test_read_results_skips_a_torn_last_line(tmp_path):
+    from watcher.sinks import read_results
+
+    sink = FileSink(tmp_path)
+    sink.deliver(_record("a"))
+    with open(sink.jsonl, "ab") as handle:
+        handle.write(b'{"result_id": "b", "ste')
+    assert [r["result_id"] for r in read_results(tmp_path)] == ["a"]
+    assert read_results(tmp_path / "nowhere") == []

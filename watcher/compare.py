@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from watcher.config import ConfigError
+from watcher.sinks import read_results
 
 GROUPS = ("accuracy", "routing", "inference", "cost")
 _LOWER = ("perplexity", "bits_per_byte", "nll", "loss", "latency", "_mb", "gini", "coefficient_of_variation", "cv")
@@ -77,21 +78,16 @@ def load_record(path: Path) -> dict[str, Any]:
 
 def find_record(results_dir: Path, step: int, variant: str, preset: str) -> dict[str, Any]:
     """The newest successful result for this step, variant and preset in RESULTS_DIR/results.jsonl."""
-    jsonl = results_dir / "results.jsonl"
-    if not jsonl.is_file():
+    if not (results_dir / "results.jsonl").is_file():
         raise ConfigError(f"no results in {results_dir} (results.jsonl is missing)")
     found = None
-    for line in jsonl.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
+    for record in read_results(results_dir):
         if (record.get("step"), record.get("variant"), record.get("preset"), record.get("status")) == (
             step, variant, preset, "ok"
         ):  # fmt: skip
             found = record
     if found is None:
-        raise ConfigError(f"no successful {preset} result for step {step} ({variant}) in {jsonl}")
+        raise ConfigError(f"no successful {preset} result for step {step} ({variant}) in {results_dir}")
     full = results_dir / found["checkpoint"] / variant / f"{preset}.json"
     return load_record(full) if full.is_file() else found
 

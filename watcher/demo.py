@@ -8,7 +8,6 @@ checkpoint every few seconds into a temporary output dir, while the daemon watch
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from watcher.cli import EXIT_FAILED, EXIT_OK, _Parser, setup_logging
 from watcher.config import WatchConfig, build_config
+from watcher.sinks import read_results
 
 
 def main(argv: list[str]) -> int:
@@ -63,16 +63,10 @@ def run_demo(args: argparse.Namespace, output_dir: Path) -> int:
         print(f"ckpt-watch demo: the trainer failed (status {trainer.returncode}); see {output_dir / 'train.log'}",
               file=sys.stderr)  # fmt: skip
         return EXIT_FAILED
-    records = _read_results(setup.results_dir / "results.jsonl")
+    records = read_results(setup.results_dir)
     print_results(records)
     failed = any(r["status"] != "ok" for r in records)
     return EXIT_FAILED if failed or status else EXIT_OK
-
-
-def _read_results(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def print_results(records: list[dict]) -> None:

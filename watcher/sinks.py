@@ -61,6 +61,19 @@ class FileSink:
             os.fsync(handle.fileno())
 
 
+def read_results(results_dir: Path) -> list[dict[str, Any]]:
+    """Every record in RESULTS_DIR/results.jsonl, in order; a torn last line (a crash mid-append) is skipped."""
+    path = results_dir / "results.jsonl"
+    records = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
 def _last_line(handle) -> tuple[bytes | None, int, bool]:
     """The file's last line, where it starts, and whether it ends with a newline; (None, 0, True) if empty."""
     size = handle.seek(0, os.SEEK_END)
