@@ -63,3 +63,14 @@ def test_the_30s_preset_runs_offline_on_a_real_checkpoint(copy_trainer_output):
     assert run.returncode == 0, run.stderr
     assert all({"params/total", "ppl/perplexity"} <= set(r["metrics"]) for r in results(output))
     assert len(results(output)) == 3
+
+
+def test_backend_settings_fill_every_evaluator_of_that_backend_and_entries_win():
+    user = {"a": {"evaluators": [{"backend": "probes"}, {"backend": "probes", "iterations": 9}]}}
+    presets = load_presets(user, {"probes": {"iterations": 2}})
+    assert [s.options["iterations"] for s in presets["a"].evaluators] == [2, 9]
+    assert presets["30s"].evaluators[0].options["iterations"] == 2  # bundled presets get them too
+    with pytest.raises(ConfigError, match=r"\[backends.nope\]: unknown backend"):
+        load_presets({}, {"nope": {}})
+    with pytest.raises(ConfigError, match="unknown probes option.*typo"):
+        load_presets(user, {"probes": {"typo": 1}})

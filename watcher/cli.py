@@ -109,7 +109,7 @@ def watch_main(argv: list[str]) -> int:
     args = watch_parser().parse_args(argv)
     config = load_config(args)
     setup_logging(config.verbosity)
-    preset = get_preset(config.preset, config.presets)
+    preset = get_preset(config.preset, config.presets, config.backends)
     device = parse_device(config.device)
     gpu_entries = check_available(device)
     setup = resolve_setup(config, preset, device, gpu_entries)

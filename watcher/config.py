@@ -98,6 +98,11 @@ class WatchConfig:
     presets: dict[str, Any] = field(default_factory=dict)
     """Extra or overriding presets, as `[presets.NAME]` tables with the same shape as the bundled ones."""
 
+    backends: dict[str, Any] = field(default_factory=dict)
+    """Settings for every evaluator of one backend, as `[backends.NAME]` tables, e.g. `[backends.lmms_eval]
+    python = "/opt/lmms/bin/python"`: where a backend lives belongs to the machine, not to each preset. An
+    evaluator entry's own option of the same name wins."""
+
     # --- derived helpers -------------------------------------------------------------------------------------
 
     def resolved_results_dir(self) -> Path:
@@ -177,6 +182,8 @@ def validate(config: WatchConfig) -> None:
         raise ConfigError(f"preset must be a name, got {config.preset!r}")
     if not isinstance(config.presets, dict):
         raise ConfigError("presets must be a table of [presets.NAME] tables")
+    if not isinstance(config.backends, dict) or not all(isinstance(v, dict) for v in config.backends.values()):
+        raise ConfigError("backends must be a table of [backends.NAME] tables")
     try:
         re.compile(config.checkpoint_pattern)
     except (re.error, TypeError) as exc:

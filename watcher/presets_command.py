@@ -19,8 +19,9 @@ def main(argv: list[str]) -> int:
     parser = _Parser(prog="ckpt-watch presets", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help="a config file whose [presets.NAME] tables are included")
     args = parser.parse_args(argv)
-    user = load_toml(args.config).get("presets", {}) if args.config else {}
-    for name, preset in sorted(load_presets(user).items()):
+    file_values = load_toml(args.config) if args.config else {}
+    user = file_values.get("presets", {})
+    for name, preset in sorted(load_presets(user, file_values.get("backends", {})).items()):
         budget = f" (time budget {preset.time_budget:g} s)" if preset.time_budget else ""
         origin = " [from config]" if name in user else ""
         print(f"{name}{origin}{budget}: {preset.description}")

@@ -49,21 +49,35 @@ def bundled_tables() -> dict[str, Any]:
     return tomllib.loads(text)
 
 
-def load_presets(user_tables: dict[str, Any] | None = None) -> dict[str, Preset]:
-    """All presets by name: bundled ones, overridden or extended by the user's tables."""
+def load_presets(
+    user_tables: dict[str, Any] | None = None, backend_settings: dict[str, Any] | None = None
+) -> dict[str, Preset]:
+    """All presets by name: bundled ones, overridden or extended by the user's tables.
+
+    `backend_settings` (the config's `[backends.NAME]` tables) fill in options of every evaluator of that
+    backend; an evaluator entry's own option wins.
+    """
+    from watcher.evaluators import known_backends  # lazy: keeps the import light
+
+    backend_settings = backend_settings or {}
+    for backend in backend_settings:
+        if backend not in known_backends():
+            raise ConfigError(f"[backends.{backend}]: unknown backend; known backends: {', '.join(known_backends())}")
     tables = bundled_tables()
     tables.update(user_tables or {})
-    return {name: _parse(name, table) for name, table in tables.items()}
+    return {name: _parse(name, table, backend_settings) for name, table in tables.items()}
 
 
-def get_preset(name: str, user_tables: dict[str, Any] | None = None) -> Preset:
-    presets = load_presets(user_tables)
+def get_preset(
+    name: str, user_tables: dict[str, Any] | None = None, backend_settings: dict[str, Any] | None = None
+) -> Preset:
+    presets = load_presets(user_tables, backend_settings)
     if name not in presets:
         raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(presets))}")
     return presets[name]
 
 
-def _parse(name: str, table: Any) -> Preset:
+def _parse(name: str, table: Any, backend_settings: dict[str, Any]) -> Preset:
     from watcher.evaluators import EvaluatorError, get_evaluator, known_backends  # lazy: keeps the import light
 
     if not isinstance(table, dict):
@@ -73,12 +87,14 @@ def _parse(name: str, table: Any) -> Preset:
         raise ConfigError(f"unknown key '{sorted(unknown)[0]}' in preset {name!r}")
     steps = []
     for entry in table.get("evaluators", []):
-        options = dict(entry)
-        backend = options.pop("backend", None)
+        if not isinstance(entry, dict):
+            raise ConfigError(f"preset {name!r}: each evaluator must be a table with a 'backend' key")
+        backend = entry.get("backend")
         if backend not in known_backends():
             raise ConfigError(
                 f"preset {name!r}: unknown backend {backend!r}; known backends: {', '.join(known_backends())}"
             )
+        options = {**backend_settings.get(backend, {}), **{k: v for k, v in entry.items() if k != "backend"}}
         try:
             get_evaluator(backend).check_options(options)
         except EvaluatorError as exc:
