@@ -17,7 +17,7 @@ model_dir, step, variant = sys.argv[1:4]
 print("loading", model_dir)  # scripts log; only the last JSON line counts
 print(json.dumps({"my_task": {"score": 0.25 * int(step) / 10, "label": "not a number"}, "ok": True,
                   "has_config": float(os.path.exists(os.path.join(model_dir, "config.json"))),
-                  "gpus": len(os.environ.get("CUDA_VISIBLE_DEVICES", "x"))}))
+                  "gpus": len(os.environ.get("CUDA_VISIBLE_DEVICES", "x")), "versions": {"my_eval": 2}}))
 """
 
 
@@ -33,6 +33,7 @@ def test_placeholders_are_filled_and_json_metrics_flattened(tiny_model_dir, tmp_
                       JobContext(checkpoint="checkpoint-30", step=30, variant="ema"))  # fmt: skip
     assert out.metrics == {"my_task/score": 0.75, "has_config": 1.0, "gpus": 1.0}
     assert out.raw["argv"][2:] == [str(tiny_model_dir), "30", "ema"]
+    assert out.versions == {"my_eval": "2", "command": sys.executable}  # declared versions are not metrics
 
 
 @pytest.mark.parametrize("options, message", [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -228,3 +229,24 @@ def test_prose_sizes_and_no_overlap():
     train_sentences = {s.strip() for s in train.replace("\n", " ").split(". ")}
     heldout_sentences = {s.strip() for s in heldout.replace("\n", " ").split(". ")}
     assert not (train_sentences & heldout_sentences - {""})
+
+
+def test_data_parallel_launch_gives_the_single_process_results(smoke_run, tiny_model_dir, tmp_path):
+    """The `--device cuda:1,2` path (accelerate launch, rank 0 writes the results) run as one CPU process: the
+    plumbing is the same on GPUs, where lm-eval splits the requests; it was run on two H100s (README)."""
+    from watcher.evaluators.lm_eval_parallel import run_data_parallel
+
+    single, _ = smoke_run
+    options = {"tasks": SMOKE_TASKS, "limit": SMOKE_LIMIT}
+    launched = run_data_parallel(tiny_model_dir, options, tmp_path, processes=1, cpu=True)
+    assert launched.metrics == pytest.approx(single.metrics, rel=1e-6) and launched.metrics
+    assert launched.versions["accelerate"] and launched.raw["n-samples"] == single.raw["n-samples"]
+    # A wrong request stays a permanent error across the process boundary.
+    with pytest.raises(EvaluatorError, match="unknown lm-eval task.*no_such_task"):
+        run_data_parallel(tiny_model_dir, {"tasks": ["no_such_task"]}, tmp_path, processes=1, cpu=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_without_vllm_installed_is_a_preset_error():
+    with pytest.raises(EvaluatorError, match="needs vLLM installed"):
+        parse_options({"tasks": ["ckpt_watch_smoke_mc"], "model": "vllm"})

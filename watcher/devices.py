@@ -29,8 +29,11 @@ class DeviceSpec:
 
     @property
     def child_device(self) -> str:
-        """The device name a job uses inside its child, where the pinned GPUs are renumbered from 0."""
-        return "cpu" if self.kind == "cpu" else "cuda:0"
+        """The device name a job uses inside its child, where the pinned GPUs are renumbered from 0: "cuda:0", or
+        "cuda:0,1" for two GPUs (see `watcher.evaluators.base.device_list`)."""
+        if self.kind == "cpu":
+            return "cpu"
+        return "cuda:" + ",".join(str(i) for i in range(len(self.indices)))
 
 
 _DEVICE_RE = re.compile(r"^cuda(?::(\d+(?:,\d+)*))?$")

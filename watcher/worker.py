@@ -8,10 +8,8 @@ stdout and stderr go to the job's log file.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import signal
 import sys
 import time
 import traceback
@@ -20,19 +18,8 @@ from typing import Any
 
 from watcher.atomic import write_json_atomic
 from watcher.evaluators.base import EvaluatorError, JobContext
+from watcher.lifeline import die_with_parent
 from watcher.prepare import PrepareError
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask the kernel to SIGKILL us if the daemon dies (even by SIGKILL), so no orphan holds the GPU."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the daemon's process-group kill still covers stops
-        return
-    if os.getppid() != parent_pid:  # the daemon died before prctl took effect
-        os._exit(1)
 
 
 def _report_stage(stage: str) -> None:
@@ -86,7 +73,7 @@ def _first_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-    _die_with_parent(int(spec["parent_pid"]))
+    die_with_parent(int(spec["parent_pid"]))  # no orphan may hold the GPU
     print(f"[ckpt-watch] job {spec['job_id']}: {spec['checkpoint_name']} / {spec['variant']} / "
           f"{spec['preset']['name']} on {spec['device']} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})",
           flush=True)  # fmt: skip

@@ -29,6 +29,18 @@ class JobContext:
     variant: str = "regular"
 
 
+def device_list(device: str) -> list[str]:
+    """The torch devices a job may use: "cuda:0,1" -> ["cuda:0", "cuda:1"], "cuda" -> ["cuda:0"], "cpu" -> ["cpu"].
+
+    A job pinned to several GPUs gets them renumbered from 0 (CUDA_VISIBLE_DEVICES) and its device as one
+    string, "cuda:0,1"; a backend that uses one GPU takes the first, one that can spread work takes them all.
+    """
+    kind, _, indices = device.partition(":")
+    if kind != "cuda":
+        return [device]
+    return [f"cuda:{index}" for index in (indices or "0").split(",")]
+
+
 class EvaluatorError(RuntimeError):
     """The evaluation request itself is wrong (unknown task or backend, bad option, bad model dir).
 
@@ -47,7 +59,8 @@ class Evaluator(Protocol):
     def run(
         self, model_dir: Path, device: str, options: dict[str, Any], workdir: Path, context: JobContext | None = None
     ) -> EvalOutput:
-        """Evaluate the model in `model_dir` on `device` ("cpu" or "cuda:0").
+        """Evaluate the model in `model_dir` on `device` ("cpu", "cuda:0", or "cuda:0,1" for several GPUs; see
+        `device_list`).
 
         `workdir` is a private scratch directory for this job; `model_dir` is never written to.
         """

@@ -9,13 +9,16 @@ The command is an argument list, never a shell string (nothing is interpreted by
 spaces or quotes are safe). Placeholders: {model_dir} {step} {variant} {checkpoint} {device} {workdir}; a
 literal brace is written {{ or }}, as in Python's str.format. It runs
 in the job's child process environment, so CUDA_VISIBLE_DEVICES is already pinned. Its stdout must end with a
-JSON object; nested objects are flattened with "/", and only finite numbers are kept as metrics.
+JSON object; nested objects are flattened with "/", and only finite numbers are kept as metrics. A top-level
+"versions" object of strings ({"my_eval": "1.2"}) is recorded as the versions the job ran with, not as metrics.
+{device} is "cpu", "cuda:0", or "cuda:0,1" on a job pinned to several GPUs.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import string
 import subprocess
 from pathlib import Path
@@ -70,7 +73,10 @@ class CommandBackend:
         output = _last_json_object(done.stdout)
         if output is None:
             raise EvaluatorError(f"command printed no JSON object on stdout: {argv[0]}")
-        return EvalOutput(metrics=flatten(output), raw={"argv": argv, "output": output}, versions={})
+        declared = output.pop("versions", None)
+        versions = {str(k): str(v) for k, v in declared.items()} if isinstance(declared, dict) else {}
+        versions["command"] = shutil.which(argv[0]) or argv[0]  # which program ran, e.g. a venv's python
+        return EvalOutput(metrics=flatten(output), raw={"argv": argv, "output": output}, versions=versions)
 
 
 def _last_json_object(stdout: str) -> dict | None:

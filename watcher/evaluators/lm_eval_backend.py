@@ -6,12 +6,18 @@ tasks of `watcher/data/tasks/` (`ckpt_watch_smoke_mc`, `ckpt_watch_smoke_ppl` an
 `data_files` against the process's cwd, not against the YAML, so each run renders them into its
 workdir with the absolute path of the installed data and a private `datasets` cache.
 
+Model types: `hf` (transformers, the default) and `vllm` (when vLLM is installed in this environment). On a
+job pinned to several GPUs (`--device cuda:1,2`), `hf` runs data-parallel, one process per GPU through
+`accelerate launch` (see lm_eval_parallel.py), and `vllm` splits the model over them (tensor_parallel_size).
+
 torch, lm_eval and datasets are imported inside `run()` only, so that looking the backend up is cheap.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
+import importlib.util
 import json
 import math
 import numbers
@@ -22,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext
+from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext, device_list
 
 BUNDLED_TASKS = ("ckpt_watch_smoke", "ckpt_watch_smoke_mc", "ckpt_watch_smoke_ppl")
 
@@ -67,43 +73,60 @@ class LmEvalBackend:
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise EvaluatorError(f"model dir {str(model_dir)!r} does not exist or is not a directory")
-        if opts.model == "hf" and not (model_dir / "config.json").is_file():
+        if opts.model in ("hf", "vllm") and not (model_dir / "config.json").is_file():
             raise EvaluatorError(f"model dir {str(model_dir)!r} has no config.json, so it is not a Hugging Face model")
+        devices = device_list(device)
+        if opts.model == "hf" and len(devices) > 1:
+            # Data-parallel: one process and one full model copy per GPU (lm-eval's own multi-GPU mode).
+            from watcher.evaluators.lm_eval_parallel import run_data_parallel
 
-        import lm_eval
-        from lm_eval.api.registry import get_model
-
-        try:
-            get_model(opts.model)
-        except ValueError:
-            raise EvaluatorError(f"unknown lm-eval model type {opts.model!r}") from None
-
-        _disable_datasets_telemetry()
-        model_args = {"pretrained": str(model_dir.resolve()), "dtype": opts.dtype, **(opts.model_args or {})}
-        bundled_dir = render_bundled_tasks(Path(workdir))
-        task_manager = _task_manager(opts, bundled_dir, metadata=dict(model_args))
-
-        try:
-            results = lm_eval.simple_evaluate(
-                model=opts.model,
-                model_args=model_args,
-                tasks=list(opts.tasks),
-                num_fewshot=opts.num_fewshot,
-                batch_size=opts.batch_size,
-                device=device,
-                limit=opts.limit,
-                task_manager=task_manager,
-                log_samples=False,
-            )
-        except ValueError as error:
-            # A task asked for both alone and inside a requested group: a preset mistake, not a crash.
-            if str(error).startswith("Duplicate task"):
-                raise EvaluatorError(f"lm-eval: {error}") from None
-            raise
-        if results is None:  # only happens on non-zero ranks of a distributed run
+            return run_data_parallel(model_dir, dict(options), Path(workdir), len(devices))
+        if opts.model == "vllm" and len(devices) > 1:
+            # vLLM spreads one model over the GPUs itself; data-parallel vLLM in lm-eval needs ray, which is
+            # rarely installed. A model_args entry of the user's wins.
+            opts = dataclasses.replace(opts, model_args={"tensor_parallel_size": len(devices), **opts.model_args})
+        output = evaluate(model_dir, devices[0] if len(devices) == 1 else "cuda", opts, Path(workdir))
+        if output is None:
             raise RuntimeError("lm_eval.simple_evaluate returned no results")
-        raw = {key: to_json_safe(results[key]) for key in _RAW_KEYS if key in results}
-        return EvalOutput(metrics=flatten_results(results["results"]), raw=raw, versions=_versions())
+        return output
+
+
+def evaluate(model_dir: Path, device: str, opts: LmEvalOptions, workdir: Path) -> EvalOutput | None:
+    """One lm-eval run in this process; None on the non-zero ranks of a data-parallel run."""
+    import lm_eval
+    from lm_eval.api.registry import get_model
+
+    try:
+        get_model(opts.model)
+    except ValueError:
+        raise EvaluatorError(f"unknown lm-eval model type {opts.model!r}") from None
+
+    _disable_datasets_telemetry()
+    model_args = {"pretrained": str(model_dir.resolve()), "dtype": opts.dtype, **(opts.model_args or {})}
+    bundled_dir = render_bundled_tasks(workdir)
+    task_manager = _task_manager(opts, bundled_dir, metadata=dict(model_args))
+
+    try:
+        results = lm_eval.simple_evaluate(
+            model=opts.model,
+            model_args=model_args,
+            tasks=list(opts.tasks),
+            num_fewshot=opts.num_fewshot,
+            batch_size=opts.batch_size,
+            device=device,
+            limit=opts.limit,
+            task_manager=task_manager,
+            log_samples=False,
+        )
+    except ValueError as error:
+        # A task asked for both alone and inside a requested group: a preset mistake, not a crash.
+        if str(error).startswith("Duplicate task"):
+            raise EvaluatorError(f"lm-eval: {error}") from None
+        raise
+    if results is None:  # the non-zero ranks of a data-parallel run
+        return None
+    raw = {key: to_json_safe(results[key]) for key in _RAW_KEYS if key in results}
+    return EvalOutput(metrics=flatten_results(results["results"]), raw=raw, versions=_versions(opts.model))
 
 
 def parse_options(options: Mapping[str, Any]) -> LmEvalOptions:
@@ -140,6 +163,10 @@ def parse_options(options: Mapping[str, Any]) -> LmEvalOptions:
     for key in ("dtype", "model"):
         if key in options and not (isinstance(options[key], str) and options[key]):
             raise EvaluatorError(f"lm_eval option {key!r} must be a non-empty string, got {options[key]!r}")
+    if options.get("model") == "vllm" and importlib.util.find_spec("vllm") is None:
+        # Checked here, where the daemon validates presets at start, rather than in every job.
+        raise EvaluatorError("lm_eval model 'vllm' needs vLLM installed in ckpt-watch's environment "
+                             "(pip install vllm), or use model = \"hf\"")  # fmt: skip
 
     model_args = options.get("model_args") or {}
     if not isinstance(model_args, Mapping):
@@ -289,9 +316,10 @@ def _disable_datasets_telemetry() -> None:
     datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
 
 
-def _versions() -> dict[str, str]:
+def _versions(model_type: str = "hf") -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for package in ("lm_eval", "transformers", "torch", "datasets"):
+    packages = ["lm_eval", "transformers", "torch", "datasets", "accelerate"] + (["vllm"] if model_type == "vllm" else [])
+    for package in packages:
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
