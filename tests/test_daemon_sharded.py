@@ -24,6 +24,10 @@ def test_the_daemon_merges_and_evaluates_regular_and_ema(tmp_path_factory, tiny_
     assert sorted(records) == ["ema", "regular"]
     assert all(r["status"] == "ok" and r["step"] == 20 and r["layout"] == "hf-fsdp-dcp" for r in records.values())
     assert records["regular"]["timings"]["prepare_s"] > 0
+    stages = records["regular"]["stages"]  # walltime and memory per stage
+    assert sorted(stages) == ["0-probes", "1-lm_eval", "prepare"]
+    assert all(s["walltime_s"] > 0 and s["peak_rss_mb"] > 50 for s in stages.values())
+    assert stages["1-lm_eval"]["peak_rss_mb"] >= stages["prepare"]["peak_rss_mb"]  # a high-water mark
     ppl = "ckpt_watch_smoke_ppl/word_perplexity"
     assert records["regular"]["metrics"][ppl] != records["ema"]["metrics"][ppl]  # EMA = weights * 0.5 here
     assert records["regular"]["metrics"]["params/total"] == records["ema"]["metrics"]["params/total"] > 0

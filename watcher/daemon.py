@@ -352,6 +352,7 @@ class Daemon:
             "finished_at": _iso(finished),
             "walltime_s": round(finished - running.started, 3),
             "timings": outcome.get("timings", {}),
+            "stages": outcome.get("stages", {}),
             "log": str(running.paths.log.relative_to(self.results_dir)),
         }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 import traceback
@@ -39,30 +40,55 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     workdir = Path(spec["workdir"])
     workdir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    stages: dict[str, dict[str, float]] = {}
 
     _report_stage("preparing")
     start = time.time()
     base_model = Path(spec["base_model"]) if spec.get("base_model") else None
     model_dir, merged = prepare_model(Path(spec["checkpoint_path"]), spec["variant"], workdir, base_model)
     timings["prepare_s"] = round(time.time() - start, 3)
+    stages["prepare"] = _stage_usage(start)
 
     _report_stage("evaluating")
     context = JobContext(checkpoint=spec["checkpoint_name"], step=int(spec["step"]), variant=spec["variant"])
     metrics: dict[str, float] = {}
     raw: dict[str, Any] = {}
     versions: dict[str, str] = {}
-    start = time.time()
+    evaluate_start = time.time()
     for index, step in enumerate(spec["preset"]["evaluators"]):
+        start = time.time()
         evaluator = get_evaluator(step["backend"])
         step_dir = workdir / f"{index}-{step['backend']}"
         step_dir.mkdir(parents=True, exist_ok=True)
         output = evaluator.run(model_dir, spec["device"], dict(step["options"]), step_dir, context)
         metrics.update(output.metrics)
-        raw[step["backend"]] = output.raw
+        # Keyed by backend (what `compare` looks up); a second step of the same backend gets its index.
+        raw[step["backend"] if step["backend"] not in raw else f"{step['backend']}#{index}"] = output.raw
         versions.update(output.versions)
-    timings["evaluate_s"] = round(time.time() - start, 3)
+        stages[f"{index}-{step['backend']}"] = _stage_usage(start)
+    timings["evaluate_s"] = round(time.time() - evaluate_start, 3)
     return {"status": "ok", "metrics": metrics, "raw": raw, "versions": versions, "timings": timings,
-            "merged_model": str(model_dir) if merged else None}  # fmt: skip
+            "stages": stages, "merged_model": str(model_dir) if merged else None}  # fmt: skip
+
+
+def _stage_usage(start: float) -> dict[str, float]:
+    """Walltime of a stage and the memory it needed.
+
+    `peak_rss_mb` is this process's high-water mark so far (the kernel keeps only one), `children_peak_rss_mb`
+    that of the largest finished subprocess (lm-eval ranks, a custom command); `gpu_peak_*_mb` are the peaks of
+    this stage alone, when it used CUDA through torch in this process.
+    """
+    usage = {"walltime_s": round(time.time() - start, 3),
+             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # fmt: skip
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if children:
+        usage["children_peak_rss_mb"] = round(children / 1024, 1)
+    torch = sys.modules.get("torch")  # never imported just to ask: the command backend needs no torch
+    if torch is not None and torch.cuda.is_initialized():
+        usage["gpu_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        usage["gpu_peak_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+        torch.cuda.reset_peak_memory_stats()
+    return usage
 
 
 def _first_line(exc: BaseException) -> str:
