@@ -26,8 +26,9 @@ def test_the_daemon_merges_and_evaluates_regular_and_ema(tmp_path_factory, tiny_
     assert records["regular"]["timings"]["prepare_s"] > 0
     stages = records["regular"]["stages"]  # walltime and memory per stage
     assert sorted(stages) == ["0-probes", "1-lm_eval", "prepare"]
-    assert all(s["walltime_s"] > 0 and s["peak_rss_mb"] > 50 for s in stages.values())
-    assert stages["1-lm_eval"]["peak_rss_mb"] >= stages["prepare"]["peak_rss_mb"]  # a high-water mark
+    assert all(s["walltime_s"] >= 0 and s["peak_rss_mb"] > 0 for s in stages.values())
+    # The merge streams without torch (tens of MB); lm-eval loads torch and the model.
+    assert stages["prepare"]["peak_rss_mb"] < 200 < stages["1-lm_eval"]["peak_rss_mb"]
     ppl = "ckpt_watch_smoke_ppl/word_perplexity"
     assert records["regular"]["metrics"][ppl] != records["ema"]["metrics"][ppl]  # EMA = weights * 0.5 here
     assert records["regular"]["metrics"]["params/total"] == records["ema"]["metrics"]["params/total"] > 0
