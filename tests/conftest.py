@@ -45,3 +45,11 @@ def copy_trainer_output(trainer_output, tmp_path):
 def tiny_model_dir(trainer_output) -> Path:
     """A consolidated Hugging Face model folder (the last Trainer checkpoint). Read-only."""
     return trainer_output / "checkpoint-30"
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory) -> Path:
+    """An untrained tiny Qwen2-MoE model folder (4 experts, top-2, shared expert; MoE layers 0 and 2). Read-only."""
+    from watcher.tiny import save_tiny_moe
+
+    return save_tiny_moe(tmp_path_factory.mktemp("tiny-moe"))

@@ -2,7 +2,8 @@
 
 `ckpt-watch demo` and the tests use it to produce genuine Trainer checkpoints without any download:
 the tokenizer is a plain byte-level one built in code (the Hub is not reachable offline), and the
-model is a two-layer Llama small enough to train a few steps in seconds.
+model is a two-layer Llama small enough to train a few steps in seconds. `save_tiny_moe` writes an untrained
+mixture-of-experts model (Qwen2-MoE classes) with the same tokenizer, for the MoE probes.
 """
 
 from __future__ import annotations
@@ -51,6 +52,47 @@ def build_model(tokenizer, seed: int = 0):
         tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config)
+
+
+def build_moe_model(tokenizer, seed: int = 0):
+    """A randomly initialised three-layer Qwen2-MoE: 4 routed experts, top-2, one always-on shared expert.
+
+    Layer 1 is a dense MLP (`mlp_only_layers`), so the MoE layers are 0 and 2: the probes must take layer
+    numbers from the modules, not count routers.
+    """
+    import torch
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,  # the dense layer's MLP
+        moe_intermediate_size=32,  # each routed expert
+        shared_expert_intermediate_size=48,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    return Qwen2MoeForCausalLM(config)
+
+
+def save_tiny_moe(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write the tiny MoE model and the byte-level tokenizer to out_dir, as `save_pretrained` does."""
+    tokenizer = build_tokenizer()
+    build_moe_model(tokenizer, seed=seed).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return Path(out_dir)
 
 
 def training_text() -> str:
