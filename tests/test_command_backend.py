@@ -69,3 +69,29 @@ def test_the_daemon_runs_a_command_preset(copy_trainer_output, tmp_path):
     scores = {r["step"]: r["metrics"]["my_task/score"] for r in results(output)}
     assert scores == {20: 0.5, 30: 0.75}
     assert all(r["metrics"]["gpus"] == 0 for r in results(output))  # cpu job: CUDA_VISIBLE_DEVICES is ""
+
+
+BROKEN = """
+import sys
+step = int(sys.argv[1])
+if step == 20:
+    raise SystemExit("segfault-like crash in my_eval")  # exits 1, message on stderr
+print("not json at all" if step == 30 else '{"score": 1}')
+"""
+
+
+def test_a_crashing_or_garbage_printing_backend_fails_only_its_job(copy_trainer_output, tmp_path):
+    output = copy_trainer_output()
+    script = tmp_path / "broken.py"
+    script.write_text(BROKEN)
+    config = tmp_path / "c.toml"
+    config.write_text("max_attempts = 1\n[presets.mine]\n[[presets.mine.evaluators]]\nbackend = \"command\"\n"
+                      f"command = {json.dumps([sys.executable, str(script), '{step}'])}\n")  # fmt: skip
+    run = ckpt_watch(output, "--scan", "--config", config, "--preset", "mine")
+    assert run.returncode == 1, run.stderr  # some job failed; the daemon itself finished every checkpoint
+    by_step = {r["step"]: r for r in results(output)}
+    assert by_step[10]["status"] == "ok" and by_step[10]["metrics"] == {"score": 1.0}
+    assert by_step[20]["status"] == "failed"
+    assert by_step[20]["error"] == "RuntimeError: command exited with status 1: segfault-like crash in my_eval"
+    assert by_step[30]["status"] == "failed" and "printed no JSON object" in by_step[30]["error"]
+    assert "Traceback" not in run.stderr

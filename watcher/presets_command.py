@@ -21,7 +21,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     file_values = load_toml(args.config) if args.config else {}
     user = file_values.get("presets", {})
-    for name, preset in sorted(load_presets(user, file_values.get("backends", {})).items()):
+    # In file order (the bundled file is ordered by cost), user presets after the bundled ones.
+    for name, preset in load_presets(user, file_values.get("backends", {})).items():
         budget = f" (time budget {preset.time_budget:g} s)" if preset.time_budget else ""
         origin = " [from config]" if name in user else ""
         print(f"{name}{origin}{budget}: {preset.description}")
