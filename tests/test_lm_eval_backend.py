@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import math
 import subprocess
 import sys
@@ -78,10 +79,8 @@ def test_bundled_tasks_read_installed_data_and_cache_in_workdir(smoke_run):
     assert any((workdir / "hf_datasets_cache").rglob("*.arrow"))
 
 
-def test_group_together_with_a_user_task_dir(tiny_model_dir, tmp_path):
-    """The bundled group, plus a user task from `include_path` whose data lies next to it."""
-    user_dir = tmp_path / "my_tasks"
-    user_dir.mkdir()
+def _write_user_task(user_dir: Path) -> None:
+    user_dir.mkdir(parents=True)
     rows = [{"q": "Is ice cold?", "options": ["yes", "no"], "gold": 0}, {"q": "Is fire cold?", "options": ["yes", "no"], "gold": 1}]
     data = user_dir / "yes_no.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -93,6 +92,12 @@ def test_group_together_with_a_user_task_dir(tiny_model_dir, tmp_path):
         'doc_to_text: "{{q}}"\ndoc_to_choice: "{{options}}"\ndoc_to_target: gold\n'
         "metric_list:\n  - metric: acc\n"
     )
+
+
+def test_group_together_with_a_user_task_dir(tiny_model_dir, tmp_path):
+    """The bundled group, plus a user task from `include_path` whose data lies next to it."""
+    user_dir = tmp_path / "my_tasks"
+    _write_user_task(user_dir)
     output = get_evaluator("lm_eval").run(
         tiny_model_dir,
         "cpu",
@@ -250,3 +255,22 @@ def test_data_parallel_launch_gives_the_single_process_results(smoke_run, tiny_m
 def test_vllm_without_vllm_installed_is_a_preset_error():
     with pytest.raises(EvaluatorError, match="needs vLLM installed"):
         parse_options({"tasks": ["ckpt_watch_smoke_mc"], "model": "vllm"})
+
+
+def test_a_user_task_through_the_config_file(copy_trainer_output, tmp_path):
+    """A preset in the user's config runs their own task YAML; include_path is relative to the config file."""
+    from helpers import ckpt_watch, results
+
+    output = copy_trainer_output()
+    for name in ("checkpoint-10", "checkpoint-20"):
+        shutil.rmtree(output / name)
+    config_dir = tmp_path / "etc"
+    _write_user_task(config_dir / "my_tasks")
+    (config_dir / "watch.toml").write_text('[presets.mine]\n[[presets.mine.evaluators]]\nbackend = "lm_eval"\n'
+                                           'tasks = ["my_yes_no"]\ninclude_path = "my_tasks"\n')  # fmt: skip
+    run = ckpt_watch(output, "--scan", "--config", config_dir / "watch.toml", "--preset", "mine", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    [record] = results(output)
+    assert record["status"] == "ok" and set(record["metrics"]) == {"my_yes_no/acc", "my_yes_no/acc_stderr"}
+    full = json.loads((output / "ckpt-watch" / "checkpoint-30" / "regular" / "mine.json").read_text())
+    assert full["raw"]["lm_eval"]["n-samples"]["my_yes_no"]["effective"] == 2

@@ -125,6 +125,9 @@ class WatchConfig:
 FIELD_NAMES = {f.name for f in dataclasses.fields(WatchConfig)}
 _PATH_FIELDS = {"output_dir", "results_dir", "journal_dir", "scratch_dir", "base_model"}
 _FLOAT_FIELDS = {"poll", "settle", "rescan_interval", "job_timeout", "retry_backoff"}
+# Evaluator options that name files or folders (lm_eval/lmms_eval include_path, the probes' text, lmms_eval's
+# python): written relative in a config file, they mean relative to that file, like the top-level paths.
+_OPTION_PATHS = {"include_path", "text", "python"}
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -141,9 +144,27 @@ def load_toml(path: Path) -> dict[str, Any]:
     for key in data:
         if key not in FIELD_NAMES:
             raise ConfigError(f"unknown key '{key}' in config file {path}")
+    base = Path(path).parent
     for key in _PATH_FIELDS & data.keys():
-        data[key] = (Path(path).parent / Path(data[key]).expanduser()).resolve()
+        data[key] = (base / Path(data[key]).expanduser()).resolve()
+    tables = [*data.get("backends", {}).values()]
+    for preset in data.get("presets", {}).values():
+        tables += preset.get("evaluators", []) if isinstance(preset, dict) else []
+    for table in tables:
+        if isinstance(table, dict):
+            for key in _OPTION_PATHS & table.keys():
+                table[key] = _relative_to(base, table[key])
     return data
+
+
+def _relative_to(base: Path, value: Any) -> Any:
+    """A relative path (or each of a list of them) made absolute against `base`; anything else unchanged, for the
+    backend's own validation to report. A bare command name like "python" stays as it is (it is looked up on PATH)."""
+    if isinstance(value, list):
+        return [_relative_to(base, item) for item in value]
+    if not isinstance(value, str) or not value or ("/" not in value and not (base / value).exists()):
+        return value
+    return str((base / Path(value).expanduser()).resolve())
 
 
 def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> WatchConfig:

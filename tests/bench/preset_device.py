@@ -76,7 +76,7 @@ def ckpt_watch(*args: str) -> tuple[float, subprocess.CompletedProcess]:
 
 def run_preset(output_dir: Path, device: str) -> None:
     config = output_dir.parent / "bench.toml"
-    config.write_text(f"""keep_merged = 1
+    config.write_text("""keep_merged = 1
 [presets.5min-local]
 description = "the bundled 5min preset with a bundled task in place of hellaswag"
 time_budget = 900

@@ -18,6 +18,7 @@ _BACKENDS: dict[str, tuple[str, str]] = {
     "lm_eval": ("watcher.evaluators.lm_eval_backend", "LmEvalBackend"),
     "probes": ("watcher.evaluators.probes", "ProbesBackend"),
     "command": ("watcher.evaluators.command", "CommandBackend"),
+    "lmms_eval": ("watcher.evaluators.lmms_eval_backend", "LmmsEvalBackend"),
 }
 
 

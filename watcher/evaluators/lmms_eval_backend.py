@@ -1,0 +1,506 @@
+"""Evaluate a multimodal checkpoint with lmms-eval (EvolvingLMMs-Lab/lmms-eval), outside ckpt-watch's environment.
+
+lmms-eval pins its own dependencies (for example an exact wandb), which cannot live in ckpt-watch's environment,
+so it is never imported here. It runs in one of two places, configured once for all presets:
+
+    [backends.lmms_eval]
+    python = "/opt/lmms-eval/.venv/bin/python"     # local: `python -m lmms_eval ...` as a child process
+    # server_url = "http://gpu-box:8000"           # or: a running `python -m lmms_eval serve` (exactly one)
+
+Local mode runs lmms-eval's CLI in the job's child process environment (CUDA_VISIBLE_DEVICES already pinned),
+with its output streamed into the job's log and its results JSON written under the job's workdir. Server mode
+submits the job to lmms-eval's HTTP server (POST /evaluate, then GET /jobs/{id} until it ends); the server runs
+the evaluation on a GPU of its own choosing (it ignores the request's `device`) and reports the results file as a
+path, so the checkpoint and the output directory must be on a filesystem both sides see under the same path.
+
+Both modes parse the results JSON the same way as the lm_eval backend ("task/metric", "@filter" when the filter
+is not "none"). What this module relies on, from lmms-eval 0.7.3 (source paths in its repository):
+  - lmms_eval/__main__.py (parse_eval_args, cli_evaluate_single): the CLI flags; results are saved by
+    lmms_eval/loggers/evaluation_tracker.py (save_results_aggregated) as
+    <output_path>/<sanitized model name>/<date>_results.json with keys results, groups, group_subtasks, configs,
+    versions, n-shot, higher_is_better, n-samples, config, lmms_eval_version (git "branch@sha"), date,
+    pretty_env_info, transformers_version, ... Note that cli_evaluate catches an exception of the evaluation,
+    prints it and still exits 0 (lmms_eval/cli/dispatch.py, lmms_eval/__main__.py), so a missing results file, not
+    the exit status, is what says a run failed.
+  - lmms_eval/entrypoints/protocol.py (EvaluateRequest, JobInfo, JobStatus), entrypoints/http_server.py (routes)
+    and entrypoints/job_scheduler.py (_build_eval_cmd, _parse_output_directory): a completed job's `result` is
+    {model_name: {"results": "<path>_results.json", "samples": [...]}}; the request has no include_path and the
+    command it builds has no --device.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import json
+import math
+import numbers
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext, device_list
+from watcher.evaluators.lm_eval_backend import flatten_results, to_json_safe
+
+# lmms-eval's model class for LLaVA-family Hugging Face checkpoints (lmms_eval/models/simple/llava_hf.py and
+# chat/llava_hf.py: llava, llava_next, llava_onevision via AutoProcessor): the one verified end to end here.
+# Other architectures name their class in `model` (qwen2_5_vl, qwen3_vl, internvl_hf, ...). lmms-eval's generic
+# `huggingface` class would be the natural default, but in 0.7.3 it passes `audios=` to the processor, which
+# transformers 5 rejects ("You passed keyword argument `audios` which is deprecated").
+DEFAULT_MODEL = "llava_hf"
+DEFAULT_BATCH_SIZE = 1  # lmms-eval's own default; many of its model classes only implement batch size 1
+DEFAULT_POLL_INTERVAL = 5.0
+# Model classes of lmms-eval 0.7.3 whose __init__ takes `device_map`; most default it to "auto" and then move
+# inputs to "cuda" even on a CPU job (chat/huggingface.py, simple/qwen2_5_vl.py, simple/qwen2_vl.py,
+# simple/qwen3_vl.py; simple/llava_hf.py defaults to ""). For these, local mode passes device_map=<the job's
+# device> unless model_args set it: with CUDA_VISIBLE_DEVICES pinned, "cuda:0" is exactly the job's GPU.
+_DEVICE_MAP_MODELS = frozenset({"huggingface", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava_hf"})
+
+_KNOWN_OPTIONS = frozenset({
+    "tasks", "model", "model_args", "limit", "batch_size", "num_fewshot", "include_path",
+    "python", "server_url", "output_dir", "poll_interval", "timeout",
+})  # fmt: skip
+# The results JSON's parts worth keeping; per-sample logs are never asked for (no --log_samples), and
+# pretty_env_info/git hashes/task_hashes are environment noise.
+_RAW_KEYS = (
+    "results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples",
+    "config", "date", "lmms_eval_version", "transformers_version", "throughput", "usage", "efficiency",
+    "model_name", "total_evaluation_time_seconds",
+)  # fmt: skip
+# Variables of ours that would break, or hijack, another environment's interpreter. The distributed ones are
+# the list lmms-eval's own server scrubs (entrypoints/job_scheduler.py, _SLURM_DISTRIBUTED_ENV_SCRUB, abridged):
+# inherited, they make Accelerate attempt an env:// rendezvous.
+_SCRUBBED_ENV = (
+    "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONEXECUTABLE", "VIRTUAL_ENV", "VIRTUAL_ENV_PROMPT",
+    "CONDA_PREFIX", "CKPT_WATCH_STATUS_FD",
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+    "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NPROCS", "SLURM_NODEID", "PMIX_RANK",
+)  # fmt: skip
+# Cheap: importlib.metadata and torch/version.py read as text, no heavy import (the metadata of a PyPI CUDA wheel
+# says "2.11.0", torch/version.py "2.11.0+cu130").
+_VERSIONS_SCRIPT = """
+import importlib.metadata as m, importlib.util, json, os, platform, re
+out = {"python": platform.python_version()}
+for name in ("lmms_eval", "torch", "torchvision", "transformers"):
+    try:
+        out[name] = m.version(name)
+    except m.PackageNotFoundError:
+        out[name] = None
+try:
+    spec = importlib.util.find_spec("torch")
+    text = open(os.path.join(os.path.dirname(spec.origin), "version.py")).read()
+    out["torch"] = re.search(r"__version__\\s*=\\s*\\W([\\w.+-]+)", text).group(1)
+except Exception:
+    pass
+print(json.dumps(out))
+"""
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+try:
+    _PRCTL = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)  # Linux only; elsewhere the group kill
+except OSError:  # pragma: no cover
+    _PRCTL = None
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # loguru colours lmms-eval's log lines even into a pipe
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b:?")
+
+
+@dataclass(frozen=True)
+class LmmsEvalOptions:
+    tasks: list[str]
+    model: str = DEFAULT_MODEL
+    model_args: dict[str, Any] = field(default_factory=dict)
+    limit: int | float | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    num_fewshot: int | None = None
+    include_path: Path | None = None
+    python: Path | None = None
+    server_url: str | None = None
+    output_dir: Path | None = None
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    timeout: float | None = None
+
+
+class LmmsEvalBackend:
+    name = "lmms_eval"
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        parse_options(options)
+
+    def run(
+        self, model_dir: Path, device: str, options: dict[str, Any], workdir: Path, context: JobContext | None = None
+    ) -> EvalOutput:
+        opts = parse_options(options)
+        model_dir = Path(model_dir).resolve()
+        if not model_dir.is_dir():
+            raise EvaluatorError(f"model dir {str(model_dir)!r} does not exist or is not a directory")
+        if "," in str(model_dir):
+            # lmms-eval splits --model_args on commas (utils.simple_parse_args_string) and keeps quotes verbatim.
+            raise EvaluatorError(f"lmms-eval cannot take a model path containing a comma: {str(model_dir)!r}")
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + opts.timeout if opts.timeout else None
+        device = device_list(device)[0]  # lmms-eval's model classes load one copy: on several GPUs, the first
+        if opts.server_url:
+            from watcher.evaluators.lmms_eval_server import run_on_server  # imports this module: kept lazy
+
+            return run_on_server(opts, model_dir, device, workdir, deadline)
+        return _run_locally(opts, model_dir, device, workdir, deadline)
+
+
+# --- options ---------------------------------------------------------------------------------------------------
+
+
+def parse_options(options: Mapping[str, Any]) -> LmmsEvalOptions:
+    """Validate the user's options up front (cheap: no lmms-eval, no network), so a preset typo stops the daemon."""
+    if not isinstance(options, Mapping):
+        raise EvaluatorError(f"lmms_eval options must be a table, got {type(options).__name__}")
+    unknown = sorted(set(options) - _KNOWN_OPTIONS)
+    if unknown:
+        raise EvaluatorError(
+            f"unknown lmms_eval option(s): {', '.join(unknown)}; known: {', '.join(sorted(_KNOWN_OPTIONS))}"
+        )
+
+    python, server_url = options.get("python"), options.get("server_url")
+    if python is None and server_url is None:
+        raise EvaluatorError(
+            "lmms_eval needs its own environment: configure exactly one of 'python' or 'server_url', e.g. "
+            '[backends.lmms_eval] python = "/path/to/lmms-eval-venv/bin/python" '
+            '(or server_url = "http://host:8000")'
+        )
+    if python is not None and server_url is not None:
+        raise EvaluatorError("lmms_eval options 'python' and 'server_url' exclude each other: configure one")
+
+    tasks = options.get("tasks")
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    if not tasks or not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) and t for t in tasks):
+        raise EvaluatorError("lmms_eval option 'tasks' must be a non-empty list of task names")
+    bad = [t for t in tasks if "," in t]
+    if bad:
+        raise EvaluatorError(f"lmms_eval task names cannot contain commas: {bad[0]!r}; list them separately")
+
+    model = options.get("model", DEFAULT_MODEL)
+    if not isinstance(model, str) or not model or not re.fullmatch(r"[\w.\-]+", model):
+        raise EvaluatorError(f"lmms_eval option 'model' must be an lmms-eval model name, got {model!r}")
+
+    model_args = options.get("model_args") or {}
+    if not isinstance(model_args, Mapping):
+        raise EvaluatorError(f"lmms_eval option 'model_args' must be a table, got {model_args!r}")
+    if "pretrained" in model_args:
+        raise EvaluatorError("lmms_eval option 'model_args' must not set 'pretrained': the checkpoint is the model")
+    for key, value in model_args.items():
+        if not re.fullmatch(r"\w+", str(key)):
+            raise EvaluatorError(f"lmms_eval model_args key {key!r} is not a plain name")
+        if not isinstance(value, (str, int, float, bool)) or (isinstance(value, str) and "," in value):
+            # Everything becomes one "k=v,k=v" string for lmms-eval, which splits it on commas.
+            raise EvaluatorError(
+                f"lmms_eval model_args.{key} must be a string without commas, a number or a boolean, got {value!r}"
+            )
+
+    limit = options.get("limit")
+    if limit is not None and (not _is_number(limit) or not 0 < limit < math.inf):
+        raise EvaluatorError(f"lmms_eval option 'limit' must be a positive number (<1 is a fraction), got {limit!r}")
+
+    batch_size = options.get("batch_size", DEFAULT_BATCH_SIZE)
+    if not (_is_int(batch_size) and batch_size > 0):
+        raise EvaluatorError(f"lmms_eval option 'batch_size' must be a positive integer, got {batch_size!r}")
+
+    num_fewshot = options.get("num_fewshot")
+    if num_fewshot is not None and (not _is_int(num_fewshot) or num_fewshot < 0):
+        raise EvaluatorError(f"lmms_eval option 'num_fewshot' must be a non-negative integer, got {num_fewshot!r}")
+
+    include_path = _single_path(options, "include_path")
+    if include_path is not None and not include_path.is_dir():
+        raise EvaluatorError(f"lmms_eval include_path {str(include_path)!r} is not a directory")
+    output_dir = _single_path(options, "output_dir")
+
+    for key in ("poll_interval", "timeout"):
+        value = options.get(key)
+        if value is not None and (not _is_number(value) or not 0 < value < math.inf):
+            raise EvaluatorError(f"lmms_eval option {key!r} must be a positive number of seconds, got {value!r}")
+
+    if python is not None:
+        for key in ("output_dir", "poll_interval"):
+            if key in options:
+                raise EvaluatorError(f"lmms_eval option {key!r} is for server mode (server_url) only")
+        if not isinstance(python, (str, Path)) or not str(python):
+            raise EvaluatorError(f"lmms_eval option 'python' must be the path of an interpreter, got {python!r}")
+        python = Path(python).expanduser()
+        if not python.is_absolute():
+            raise EvaluatorError(f"lmms_eval option 'python' must be an absolute path, got {str(python)!r}")
+        if not python.is_file() or not os.access(python, os.X_OK):
+            raise EvaluatorError(f"lmms_eval python {str(python)!r} does not exist or is not executable")
+    else:
+        if not isinstance(server_url, str) or urllib.parse.urlsplit(server_url).scheme not in ("http", "https") \
+                or not urllib.parse.urlsplit(server_url).netloc:  # fmt: skip
+            raise EvaluatorError(f"lmms_eval option 'server_url' must be an http(s) URL, got {server_url!r}")
+        if include_path is not None:
+            raise EvaluatorError(
+                "lmms_eval option 'include_path' does not work with server_url: the server's POST /evaluate has no "
+                "such field; install the tasks in the server's lmms-eval instead"
+            )
+        server_url = server_url.rstrip("/")
+
+    return LmmsEvalOptions(
+        tasks=list(tasks),
+        model=model,
+        model_args=dict(model_args),
+        limit=limit,
+        batch_size=batch_size,
+        num_fewshot=num_fewshot,
+        include_path=include_path,
+        python=python,
+        server_url=server_url,
+        output_dir=output_dir,
+        poll_interval=float(options.get("poll_interval", DEFAULT_POLL_INTERVAL)),
+        timeout=float(options["timeout"]) if options.get("timeout") is not None else None,
+    )
+
+
+def _single_path(options: Mapping[str, Any], key: str) -> Path | None:
+    value = options.get(key)
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]  # lmms-eval's --include_path takes one directory
+    if value is None:
+        return None
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise EvaluatorError(f"lmms_eval option {key!r} must be one directory path, got {value!r}")
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        raise EvaluatorError(f"lmms_eval option {key!r} must be an absolute path, got {str(path)!r}")
+    return path
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _model_args_string(model_args: Mapping[str, Any]) -> str:
+    """lmms-eval's "k=v,k=v" form; booleans as True/False, which its handle_arg_string turns back into bools."""
+    return ",".join(f"{key}={value}" for key, value in model_args.items())
+
+
+# --- local mode: python -m lmms_eval ---------------------------------------------------------------------------
+
+
+def _run_locally(
+    opts: LmmsEvalOptions, model_dir: Path, device: str, workdir: Path, deadline: float | None
+) -> EvalOutput:
+    assert opts.python is not None
+    env = child_env(opts.python)
+    versions = _interpreter_versions(opts.python, env, workdir)
+
+    output = workdir / "lmms_eval_output"
+    shutil.rmtree(output, ignore_errors=True)
+    model_args = {"pretrained": str(model_dir), **opts.model_args}
+    if opts.model in _DEVICE_MAP_MODELS:
+        model_args.setdefault("device_map", device)
+    argv = [str(opts.python), "-m", "lmms_eval",
+            "--model", opts.model,
+            "--model_args", _model_args_string(model_args),
+            "--tasks", ",".join(opts.tasks),
+            "--batch_size", str(opts.batch_size),
+            "--device", device,
+            "--output_path", str(output)]  # fmt: skip
+    if opts.limit is not None:
+        argv += ["--limit", str(opts.limit)]
+    if opts.num_fewshot is not None:
+        argv += ["--num_fewshot", str(opts.num_fewshot)]
+    if opts.include_path is not None:
+        argv += ["--include_path", str(opts.include_path)]
+
+    print(f"[ckpt-watch] lmms_eval: {' '.join(argv)}", flush=True)
+    code, tail = _run_streaming(argv, env, workdir, deadline, opts.timeout)
+    if code != 0:
+        raise RuntimeError(f"lmms-eval exited with status {code}: {tail}".rstrip(": "))
+    results_file = find_results_file(output)
+    if results_file is None:
+        _raise_no_results(tail, f"lmms-eval wrote no results file under {output}")
+    results = read_results_file(results_file)
+    versions.update(versions_from_results(results))
+    out = parse_results(results, versions)
+    out.raw.update({"mode": "local", "argv": argv})
+    return out
+
+
+def child_env(python: Path) -> dict[str, str]:
+    """Our environment, minus what would make another environment's interpreter load our packages.
+
+    CUDA_VISIBLE_DEVICES (pinned by the daemon) and everything else are inherited. Our venv's bin directory is
+    taken off PATH, so that lmms-eval's own subprocesses find its tools, not ours.
+    """
+    env = {key: value for key, value in os.environ.items() if key not in _SCRUBBED_ENV}
+    ours = {str(Path(sys.prefix) / "bin"), str(Path(sys.exec_prefix) / "bin")}
+    if os.environ.get("VIRTUAL_ENV"):
+        ours.add(str(Path(os.environ["VIRTUAL_ENV"]) / "bin"))
+    theirs = str(python.parent)
+    path = [p for p in env.get("PATH", "").split(os.pathsep) if p and (p not in ours or p == theirs)]
+    env["PATH"] = os.pathsep.join([theirs, *[p for p in path if p != theirs]])
+    env["PYTHONUNBUFFERED"] = "1"  # its log lines reach the job's log as they happen
+    return env
+
+
+def _interpreter_versions(python: Path, env: dict[str, str], workdir: Path) -> dict[str, str]:
+    """lmms-eval's version and what it runs on, from its environment (cheap: importlib.metadata, no imports)."""
+    try:
+        done = subprocess.run([str(python), "-c", _VERSIONS_SCRIPT], env=env, cwd=workdir,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+    except OSError as exc:
+        raise EvaluatorError(f"lmms_eval python {str(python)!r} cannot be run: {exc.strerror or exc}") from None
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"lmms_eval python {str(python)!r} did not answer a version query in 120 s") from None
+    try:
+        found = json.loads(done.stdout.strip().splitlines()[-1])
+        assert isinstance(found, dict)
+    except (IndexError, ValueError, AssertionError):
+        last = (done.stderr.strip().splitlines() or [""])[-1][:300]
+        raise EvaluatorError(f"lmms_eval python {str(python)!r} is not a working Python interpreter: "
+                             f"status {done.returncode} {last}".rstrip())  # fmt: skip
+    if not found.get("lmms_eval"):
+        raise EvaluatorError(f"lmms_eval python {str(python)!r} has no lmms-eval installed (pip install lmms-eval)")
+    # Prefixed: a preset's evaluators share one versions dict, and this torch is not ckpt-watch's torch.
+    return {("lmms_eval" if name == "lmms_eval" else f"lmms_eval.{name}"): str(version)
+            for name, version in found.items() if version}  # fmt: skip
+
+
+def _run_streaming(
+    argv: list[str], env: dict[str, str], cwd: Path, deadline: float | None, timeout: float | None
+) -> tuple[int, str]:
+    """Run argv with its stdout/stderr copied line by line into ours (the job's log); return (status, reason).
+
+    `reason` is the most telling recent line: the last exception line of a traceback, else the last loguru
+    ERROR line, else the last line of stderr or stdout.
+    """
+    tails = {"out": collections.deque(maxlen=200), "err": collections.deque(maxlen=200)}
+    try:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, preexec_fn=_die_with_parent)  # fmt: skip
+    except OSError as exc:
+        raise EvaluatorError(f"lmms_eval python {argv[0]!r} cannot be run: {exc.strerror or exc}") from None
+    pumps = [
+        threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, tails["out"]), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, tails["err"]), daemon=True),
+    ]
+    for pump in pumps:
+        pump.start()
+    try:
+        proc.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        _stop(proc)
+        raise RuntimeError(f"lmms-eval timed out after {timeout:g} s (option 'timeout')") from None
+    except BaseException:  # e.g. KeyboardInterrupt/SIGTERM handling: never leave it running
+        _stop(proc)
+        raise
+    finally:
+        for pump in pumps:
+            pump.join(timeout=10)
+    return proc.returncode, failure_reason(list(tails["err"]), list(tails["out"]))
+
+
+def _pump(source, sink: TextIO, tail: collections.deque) -> None:
+    for raw in iter(source.readline, b""):
+        line = raw.decode("utf-8", errors="replace")
+        try:
+            sink.write(line)
+            sink.flush()
+        except (OSError, ValueError):
+            pass
+        tail.append(_ANSI.sub("", line.rstrip("\r\n").rsplit("\r", 1)[-1]))  # a tqdm bar: its last state
+    source.close()
+
+
+def failure_reason(err: list[str], out: list[str]) -> str:
+    lines = [line.strip() for line in err if line.strip()]
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line):
+            return line[:300]
+    for line in reversed([line.strip() for line in out if line.strip()]):
+        if "| ERROR" in line or "| CRITICAL" in line:
+            return line.split(" - ", 1)[-1][:300]
+    rest = lines or [line.strip() for line in out if line.strip()]
+    return rest[-1][:300] if rest else ""
+
+
+def _die_with_parent() -> None:
+    """In the child between fork and exec: die with the job process, as it dies with the daemon
+    (watcher/lifeline.py), so that no orphaned evaluation keeps holding the GPU. Only a pre-loaded libc call
+    here: importing or dlopen-ing after a fork of a threaded process can deadlock."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+
+
+def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        try:
+            proc.send_signal(sig)
+            proc.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def find_results_file(output: Path) -> Path | None:
+    """The newest `<output>/<model>/<date>_results.json` (evaluation_tracker.save_results_aggregated)."""
+    found = sorted(output.glob("*/*_results.json"), key=lambda p: p.stat().st_mtime) if output.is_dir() else []
+    return found[-1] if found else None
+
+
+def _raise_no_results(reason: str, what: str):
+    # lmms-eval exits 0 after catching an evaluation error; an unknown task is the preset's fault (permanent).
+    missing = re.search(r"Tasks not found: ([^.]+)", reason)
+    if missing:
+        raise EvaluatorError(f"unknown lmms-eval task(s): {missing.group(1).strip()}")
+    raise RuntimeError(f"{what}: {reason}" if reason else what)
+
+
+# --- results ---------------------------------------------------------------------------------------------------
+
+
+def read_results_file(path: Path) -> dict[str, Any]:
+    try:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"lmms-eval results file {str(path)!r} is unreadable: {exc}") from None
+    if not isinstance(results, dict) or not isinstance(results.get("results"), dict):
+        raise RuntimeError(f"lmms-eval results file {str(path)!r} has no 'results' table")
+    return results
+
+
+def parse_results(results: Mapping[str, Any], versions: dict[str, str] | None = None) -> EvalOutput:
+    """Metrics flattened like lm-eval's ("task/metric", "@filter"), groups included; raw without samples."""
+    metrics = flatten_results({task: v for task, v in results["results"].items() if isinstance(v, Mapping)})
+    for name, values in (results.get("groups") or {}).items():
+        if isinstance(values, Mapping):
+            metrics.update(flatten_results({name: values}))
+    raw = {key: to_json_safe(results[key]) for key in _RAW_KEYS if key in results}
+    return EvalOutput(metrics=metrics, raw=raw, versions=dict(versions or {}))
+
+
+def versions_from_results(results: Mapping[str, Any]) -> dict[str, str]:
+    """What the results file says it ran on: transformers, and torch with its build tag (e.g. 2.11.0+cu130)."""
+    versions = {}
+    if isinstance(results.get("transformers_version"), str):
+        versions["lmms_eval.transformers"] = results["transformers_version"]
+    found = re.search(r"PyTorch version: (\S+)", str(results.get("pretty_env_info", "")))
+    if found:
+        versions["lmms_eval.torch"] = found.group(1)
+    # Not "lmms_eval_version": it is `git describe` run in the eval's cwd (utils.get_lmms_eval_version_string),
+    # so for a pip-installed lmms-eval it names whatever repository the workdir sits in, if any.
+    return versions
