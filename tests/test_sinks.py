@@ -16,9 +16,9 @@ def _lines(sink):
 
 def test_delivering_twice_writes_one_line(tmp_path):
     sink = FileSink(tmp_path)
-    sink.deliver(_record("a"))
-    sink.deliver(_record("a"))  # crash after the append, before the journal noted the delivery
-    sink.deliver(_record("b", 20))
+    sink.deliver([_record("a")])
+    sink.deliver([_record("a")])  # crash after the append, before the journal noted the delivery
+    sink.deliver([_record("b", 20)])
     assert [r["result_id"] for r in _lines(sink)] == ["a", "b"]
     assert "raw" not in _lines(sink)[0]  # raw backend output only in the per-job file
     per_job = json.loads((tmp_path / "checkpoint-10" / "regular" / "smoke.json").read_text())
@@ -27,18 +27,18 @@ def test_delivering_twice_writes_one_line(tmp_path):
 
 def test_a_torn_last_line_is_replaced(tmp_path):
     sink = FileSink(tmp_path)
-    sink.deliver(_record("a"))
+    sink.deliver([_record("a")])
     with open(sink.jsonl, "ab") as handle:
         handle.write(b'{"result_id": "b", "ste')  # crash mid-append
-    sink.deliver(_record("b", 20))
+    sink.deliver([_record("b", 20)])
     assert [r["result_id"] for r in _lines(sink)] == ["a", "b"]
 
 
 def test_a_complete_line_missing_its_newline_is_terminated(tmp_path):
     sink = FileSink(tmp_path)
     sink.jsonl.write_text(json.dumps(_record("a")))
-    sink.deliver(_record("a"))
-    sink.deliver(_record("b", 20))
+    sink.deliver([_record("a")])
+    sink.deliver([_record("b", 20)])
     assert [r["result_id"] for r in _lines(sink)] == ["a", "b"]
 
 
@@ -46,7 +46,7 @@ def test_read_results_skips_a_torn_last_line(tmp_path):
     from watcher.sinks import read_results
 
     sink = FileSink(tmp_path)
-    sink.deliver(_record("a"))
+    sink.deliver([_record("a")])
     with open(sink.jsonl, "ab") as handle:
         handle.write(b'{"result_id": "b", "ste')
     assert [r["result_id"] for r in read_results(tmp_path)] == ["a"]

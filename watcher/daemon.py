@@ -28,6 +28,7 @@ from watcher.jobs import JobPaths, RunningJob, launch
 from watcher.journal import Job, Journal
 from watcher.presets import Preset
 from watcher.scheduler import decide
+from watcher.outbox import Outbox
 from watcher.sinks import FileSink, Sink
 from watcher.watch import InotifyFeed, PollingFeed, is_network_filesystem
 
@@ -104,6 +105,7 @@ class Daemon:
             settle=setup.settle,
             sentinel=self.config.sentinel,
         )
+        self.outbox = Outbox(self.journal, setup.sinks)
         self.running: RunningJob | None = None
         self._stop_requested = False
         self._feed: InotifyFeed | PollingFeed | None = None
@@ -138,6 +140,8 @@ class Daemon:
         while True:
             self.detect(changed)
             self.supervise()
+            if self.outbox.next_attempt_in() == 0:  # a sink that was down is due for another try
+                self.deliver_pending()
             if self.running is None and not self._stop_requested:
                 self.schedule()
             if self._stop_requested:
@@ -168,6 +172,11 @@ class Daemon:
         if self._feed is not None:
             self._feed.stop()
         failed = [j for j in self.journal.jobs(self.preset.name, ["failed"]) if not j.checkpoint.gone] if scan else []
+        pending = {name: n for name, n in self.outbox.deliver_pending().items() if n}
+        if pending:
+            log.warning("results not yet delivered (they stay in the journal; `ckpt-watch sync %s` delivers them): %s",
+                        self.output_dir, ", ".join(f"{name} {n}" for name, n in pending.items()))  # fmt: skip
+        self.outbox.close()
         self.journal.close()
         if failed:
             log.error("%d job(s) failed; see the logs under %s (use --retry-failed to run them again)",
@@ -357,15 +366,8 @@ class Daemon:
         }
 
     def deliver_pending(self) -> None:
-        """Deliver every committed result a sink has not yet acknowledged (in commit order)."""
-        for sink in self.setup.sinks:
-            for record in self.journal.undelivered(sink.name):
-                try:
-                    sink.deliver(record)
-                except OSError as exc:
-                    log.error("could not deliver a result to %s (will retry): %s", sink.name, exc)
-                    break
-                self.journal.mark_delivered(record["result_id"], sink.name)
+        """Deliver every committed result a sink has not yet acknowledged (see watcher/outbox.py)."""
+        self.outbox.deliver_pending()
 
     # --- helpers ---------------------------------------------------------------------------------------------
 

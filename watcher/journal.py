@@ -296,10 +296,15 @@ class Journal:
         return [json.loads(r["record"]) for r in rows]
 
     def mark_delivered(self, result_id: str, sink: str) -> None:
+        self.mark_delivered_many([result_id], sink)
+
+    def mark_delivered_many(self, result_ids: list[str], sink: str) -> None:
+        """One transaction for a whole batch: a sink took all of them or none."""
+        now = time.time()
         with self._tx():
-            self._db.execute(
+            self._db.executemany(
                 "INSERT OR IGNORE INTO deliveries (result_id, sink, delivered_at) VALUES (?, ?, ?)",
-                (result_id, sink, time.time()),
+                [(result_id, sink, now) for result_id in result_ids],
             )
 
 

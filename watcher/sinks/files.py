@@ -1,8 +1,7 @@
-"""Sinks: where committed results are delivered. Each sink has one method, `deliver(record)`.
+"""The files sink: RESULTS_DIR/<checkpoint>/<variant>/<preset>.json per job, and results.jsonl.
 
-The journal commits a result first; the daemon then delivers it to every sink and marks each delivery in the
-journal (the outbox), so a crash between the two only means the delivery is repeated at the next start. Sinks
-must therefore be idempotent: delivering the same record twice leaves the same files.
+Idempotent, as the outbox needs (see watcher/sinks/__init__.py): delivering the same record twice leaves the
+same files.
 """
 
 from __future__ import annotations
@@ -10,15 +9,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from watcher.atomic import write_json_atomic
-
-
-class Sink(Protocol):
-    name: str
-
-    def deliver(self, record: dict[str, Any]) -> None: ...
 
 
 class FileSink:
@@ -33,9 +26,13 @@ class FileSink:
     def result_path(self, record: dict[str, Any]) -> Path:
         return self.results_dir / record["checkpoint"] / record["variant"] / f"{record['preset']}.json"
 
-    def deliver(self, record: dict[str, Any]) -> None:
-        write_json_atomic(self.result_path(record), record)
-        self._append_once(record)
+    def deliver(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            write_json_atomic(self.result_path(record), record)
+            self._append_once(record)
+
+    def close(self) -> None:
+        pass
 
     def _append_once(self, record: dict[str, Any]) -> None:
         # Deliveries happen one at a time, in commit order, so a crash after the append but before the journal

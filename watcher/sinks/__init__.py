@@ -1,0 +1,40 @@
+"""Sinks: where committed results are delivered (files, W&B, TensorBoard), one module each.
+
+The contract is small: a sink has a `name` (its key in the journal's deliveries table) and
+`deliver(records)`, which delivers a batch of result records (the journal's commit order) or raises. The
+journal commits every result first; the daemon then hands each sink the records it has not acknowledged (the
+outbox) and marks them delivered only when `deliver` returned. A crash in between means the batch is delivered
+again at the next start, so a sink must tolerate a repeat (the files sink is idempotent; W&B and TensorBoard
+may show a point twice after such a crash, never lose one).
+
+`SinkUnavailable` says "not now": W&B unreachable, or a training run still being written in `defer` mode. The
+daemon keeps the records pending and retries with backoff (`retry_after`, when the sink knows better).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from watcher.sinks.files import FileSink, read_results
+
+__all__ = ["FileSink", "Sink", "SinkUnavailable", "read_results"]
+
+
+class SinkUnavailable(RuntimeError):
+    """The sink cannot take results now; they stay pending. The message is one line for the log."""
+
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class Sink(Protocol):
+    name: str
+
+    def deliver(self, records: list[dict[str, Any]]) -> None:
+        """Deliver all of `records` or raise (SinkUnavailable for "later", anything else is logged as an error)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the sink holds (open runs, writers); called when the daemon stops."""
+        ...
