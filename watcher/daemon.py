@@ -30,6 +30,7 @@ from watcher.presets import Preset
 from watcher.scheduler import decide
 from watcher.outbox import Outbox
 from watcher.sinks import FileSink, Sink
+from watcher.sinks.naming import checkpoint_progress
 from watcher.watch import InotifyFeed, PollingFeed, is_network_filesystem
 
 log = logging.getLogger("ckpt-watch")
@@ -362,6 +363,7 @@ class Daemon:
             "walltime_s": round(finished - running.started, 3),
             "timings": outcome.get("timings", {}),
             "stages": outcome.get("stages", {}),
+            "progress": checkpoint_progress(job.checkpoint.path),
             "log": str(running.paths.log.relative_to(self.results_dir)),
         }
 
