@@ -483,6 +483,93 @@ def test_sentinel_reports_ema_variant(copy_distributed):
     )
 
 
+def test_manifest_sentinel_is_verified_and_keeps_the_layout(copy_trainer_output):
+    from watcher.integrations.sentinel import write_sentinel
+
+    folder = copy_trainer_output() / "checkpoint-10"
+    written = write_sentinel(folder, 10)
+    assert written["files"]["model.safetensors"] == (folder / "model.safetensors").stat().st_size
+    assert check_checkpoint(folder, 10) == Verdict(True, "hf", "", ("regular",))
+    size = written["files"]["model.safetensors"]
+    truncate(folder / "model.safetensors", remove=100)
+    assert check_checkpoint(folder, 10) == Verdict(
+        False, "hf", f"{DEFAULT_SENTINEL} lists model.safetensors ({size} bytes) but it has {size - 100}", ("regular",)
+    )
+    (folder / "model.safetensors").unlink()
+    incomplete(check_checkpoint(folder, 10), "lists model.safetensors", "but it is missing")
+    (folder / "model.safetensors").mkdir()
+    incomplete(check_checkpoint(folder, 10), "lists model.safetensors", "not a regular file")
+
+
+def test_manifest_sentinel_in_subfolders_of_a_real_fsdp_checkpoint(copy_distributed):
+    from watcher.integrations.sentinel import write_sentinel
+
+    folder = copy_distributed("hf-fsdp")
+    files = write_sentinel(folder, STEP)["files"]
+    assert "pytorch_ema_model_fsdp_0/.metadata" in files and "pytorch_model_fsdp_0/__0_0.distcp" in files
+    assert check_checkpoint(folder, STEP) == Verdict(True, "hf-fsdp-dcp", "", ("regular", "ema"))
+    truncate(folder / "pytorch_ema_model_fsdp_0" / "__1_0.distcp", remove=1)
+    incomplete(check_checkpoint(folder, STEP), f"{DEFAULT_SENTINEL} lists pytorch_ema_model_fsdp_0/__1_0.distcp")
+
+
+def test_manifest_sentinel_for_an_unknown_layout(tmp_path):
+    from watcher.integrations.sentinel import write_sentinel
+
+    folder = tmp_path / "checkpoint-3"
+    (folder / "shards").mkdir(parents=True)
+    (folder / "shards" / "part.bin").write_bytes(b"x" * 10)
+    write_sentinel(folder, 3)
+    assert check_checkpoint(folder, 3) == Verdict(True, "sentinel", "", ())
+    (folder / "shards" / "part.bin").write_bytes(b"x" * 9)
+    assert check_checkpoint(folder, 3).reason == f"{DEFAULT_SENTINEL} lists shards/part.bin (10 bytes) but it has 9"
+
+
+@pytest.mark.parametrize(
+    "sentinel, fragment",
+    [
+        ({"files": {}, "step": 11}, "step 11, folder says 10"),
+        ({"files": {}, "step": "10"}, "step '10', folder says 10"),
+        ({"files": ["model.safetensors"]}, '"files" is not an object'),
+        ({"files": {"model.safetensors": "493384"}}, "size of model.safetensors is not a byte count"),
+        ({"files": {"model.safetensors": -1}}, "size of model.safetensors is not a byte count"),
+        ({"files": {"../checkpoint-20/model.safetensors": 1}}, "is not inside the folder"),
+        ({"files": {"/etc/hostname": 1}}, "is not inside the folder"),
+        ({"files": {"a//b": 1}}, "is not inside the folder"),
+        ({"files": {"": 1}}, "is not inside the folder"),
+        ({"files": {"x\u0000y": 1}}, "is not inside the folder"),
+    ],
+)
+def test_malformed_manifest_is_never_complete(copy_trainer_output, sentinel, fragment):
+    folder = copy_trainer_output() / "checkpoint-10"
+    (folder / DEFAULT_SENTINEL).write_text(json.dumps(sentinel))
+    incomplete(check_checkpoint(folder, 10), DEFAULT_SENTINEL, fragment)
+
+
+@pytest.mark.parametrize("content", ["", "not json", "[1, 2]", '{"format": 1, "step": 10}', '{"files'])
+def test_sentinel_without_a_manifest_counts_by_presence(copy_trainer_output, content):
+    """An older ckpt-watch sentinel or a user's `touch`: presence is the rule, the layout is "sentinel"."""
+    folder = copy_trainer_output() / "checkpoint-10"
+    truncate(folder / "model.safetensors", remove=100)
+    (folder / DEFAULT_SENTINEL).write_text(content)
+    assert check_checkpoint(folder, 10) == Verdict(True, "sentinel", "", ("regular",))
+
+
+def test_named_sentinel_ignores_our_manifest(copy_trainer_output):
+    from watcher.integrations.sentinel import write_sentinel
+
+    folder = copy_trainer_output() / "checkpoint-10"
+    write_sentinel(folder, 10)
+    (folder / "optimizer.pt").unlink()
+    incomplete(check_checkpoint(folder, 10), "lists optimizer.pt")
+    assert check_checkpoint(folder, 10, sentinel="DONE") == Verdict(False, "sentinel", "DONE missing", ("regular",))
+    (folder / "DONE").touch()
+    assert check_checkpoint(folder, 10, sentinel="DONE") == Verdict(True, "sentinel", "", ("regular",))
+    # Naming our own file keeps the manifest rule.
+    incomplete(check_checkpoint(folder, 10, sentinel=DEFAULT_SENTINEL), "lists optimizer.pt")
+    (folder / DEFAULT_SENTINEL).unlink()
+    assert check_checkpoint(folder, 10, sentinel=DEFAULT_SENTINEL).reason == f"{DEFAULT_SENTINEL} missing"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Vanishing folders, changing files, read-only behaviour
 
@@ -619,6 +706,19 @@ def test_fingerprint_stable_and_sensitive(copy_distributed):
 
     (folder / "pytorch_ema_model_fsdp_0" / "new-file").unlink()
     assert fingerprint(folder) == shrunk
+
+
+def test_fingerprint_ignores_our_sentinel(copy_trainer_output):
+    """The callback's sentinel arrives after the checkpoint: not a re-save, not a new generation."""
+    from watcher.integrations.sentinel import write_sentinel
+
+    folder = copy_trainer_output() / "checkpoint-10"
+    before = completion.snapshot(folder)
+    (folder / f".{DEFAULT_SENTINEL}.tmp-123").write_text("{")
+    write_sentinel(folder, 10)
+    assert completion.snapshot(folder) == before
+    (folder / "DONE").touch()  # any other file still counts
+    assert fingerprint(folder) != before.digest
 
 
 def test_fingerprint_reads_no_file_contents(copy_distributed, monkeypatch):

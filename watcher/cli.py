@@ -21,6 +21,7 @@ SUBCOMMANDS = {  # name -> module with main(argv)
     "merge": "watcher.merge_command",
     "presets": "watcher.presets_command",
     "compare": "watcher.compare",
+    "sync": "watcher.sync_command",
 }
 
 
@@ -43,7 +44,7 @@ def watch_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ckpt-watch",
         description="Evaluate every checkpoint of a training run as soon as it is completely written, on a "
-        "device of its own. Other commands: demo, merge, presets, compare (`ckpt-watch COMMAND --help`).",
+        "device of its own. Other commands: demo, merge, presets, compare, sync (`ckpt-watch COMMAND --help`).",
     )
     parser.add_argument("output_dir", nargs="?", type=Path, help="the training run's output_dir")
     parser.add_argument("--config", type=Path, help="TOML file setting any option below (flags override it)")
@@ -56,11 +57,19 @@ def watch_parser() -> argparse.ArgumentParser:
     parser.add_argument("--poll", type=_seconds, metavar="SECONDS", help="poll instead of inotify, this often")
     parser.add_argument("--settle", type=_seconds, metavar="SECONDS", help="quiet time before a checkpoint counts")
     parser.add_argument("--sentinel", metavar="NAME", help="a checkpoint is complete when this file exists in it")
+    add_wandb_arguments(parser)
     loud = parser.add_mutually_exclusive_group()
     loud.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     parser.add_argument("--version", action="version", version=f"ckpt-watch {__version__}")
     return parser
+
+
+def add_wandb_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wandb", metavar="auto|off|[ENTITY/]PROJECT/RUN_ID",
+                        help="the W&B run that gets the results (default: auto, the training run)")  # fmt: skip
+    parser.add_argument("--wandb-live", choices=("defer", "shared"),
+                        help="while training still writes the run: defer (default) or shared")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,20 +88,10 @@ def main(argv: list[str] | None = None) -> int:
 def load_config(args: argparse.Namespace) -> WatchConfig:
     file_values = load_toml(args.config) if args.config else {}
     verbosity = 1 if args.verbose else (-1 if args.quiet else None)
-    config = build_config(
-        file_values,
-        {
-            "output_dir": args.output_dir,
-            "device": args.device,
-            "preset": args.preset,
-            "policy": args.policy,
-            "results_dir": args.results_dir,
-            "poll": args.poll,
-            "settle": args.settle,
-            "sentinel": args.sentinel,
-            "verbosity": verbosity,
-        },
-    )
+    # Flags a command does not have (`sync` has no --device) count as not given.
+    flags = ("output_dir", "device", "preset", "policy", "results_dir", "poll", "settle", "sentinel", "wandb",
+             "wandb_live")  # fmt: skip
+    config = build_config(file_values, {**{name: getattr(args, name, None) for name in flags}, "verbosity": verbosity})
     if config.output_dir is None:
         raise ConfigError("no output dir: give OUTPUT_DIR or set output_dir in the config file")
     if not Path(config.output_dir).is_dir():

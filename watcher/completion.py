@@ -3,8 +3,16 @@
 Trainers write checkpoints file by file, over seconds to minutes, with no lock and usually no marker,
 so the watcher must judge a folder by what is on disk. The rules, in order:
 
-1. Sentinel. If a sentinel name is given, or the folder holds `DEFAULT_SENTINEL` (written last by
-   ckpt-watch's own trainer callback), that file's presence is the only rule.
+1. Sentinel. If the folder holds `DEFAULT_SENTINEL` (`ckpt-watch-complete.json`, written last by
+   ckpt-watch's trainer callback, see watcher.integrations.sentinel) with a manifest (a "files" object of
+   relative path -> size in bytes), the folder is complete exactly when every listed file exists with
+   exactly the listed size (and the sentinel's "step", when given, is the N in the folder name); no layout
+   rule is applied, and the Verdict still names the layout detected from the file names ("sentinel" only
+   when none is recognised). A malformed manifest (listed paths leaving the folder, sizes that are not
+   integers) is never complete. A `DEFAULT_SENTINEL` that is not JSON, or JSON without "files" (an older
+   ckpt-watch's sentinel, or a user's `touch`), counts by its presence alone, as does a sentinel named in
+   the config (`sentinel = "NAME"`, unless NAME is `DEFAULT_SENTINEL`), which is then the only rule even
+   when `DEFAULT_SENTINEL` is present too; those Verdicts have the layout "sentinel".
 2. Otherwise the layout decides:
 
    * "hf": a Hugging Face Trainer folder (`trainer_state.json` or HF weight files). Every weight file
@@ -35,6 +43,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -85,11 +94,15 @@ def check_checkpoint(folder: Path, step: int, sentinel: str | None = None) -> Ve
         names = _listdir(folder)
         detected = _detect_layout(folder, names)
         variants = _variants(folder, names, detected)
-        marker = sentinel or (DEFAULT_SENTINEL if DEFAULT_SENTINEL in names else None)
-        if marker is not None:
+        if sentinel == DEFAULT_SENTINEL or (sentinel is None and DEFAULT_SENTINEL in names):
+            # Our own sentinel: verified against its manifest when it has one, else presence-only.
+            layout = detected if detected != "unknown" else "sentinel"
+            if not _check_manifest(folder, step):
+                layout = "sentinel"
+        elif sentinel is not None:
             layout = "sentinel"
-            if not (folder / marker).exists():
-                raise _Incomplete(f"{marker} missing")
+            if not (folder / sentinel).exists():
+                raise _Incomplete(f"{sentinel} missing")
         else:
             layout = detected
             _RULES[layout](folder, names, step)
@@ -111,6 +124,10 @@ class Snapshot:
 
 def fingerprint(folder: Path) -> str:
     """A hex digest of (relative path, size, mtime_ns) of every file below `folder`, from stat alone.
+
+    `DEFAULT_SENTINEL` (and its temporary file) are left out: the trainer callback writes it a moment
+    after the checkpoint itself (possibly after the daemon has journaled the folder by its layout rule),
+    and that must not look like a re-save, a new generation to evaluate again.
 
     Raises FileNotFoundError if `folder` itself is missing; files or subfolders vanishing during the
     walk are simply left out.
@@ -135,6 +152,8 @@ def snapshot(folder: Path) -> Snapshot:
         with scan:
             for entry in scan:
                 rel = prefix + entry.name
+                if not prefix and is_default_sentinel_name(entry.name):
+                    continue
                 try:
                     # Never follow symlinked folders (cycles); symlinked files count by their target.
                     if entry.is_dir(follow_symlinks=False):
@@ -215,6 +234,47 @@ _RULES = {
     "rank-shards": _rule_rank_shards,
     "unknown": _rule_unknown,
 }
+
+
+# ---------------------------------------------------------------------------------------------------
+# The default sentinel's manifest
+
+
+def _check_manifest(folder: Path, step: int) -> bool:
+    """True when DEFAULT_SENTINEL holds a manifest that matches the folder; False when it holds none (the
+    presence rule applies); raises _Incomplete when it is missing, malformed or does not match."""
+    label = DEFAULT_SENTINEL
+    try:
+        raw = (folder / label).read_bytes()
+    except FileNotFoundError:
+        raise _Incomplete(f"{label} missing") from None
+    try:
+        sentinel = json.loads(raw)
+    except (ValueError, RecursionError):  # not JSON (a `touch`): presence-only
+        return False
+    if not isinstance(sentinel, dict) or "files" not in sentinel:
+        return False
+    files = sentinel["files"]
+    if not isinstance(files, dict):
+        raise _Incomplete(f"{label}: \"files\" is not an object")
+    listed_step = sentinel.get("step")
+    if listed_step is not None and (type(listed_step) is not int or listed_step != step):
+        raise _Incomplete(f"{label}: step {listed_step!r}, folder says {step}")
+    for rel, size in sorted(files.items()):
+        parts = rel.split("/")
+        if not rel or rel.startswith("/") or "\\" in rel or "\0" in rel or any(p in ("", ".", "..") for p in parts):
+            raise _Incomplete(f"{label}: listed path {rel!r} is not inside the folder")
+        if type(size) is not int or size < 0:
+            raise _Incomplete(f"{label}: size of {rel} is not a byte count: {size!r}")
+        try:
+            st = os.stat(folder / rel)
+        except (FileNotFoundError, NotADirectoryError):
+            raise _Incomplete(f"{label} lists {rel} ({size} bytes) but it is missing") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise _Incomplete(f"{label} lists {rel} ({size} bytes) but it is not a regular file")
+        if st.st_size != size:
+            raise _Incomplete(f"{label} lists {rel} ({size} bytes) but it has {st.st_size}")
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -397,6 +457,11 @@ def _check_rank_shards(directory: Path, names: set[str], label: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # Small filesystem helpers
+
+
+def is_default_sentinel_name(name: str) -> bool:
+    """DEFAULT_SENTINEL, or the temporary file watcher.atomic writes it through."""
+    return name == DEFAULT_SENTINEL or name.startswith(f".{DEFAULT_SENTINEL}.tmp-")
 
 
 def _listdir(directory: Path) -> set[str]:

@@ -98,6 +98,16 @@ class WatchConfig:
     presets: dict[str, Any] = field(default_factory=dict)
     """Extra or overriding presets, as `[presets.NAME]` tables with the same shape as the bundled ones."""
 
+    wandb: str = "auto"
+    """Which W&B run gets the results, at each checkpoint's step: `auto` (the run our trainer callback recorded, else
+    WANDB_RUN_ID/WANDB_PROJECT, else the newest run in the trainer's local `wandb/` folder), `off`, or
+    `[ENTITY/]PROJECT/RUN_ID`. Results wait in the journal until they are delivered."""
+
+    wandb_live: str = "defer"
+    """While the training run is still being written: `defer` (default; results wait until it has finished, then
+    the run is resumed and they are replayed in step order) or `shared` (attach as a non-primary writer in W&B's
+    shared mode; the trainer must run in shared mode too)."""
+
     backends: dict[str, Any] = field(default_factory=dict)
     """Settings for every evaluator of one backend, as `[backends.NAME]` tables, e.g. `[backends.lmms_eval]
     python = "/opt/lmms/bin/python"`: where a backend lives belongs to the machine, not to each preset. An
@@ -203,6 +213,16 @@ def validate(config: WatchConfig) -> None:
         raise ConfigError(f"preset must be a name, got {config.preset!r}")
     if not isinstance(config.presets, dict):
         raise ConfigError("presets must be a table of [presets.NAME] tables")
+    if not isinstance(config.wandb, str):
+        raise ConfigError(f"wandb must be auto, off or [ENTITY/]PROJECT/RUN_ID, got {config.wandb!r}")
+    from watcher.sinks.wandb_run import LIVE_MODES, parse_setting  # no wandb import: only names and parsing
+
+    try:
+        parse_setting(config.wandb)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if config.wandb_live not in LIVE_MODES:
+        raise ConfigError(f"wandb_live must be one of {', '.join(LIVE_MODES)}, got {config.wandb_live!r}")
     if not isinstance(config.backends, dict) or not all(isinstance(v, dict) for v in config.backends.values()):
         raise ConfigError("backends must be a table of [backends.NAME] tables")
     try:

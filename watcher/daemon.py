@@ -31,6 +31,7 @@ from watcher.scheduler import decide
 from watcher.outbox import Outbox
 from watcher.sinks import FileSink, Sink
 from watcher.sinks.naming import checkpoint_progress
+from watcher.sinks.wandb_run import WandbSink
 from watcher.watch import InotifyFeed, PollingFeed, is_network_filesystem
 
 log = logging.getLogger("ckpt-watch")
@@ -63,16 +64,8 @@ class Setup:
 
 def resolve_setup(config: WatchConfig, preset: Preset, device: DeviceSpec, gpu_entries: list[str]) -> Setup:
     output_dir = Path(config.output_dir)
-    results_dir = config.resolved_results_dir()
+    results_dir, journal_path = resolve_setup_paths(config)
     network = is_network_filesystem(output_dir)
-    journal_dir = config.journal_dir
-    if journal_dir is None:
-        journal_dir = results_dir
-        if is_network_filesystem(results_dir.parent if not results_dir.exists() else results_dir):
-            # SQLite's locking and WAL need a local disk; keep the journal in the local state dir instead.
-            state_home = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
-            key = hashlib.sha256(str(results_dir.resolve()).encode()).hexdigest()[:16]
-            journal_dir = state_home / "ckpt-watch" / key
     settle = config.settle if config.settle is not None else (NETWORK_SETTLE if network else LOCAL_SETTLE)
     poll = config.poll if config.poll is not None else (NETWORK_POLL if network else None)
     return Setup(
@@ -81,12 +74,34 @@ def resolve_setup(config: WatchConfig, preset: Preset, device: DeviceSpec, gpu_e
         device=device,
         gpu_entries=gpu_entries,
         results_dir=results_dir,
-        journal_path=Path(journal_dir) / "journal.sqlite",
+        journal_path=journal_path,
         network_fs=network,
         settle=settle,
         poll=poll,
-        sinks=[FileSink(results_dir)],
+        sinks=make_sinks(config, results_dir),
     )
+
+
+def resolve_setup_paths(config: WatchConfig) -> tuple[Path, Path]:
+    """The results dir and the journal's path (kept on local disk when the results dir is on a network fs)."""
+    results_dir = config.resolved_results_dir()
+    journal_dir = config.journal_dir
+    if journal_dir is None:
+        journal_dir = results_dir
+        if is_network_filesystem(results_dir.parent if not results_dir.exists() else results_dir):
+            # SQLite's locking and WAL need a local disk; keep the journal in the local state dir instead.
+            state_home = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
+            key = hashlib.sha256(str(results_dir.resolve()).encode()).hexdigest()[:16]
+            journal_dir = state_home / "ckpt-watch" / key
+    return results_dir, Path(journal_dir) / "journal.sqlite"
+
+
+def make_sinks(config: WatchConfig, results_dir: Path, force: bool = False) -> list[Sink]:
+    """Files always; W&B unless `wandb = "off"`. `force`: `ckpt-watch sync` (see WandbSink)."""
+    sinks: list[Sink] = [FileSink(results_dir)]
+    if config.wandb != "off":
+        sinks.append(WandbSink(config.wandb, config.wandb_live, Path(config.output_dir), results_dir, force))
+    return sinks
 
 
 class Daemon:

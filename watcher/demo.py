@@ -40,7 +40,9 @@ def run_demo(args: argparse.Namespace, output_dir: Path) -> int:
     from watcher.devices import check_available, parse_device
     from watcher.presets import get_preset
 
-    config: WatchConfig = build_config({}, {"output_dir": output_dir, "device": args.device, "preset": "smoke"})
+    # No W&B in the demo: its tiny training run logs to none.
+    config: WatchConfig = build_config({}, {"output_dir": output_dir, "device": args.device, "preset": "smoke",
+                                            "wandb": "off"})  # fmt: skip
     device = parse_device(config.device)
     setup = resolve_setup(config, get_preset("smoke"), device, check_available(device))
     print(f"ckpt-watch demo: training a tiny model into {output_dir}; the daemon evaluates each checkpoint\n",

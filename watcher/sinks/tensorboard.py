@@ -1,0 +1,424 @@
+"""The TensorBoard sink: event files in a folder of their own, one TensorBoard run beside the trainer's.
+
+Every ok result becomes scalar points `eval/<task>/<metric>` (regular weights) and `eval_ema/<task>/<metric>`
+(EMA weights), names from watcher/sinks/naming.py, at the checkpoint's training step, with the result's
+`finished_at` as wall time. Failed results write nothing. The trainer's `train/epoch` and `train/tokens`
+("progress" in the record) are not written: TensorBoard's x-axis is the step only (it cannot plot against
+another scalar, as W&B can), the trainer's own run already has `train/epoch` on that axis, and a copy under the
+same tag would draw a second, sparser line into the trainer's chart.
+
+The folder (`resolve_tensorboard_dir`) is never one the trainer writes into: TensorBoard makes a run of every
+folder holding event files, so ours shows up as the run `ckpt-watch-eval` next to the trainer's `<date>_<host>`
+when TensorBoard is pointed at OUTPUT_DIR or OUTPUT_DIR/runs, and the same tags overlay in one chart.
+
+The event files are written here, not with tensorboardX (or torch.utils.tensorboard):
+
+* `import tensorboardX` imports torch whenever torch is installed (its package `__init__` imports `writer`,
+  which does `try: import torch`), and the daemon process must never import torch (no CUDA initialisation in
+  the daemon; tests/test_config_devices.py checks it);
+* its `SummaryWriter` writes from a background thread: `flush()` does not wait for queued events, and a write
+  error (disk full) only ends that thread, after which a full queue blocks the caller. The outbox marks records
+  delivered as soon as `deliver` returns, so the events must be on disk by then, and an error must raise.
+
+The format is small and stable: TFRecord framing (length, masked CRC-32C of the length, payload, masked CRC-32C
+of the payload) around `tensorboard.Event` protos, of which we need five fields (encoded below). The tests read
+the files back with TensorBoard's own loaders.
+
+Durability: `deliver` writes the whole batch with one write, fsyncs the file (and the folder after creating
+the file), then returns. On an OSError the file is cut back to its last delivered length (so a retried batch
+leaves no half record or duplicate behind), the file is dropped, the error raised (the outbox logs it and
+retries), and the next delivery starts a new event file. A crash between the fsync and the journal's note can
+only repeat points, which TensorBoard tolerates (the contract in watcher/sinks/__init__.py).
+
+One event file per daemon run, kept open across deliveries; a restart starts a new file in the same folder,
+and TensorBoard reads all of a run's files in name order (the name starts with the creation time, in µs).
+
+Step order: TensorBoard's default loader, its data server (`--load_fast`, the default since TensorBoard 2.5),
+takes a point at step s after points at higher steps of the same tag for a restarted training job and drops
+those (the Python loader keeps them). Results do come out of order: a job retried after a later checkpoint's
+succeeded, jobs on several devices, a `latest` policy. So each batch is written in step order, and a point
+below a step already written for its tag makes the sink write one new file with every point of the folder in
+step order, then delete its older files (`_rewrite`; only files named `*.ckpt-watch`, ours). A TensorBoard
+already running replaces what it read, since the new file starts at the lowest step. Such a rewrite costs a
+read and a write of all points so far (a few thousand small records at most).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from watcher.atomic import fsync_dir
+from watcher.sinks.naming import metric_row
+
+EVAL_RUN = "ckpt-watch-eval"  # the folder, and so the run's name in TensorBoard
+FILE_TAG = ".ckpt-watch"  # ends the names of our event files: they tell ours from the trainer's
+_FILE_VERSION = b"brain.Event:2"  # 2: TensorBoard purges points on out-of-order steps only for older versions
+
+
+class TensorBoardSink:
+    """Scalar points in `log_dir` (created when first needed); see the module docstring."""
+
+    name = "tensorboard"
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = Path(log_dir)
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._size = 0  # bytes of the open file known to be whole and on disk
+        self._points: list[_Point] | None = None  # every point in our files, in file order (loaded lazily)
+        self._last: dict[str, int] = {}  # the highest step written per tag
+
+    def deliver(self, records: list[dict[str, Any]]) -> None:
+        batch = sorted(((int(r["step"]), _walltime(r), row) for r in records if (row := metric_row(r))),
+                       key=lambda point: point[0])  # fmt: skip
+        if not batch:
+            return
+        if self._points is None:
+            self._points = read_points(self.log_dir)
+            self._last = _last_steps(self._points)
+        if any(step < self._last.get(tag, step) for step, _, row in batch for tag in row):
+            self._rewrite(batch)
+            return
+        if self._fd is None:
+            self._open()
+        self._append(b"".join(_record(_event(wall, step, summary=row)) for step, wall, row in batch))
+        self._remember(batch)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    @property
+    def path(self) -> Path | None:
+        """The event file being written, if one is open."""
+        return self._path
+
+    def _remember(self, batch: list[_Point]) -> None:
+        assert self._points is not None
+        self._points.extend(batch)
+        for step, _, row in batch:
+            for tag in row:
+                self._last[tag] = max(step, self._last.get(tag, step))
+
+    def _rewrite(self, batch: list[_Point]) -> None:
+        """A point below a step already written: one new file with every point in step order, then the old files go.
+
+        TensorBoard's data server reads a step below earlier ones as a restarted job and drops the later points
+        of that tag; the new file starts at the lowest step, so even a TensorBoard that read the old files
+        replaces what it has with the full, ordered history. Ties keep delivery order (the newest wins there).
+        """
+        assert self._points is not None
+        points = sorted([*self._points, *batch], key=lambda point: point[0])
+        old = [p for p in _event_files(self.log_dir) if p.name.endswith(FILE_TAG)]
+        self.close()
+        self._open()
+        self._append(b"".join(_record(_event(wall, step, summary=row)) for step, wall, row in points))
+        for path in old:
+            if path != self._path:
+                path.unlink(missing_ok=True)
+        fsync_dir(self.log_dir)
+        self._points = []
+        self._last = {}
+        self._remember(points)
+
+    def _append(self, data: bytes) -> None:
+        assert self._fd is not None
+        try:
+            _write_all(self._fd, data)
+            os.fsync(self._fd)
+        except OSError:
+            self._abandon()
+            raise
+        self._size += len(data)
+
+    def _open(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        while True:  # never reuse a name: names sort in creation order, which is TensorBoard's reading order
+            stamp = _next_stamp()
+            path = self.log_dir / f"events.out.tfevents.{stamp:016d}.{socket.gethostname()}.{os.getpid()}{FILE_TAG}"
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+            except FileExistsError:
+                continue
+            break
+        self._fd, self._path, self._size = fd, path, 0
+        self._append(_record(_event(time.time(), 0, file_version=_FILE_VERSION)))
+        fsync_dir(self.log_dir)
+
+    def _abandon(self) -> None:
+        """After a failed write: cut the file back to what was delivered, close it; the next delivery starts anew."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            os.ftruncate(fd, self._size)
+            os.fsync(fd)
+        except OSError:
+            pass  # a torn record at the very end of a file is read as "not yet written": nothing follows it
+        finally:
+            os.close(fd)
+
+
+_Point = tuple  # (step, wall time, {tag: value})
+_last_stamp = 0
+
+
+def _next_stamp() -> int:
+    """Microseconds since the epoch, increasing within this process (file names sort in creation order)."""
+    global _last_stamp
+    _last_stamp = max(time.time_ns() // 1000, _last_stamp + 1)
+    return _last_stamp
+
+
+def _last_steps(points: list[_Point]) -> dict[str, int]:
+    last: dict[str, int] = {}
+    for step, _, row in points:
+        for tag in row:
+            last[tag] = max(step, last.get(tag, step))
+    return last
+
+
+def read_points(folder: Path) -> list[_Point]:
+    """The points in the event files we wrote in `folder` (name order), as (step, wall time, {tag: value}).
+
+    Reads only our own encoding (see `_event`); a torn or corrupt record ends its file's reading.
+    """
+    points = []
+    for path in sorted(p for p in _event_files(folder) if p.name.endswith(FILE_TAG)):
+        for payload in _records(path.read_bytes()):
+            try:
+                point = _parse_event(payload)
+            except (IndexError, ValueError, struct.error):  # UnicodeDecodeError is a ValueError
+                continue
+            if point is not None and point[2]:
+                points.append(point)
+    return points
+
+
+def resolve_tensorboard_dir(setting: str, output_dir: Path, logging_dir: Path | None) -> Path | None:
+    """The TensorBoard sink's folder, or None for no TensorBoard sink.
+
+    setting "off": None. A path: that folder (a relative one under OUTPUT_DIR). "auto":
+
+    * the trainer's logging dir is known (`logging_dir`, from the run record), exists (transformers 4.x
+      records `args.logging_dir` even when the Trainer does not report to TensorBoard; its TensorBoardCallback
+      creates the folder in `on_train_begin`, before the run record is written) and is a folder directly
+      under a folder named `runs` (transformers' default OUTPUT_DIR/runs/<date>_<host>, also a
+      TENSORBOARD_LOGGING_DIR shaped like it): `runs/ckpt-watch-eval`, beside it;
+    * any other known logging dir (a custom TENSORBOARD_LOGGING_DIR, a hyperparameter-search trial):
+      `<logging_dir>/ckpt-watch-eval`, a subfolder (the trainer writes its event files in the logging dir
+      itself, never in a subfolder), shown as the run `<name>/ckpt-watch-eval` wherever TensorBoard sees the
+      trainer's run;
+    * else, if OUTPUT_DIR/runs exists (the trainer logs TensorBoard there): OUTPUT_DIR/runs/ckpt-watch-eval;
+    * else None: the trainer does not use TensorBoard.
+
+    The first rule gives the same folder as the third, so results of one OUTPUT_DIR stay one run across daemon
+    restarts, trainer resumes (each makes a new runs/<date>_<host>) and a run record written late.
+
+    Raises ValueError for a folder that holds event files other than ours (the trainer's run, say): TensorBoard
+    would merge our points into that run, and we would write among the trainer's files.
+    """
+    if setting == "off":
+        return None
+    output_dir = Path(output_dir)
+    if logging_dir is not None:
+        logging_dir = Path(logging_dir).expanduser()
+        if not logging_dir.is_absolute():
+            logging_dir = output_dir / logging_dir
+    if setting == "auto":
+        if logging_dir is not None and logging_dir.is_dir():
+            folder = logging_dir.parent / EVAL_RUN if logging_dir.parent.name == "runs" else logging_dir / EVAL_RUN
+            if folder == logging_dir:  # the trainer's own logging dir is runs/ckpt-watch-eval
+                folder = logging_dir / EVAL_RUN
+        elif (output_dir / "runs").is_dir():
+            folder = output_dir / "runs" / EVAL_RUN
+        else:
+            return None
+    else:
+        folder = Path(setting).expanduser()
+        if not folder.is_absolute():
+            folder = output_dir / folder
+    if logging_dir is not None and _same(folder, logging_dir):
+        raise ValueError(f"TensorBoard folder {folder} is the trainer's logging dir; use a folder of its own")
+    foreign = sorted(p.name for p in _event_files(folder) if not p.name.endswith(FILE_TAG))
+    if foreign:
+        raise ValueError(f"TensorBoard folder {folder} holds event files that ckpt-watch did not write "
+                         f"({foreign[0]}); use a folder of its own")  # fmt: skip
+    return folder
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return a == b
+
+
+def _event_files(folder: Path) -> list[Path]:
+    try:
+        return [p for p in folder.iterdir() if "tfevents" in p.name and p.is_file()]
+    except OSError:
+        return []
+
+
+def _walltime(record: dict[str, Any]) -> float:
+    """`finished_at` (ISO 8601, "+00:00" or "Z") as epoch seconds; now if it is missing or unreadable."""
+    text = record.get("finished_at")
+    if isinstance(text, str) and text:
+        try:
+            moment = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+        except ValueError:
+            pass
+        else:
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=timezone.utc)
+            return moment.timestamp()
+    return time.time()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+# --- the wire format -----------------------------------------------------------------------------------------
+# tensorboard.Event: wall_time = 1 (double), step = 2 (int64), file_version = 3 (string), summary = 5 (Summary).
+# tensorboard.Summary: value = 1 (repeated Value). Summary.Value: tag = 1 (string), simple_value = 2 (float), the
+# scalar form torch.utils.tensorboard, tensorboardX and so the Trainer's TensorBoardCallback write.
+
+
+def _event(wall_time: float, step: int, file_version: bytes | None = None,
+           summary: dict[str, float] | None = None) -> bytes:  # fmt: skip
+    out = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step)
+    if file_version is not None:
+        out += _field(3, file_version)
+    if summary is not None:
+        values = b"".join(_field(1, _field(1, tag.encode()) + b"\x15" + struct.pack("<f", value))
+                          for tag, value in summary.items())  # fmt: skip
+        out += _field(5, values)
+    return out
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # int64: a negative number is ten bytes of two's complement
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _records(data: bytes):
+    offset = 0
+    while offset + 12 <= len(data):
+        header = data[offset : offset + 8]
+        (length,) = struct.unpack("<Q", header)
+        end = offset + 12 + length + 4
+        if end > len(data) or struct.unpack("<I", data[offset + 8 : offset + 12])[0] != _masked_crc(header):
+            return
+        payload = data[offset + 12 : end - 4]
+        if struct.unpack("<I", data[end - 4 : end])[0] != _masked_crc(payload):
+            return
+        yield payload
+        offset = end
+
+
+def _parse_event(payload: bytes) -> _Point | None:
+    wall, step, row = 0.0, 0, {}
+    for number, value in _fields(payload):
+        if number == 1:
+            (wall,) = struct.unpack("<d", value)
+        elif number == 2:
+            step = value - (1 << 64) if value >= 1 << 63 else value
+        elif number == 5:
+            for number_v, entry in _fields(value):
+                tag, simple = None, None
+                for number_e, item in _fields(entry) if number_v == 1 else ():
+                    if number_e == 1:
+                        tag = item.decode()
+                    elif number_e == 2:
+                        (simple,) = struct.unpack("<f", item)
+                if tag is not None and simple is not None:
+                    row[tag] = simple
+    return step, wall, row
+
+
+def _fields(data: bytes):
+    """(field number, value) of a protobuf message: ints for varints, bytes for the rest."""
+    offset = 0
+    while offset < len(data):
+        key, offset = _read_varint(data, offset)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, offset = _read_varint(data, offset)
+        elif wire == 1:
+            value, offset = data[offset : offset + 8], offset + 8
+        elif wire == 2:
+            length, offset = _read_varint(data, offset)
+            value, offset = data[offset : offset + length], offset + length
+        elif wire == 5:
+            value, offset = data[offset : offset + 4], offset + 4
+        else:
+            return
+        yield number, value
+
+
+def _read_varint(data: bytes, offset: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[offset]
+        offset += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, offset
+
+
+def _record(payload: bytes) -> bytes:
+    """TFRecord framing: length, masked CRC of the length, payload, masked CRC of the payload."""
+    length = struct.pack("<Q", len(payload))
+    return length + struct.pack("<I", _masked_crc(length)) + payload + struct.pack("<I", _masked_crc(payload))
+
+
+def _crc_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1  # CRC-32C (Castagnoli), reflected
+        table.append(crc)
+    return table
+
+
+_CRC_TABLE = _crc_table()
+
+
+def _crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    table = _CRC_TABLE
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = _crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF

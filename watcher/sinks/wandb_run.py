@@ -1,0 +1,253 @@
+"""The W&B sink: every result into the training run itself, at its checkpoint's step.
+
+W&B drops any `log(step=N)` whose N is below the run's current step, so `step=` is never passed. Instead
+`train/global_step` (the HF Trainer's own x-axis) is declared the step metric of every eval metric and logged in
+the same row: rows for step 500 and then step 200 both land, each at its place on the training curve. Names are
+`eval/<task>/<metric>` and `eval_ema/<task>/<metric>` (watcher/sinks/naming.py). W&B keeps only the last
+writer's metric definitions, so the complete set (the trainer's `*` included) is declared every time.
+
+Which run (`wandb = "auto" | "off" | "[ENTITY/]PROJECT/RUN_ID"`): with `auto`, in order, what our trainer
+callback recorded in OUTPUT_DIR/ckpt-watch-run.json; WANDB_RUN_ID / WANDB_PROJECT / WANDB_ENTITY given to the
+daemon; the newest run in the trainer's local `wandb/` folder (OUTPUT_DIR/wandb, its parent's, $WANDB_DIR/wandb),
+whose id comes from its `run-<id>.wandb` file name. No run found: results wait (the outbox), said once.
+
+A training run that is still being written (`wandb_live`):
+  defer   (default) results wait in the outbox until the training run has finished, then the run is resumed
+          (`resume="must"`) and they are replayed in step order. Finished means: the trainer's local log ends
+          with its exit record, or the trainer's process (recorded by our callback, same host) is gone, or the
+          W&B API says the run is no longer running. If none of these can tell, results wait for
+          `ckpt-watch sync`, which a person runs once training has ended.
+  shared  attach to the live run as a non-primary writer (W&B's shared mode: `mode="shared"`,
+          `x_primary=False`, `x_label="ckpt-watch"`); the trainer must run in shared mode too.
+Offline runs (the training run is offline, or WANDB_MODE=offline) are written as offline runs of the same id
+under RESULTS_DIR/wandb/, which never touches the trainer's files; `wandb sync` uploads them into the run.
+
+Each delivery runs in a child process (`python -m watcher.sinks.wandb_run SPEC`) with a hard time limit: wandb
+starts a service process, threads and exit hooks, and a hung network call must not wedge the daemon's loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from watcher.integrations.run_record import RUN_RECORD, process_alive, read_run_record
+from watcher.sinks import SinkUnavailable
+from watcher.sinks.naming import STEP_KEY, metric_row, prefix_of
+from watcher.sinks.wandb_files import LocalRun, find_local_runs
+
+LIVE_MODES = ("defer", "shared")
+DELIVERY_TIMEOUT = 600.0  # seconds for one delivery (init, rows, finish), then the child is killed
+WAIT = 60.0  # seconds before asking again while no run is found or the training run is live
+
+
+@dataclass(frozen=True)
+class WandbTarget:
+    """The training run to log into, and how it was found."""
+
+    id: str
+    project: str | None
+    entity: str | None
+    offline: bool = False
+    source: str = ""
+    trainer_log: str | None = None  # the trainer's run-<id>.wandb, when it is on this machine
+    trainer_pid: int | None = None  # from our callback's run record
+    trainer_host: str | None = None
+    trainer_state: str | None = None  # "running" | "finished", from the same record
+
+    @property
+    def path(self) -> str:
+        return "/".join(p for p in (self.entity, self.project, self.id) if p)
+
+
+def parse_setting(setting: str) -> tuple[str | None, str | None, str] | None:
+    """"[ENTITY/]PROJECT/RUN_ID" -> (entity, project, id); None for "auto"/"off". ValueError if malformed."""
+    if setting in ("auto", "off"):
+        return None
+    parts = setting.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ValueError(f"wandb must be auto, off or [ENTITY/]PROJECT/RUN_ID, got {setting!r}")
+    return (parts[0] if len(parts) == 3 else None, parts[-2], parts[-1])
+
+
+def find_target(setting: str, output_dir: Path, environ: dict[str, str] | None = None) -> WandbTarget | None:
+    environ = dict(os.environ if environ is None else environ)
+    offline_env = environ.get("WANDB_MODE") in ("offline", "dryrun")
+    explicit = parse_setting(setting)
+    if explicit:
+        entity, project, run_id = explicit
+        return WandbTarget(run_id, project, entity, offline_env, "configured")
+    record = read_run_record(output_dir) or {}
+    recorded = record.get("wandb") if isinstance(record.get("wandb"), dict) else {}
+    if recorded.get("id"):
+        return WandbTarget(recorded["id"], recorded.get("project"), recorded.get("entity"),
+                           offline_env or recorded.get("mode") == "offline", str(output_dir / RUN_RECORD),
+                           _trainer_log(recorded), record.get("pid"), record.get("hostname"),
+                           record.get("state"))  # fmt: skip
+    if environ.get("WANDB_RUN_ID") and environ.get("WANDB_PROJECT"):
+        return WandbTarget(environ["WANDB_RUN_ID"], environ["WANDB_PROJECT"], environ.get("WANDB_ENTITY"),
+                           offline_env, "WANDB_RUN_ID")  # fmt: skip
+    for folder in _wandb_dirs(output_dir, environ):
+        runs = find_local_runs(folder)
+        if runs:
+            run = runs[0]
+            project = run.project or environ.get("WANDB_PROJECT")
+            return WandbTarget(run.id, project, run.entity or environ.get("WANDB_ENTITY"),
+                               offline_env or run.offline, str(run.log), str(run.log))  # fmt: skip
+    return None
+
+
+def training_is_live(target: WandbTarget) -> tuple[bool | None, str]:
+    """(True, why) if the trainer still writes the run, (False, why) if it has finished, (None, why) unknown."""
+    if target.trainer_log:
+        local = _describe(Path(target.trainer_log))
+        if local is not None and local.exited:
+            return False, f"the trainer's log {target.trainer_log} ends with the run's exit record"
+    # A training process that is still alive may still hold the run open, even after training returned
+    # ("finished" in the record): W&B finishes a run at the process's exit.
+    alive = process_alive({"pid": target.trainer_pid, "hostname": target.trainer_host})
+    if alive is not None:
+        verb = "is still running" if alive else "has exited"
+        return alive, f"the training process (pid {target.trainer_pid}) {verb}"
+    if not target.offline:
+        try:
+            import wandb
+
+            state = wandb.Api(timeout=20).run(target.path).state
+        except Exception as exc:  # noqa: BLE001 - no answer is "unknown", not an error
+            state, why = None, f"the W&B API could not say ({type(exc).__name__})"
+        else:
+            return state == "running", f"the W&B API says the run is {state}"
+    else:
+        why = "nothing on this machine says whether it has finished"
+    if target.trainer_state == "finished":
+        return False, "the trainer's run record says training finished (on another host)"
+    return None, why
+
+
+class WandbSink:
+    name = "wandb"
+
+    def __init__(self, setting: str, live_mode: str, output_dir: Path, results_dir: Path, force: bool = False):
+        self.setting, self.live_mode = setting, live_mode
+        self.output_dir, self.results_dir = Path(output_dir), Path(results_dir)
+        self.force = force  # `ckpt-watch sync`: a person says training is over unless we know it is not
+
+    def deliver(self, records: list[dict[str, Any]]) -> None:
+        rows = [row for record in sorted(records, key=lambda r: (r["step"], r.get("variant", "")))
+                if (row := wandb_row(record))]  # fmt: skip
+        if not rows:
+            return  # only failed results: nothing to draw
+        target = find_target(self.setting, self.output_dir)
+        if target is None:
+            raise SinkUnavailable(f"no W&B run found for {self.output_dir} (set `wandb = \"off\"` if there is none, "
+                                  "or PROJECT/RUN_ID)", retry_after=WAIT)  # fmt: skip
+        if target.project is None:
+            raise SinkUnavailable(f"W&B run {target.id} found ({target.source}) but not its project; set "
+                                  "WANDB_PROJECT or `wandb = \"PROJECT/RUN_ID\"`", retry_after=WAIT)  # fmt: skip
+        shared = self.live_mode == "shared" and not target.offline
+        if self.live_mode == "defer" and not target.offline:
+            live, why = training_is_live(target)
+            if live or (live is None and not self.force):
+                raise SinkUnavailable(f"training run {target.path} may still be written ({why}); results wait "
+                                      "(wandb_live = \"defer\")", retry_after=WAIT)  # fmt: skip
+        self._run_child({"target": asdict(target), "rows": rows, "shared": shared,
+                         "dir": str(self.results_dir), "definitions": metric_definitions()})  # fmt: skip
+
+    def close(self) -> None:
+        pass
+
+    def _run_child(self, spec: dict[str, Any]) -> None:
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", suffix=".json", dir=self.results_dir, delete=False) as handle:
+            json.dump(spec, handle)
+        try:
+            done = subprocess.run([sys.executable, "-m", __name__, handle.name], capture_output=True, text=True,
+                                  timeout=DELIVERY_TIMEOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise SinkUnavailable(f"W&B delivery took over {DELIVERY_TIMEOUT:g} s and was stopped") from None
+        finally:
+            os.unlink(handle.name)
+        if done.returncode != 0:
+            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+            raise SinkUnavailable(f"W&B: {lines[-1][:300] if lines else f'exit status {done.returncode}'}")
+
+
+def wandb_row(record: dict[str, Any]) -> dict[str, float]:
+    metrics = metric_row(record)
+    return {STEP_KEY: float(record["step"]), **record.get("progress", {}), **metrics} if metrics else {}
+
+
+def metric_definitions() -> list[dict[str, Any]]:
+    """The complete set, declared at every delivery: the trainer's (as transformers' WandbCallback declares
+    them) and ours. W&B keeps the definitions of the last writer only."""
+    return [
+        {"name": STEP_KEY},
+        {"name": "*", "step_metric": STEP_KEY, "step_sync": True},
+        *({"name": f"{prefix_of(v)}/*", "step_metric": STEP_KEY, "step_sync": True} for v in ("regular", "ema")),
+    ]
+
+
+def _trainer_log(recorded: dict[str, Any]) -> str | None:
+    """The trainer's `run-<id>.wandb`, from the run folder (sync_dir) or the files dir inside it (dir)."""
+    folders = [Path(recorded["sync_dir"])] if recorded.get("sync_dir") else []
+    if recorded.get("dir"):
+        folders += [Path(recorded["dir"]).parent, Path(recorded["dir"])]
+    for folder in folders:
+        log = folder / f"run-{recorded['id']}.wandb"
+        if log.is_file():
+            return str(log)
+    return None
+
+
+def _wandb_dirs(output_dir: Path, environ: dict[str, str]) -> list[Path]:
+    candidates = [output_dir / "wandb", output_dir.parent / "wandb"]
+    if environ.get("WANDB_DIR"):
+        candidates.insert(0, Path(environ["WANDB_DIR"]) / "wandb")
+    return [c for c in candidates if c.is_dir()]
+
+
+def _describe(log: Path) -> LocalRun | None:
+    from watcher.sinks.wandb_files import WandbLogError, describe_run
+
+    try:
+        return describe_run(log)
+    except (OSError, WandbLogError):
+        return None
+
+
+def _deliver(spec: dict[str, Any]) -> None:
+    """In the child: resume (or, shared, attach to) the run, declare the metrics, log the rows, finish."""
+    import wandb
+
+    target = spec["target"]
+    settings = {"init_timeout": 120, "silent": True}
+    if spec["shared"]:
+        settings.update(mode="shared", x_primary=False, x_label="ckpt-watch")
+    run = wandb.init(
+        id=target["id"], project=target["project"], entity=target["entity"], dir=spec["dir"],
+        resume=None if spec["shared"] else "must" if not target["offline"] else "allow",
+        mode="offline" if target["offline"] else None, settings=wandb.Settings(**settings),
+    )  # fmt: skip
+    for definition in spec["definitions"]:
+        run.define_metric(**definition)
+    for row in spec["rows"]:
+        run.log(row)  # never step=: train/global_step in the row is the x-axis
+    run.finish()
+
+
+if __name__ == "__main__":
+    try:
+        _deliver(json.loads(Path(sys.argv[1]).read_text(encoding="utf-8")))
+    except Exception as exc:  # noqa: BLE001 - one line for the daemon's log, the whole story on stderr above it
+        import traceback
+
+        traceback.print_exc()
+        print(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,54 @@
+"""`ckpt-watch sync OUTPUT_DIR`: deliver every pending result now (W&B after an outage, or once training ended).
+
+Run it once the training run has finished (in `defer` mode, results wait for that), or to flush results that
+waited while W&B was unreachable. It takes the results dir's lock, so it refuses to run beside a daemon (which
+delivers by itself, retrying with backoff). Exit status 0 when nothing is left pending, 1 otherwise (the reason
+is logged), 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("ckpt-watch")
+
+
+def main(argv: list[str]) -> int:
+    from watcher.cli import _Parser, add_wandb_arguments, load_config, setup_logging
+    from watcher.daemon import _take_lock, make_sinks, resolve_setup_paths
+    from watcher.journal import Journal
+    from watcher.outbox import Outbox
+
+    parser = _Parser(prog="ckpt-watch sync", description=__doc__.splitlines()[0])
+    parser.add_argument("output_dir", nargs="?", type=Path, help="the training run's output_dir")
+    parser.add_argument("--config", type=Path, help="the daemon's config file (for its results dir and W&B settings)")
+    parser.add_argument("--results-dir", type=Path, help="default: OUTPUT_DIR/ckpt-watch")
+    add_wandb_arguments(parser)
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    args = parser.parse_args(argv)
+    config = load_config(args)
+    setup_logging(config.verbosity)
+    results_dir, journal_path = resolve_setup_paths(config)
+    if not journal_path.is_file():
+        log.info("nothing to deliver: no journal at %s", journal_path)
+        return 0
+    lock = _take_lock(journal_path.parent / "ckpt-watch.lock", results_dir)
+    journal = Journal(journal_path)
+    outbox = Outbox(journal, make_sinks(config, results_dir, force=True))
+    try:
+        pending = outbox.deliver_pending(force=True)
+    finally:
+        outbox.close()
+        journal.close()
+        lock.close()
+    waiting = {name: count for name, count in pending.items() if count}
+    if waiting:
+        log.error("still pending: %s", ", ".join(f"{count} result(s) for {name}" for name, count in waiting.items()))
+        return 1
+    log.info("every result is delivered (%s)", ", ".join(pending))
+    sys.stdout.flush()
+    return 0
