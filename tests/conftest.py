@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import train_with_callback
+
 # The Hugging Face Hub is unreachable here and must never be needed: every model and data set is built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -53,3 +55,34 @@ def tiny_moe_dir(tmp_path_factory) -> Path:
     from watcher.tiny import save_tiny_moe
 
     return save_tiny_moe(tmp_path_factory.mktemp("tiny-moe"))
+
+
+@pytest.fixture(scope="session")
+def plain_run(tmp_path_factory) -> Path:
+    """report_to="none", counting input tokens. Read-only."""
+    out = tmp_path_factory.mktemp("hf-callback") / "output"
+    train_with_callback(out, ["none"], include_num_input_tokens_seen=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def wandb_run(tmp_path_factory) -> tuple[Path, Path]:
+    """report_to W&B (offline) and TensorBoard. Returns (output dir, WANDB_DIR). Read-only."""
+    root = tmp_path_factory.mktemp("hf-callback-wandb")
+    out, wandb_dir = root / "output", root / "wandb-dir"
+    wandb_dir.mkdir()
+    env = {
+        "WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_PROJECT": "ckpt-watch-test",
+        "WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_DISABLE_GIT": "true",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        mp.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+        import wandb
+
+        try:
+            train_with_callback(out, ["wandb", "tensorboard"])
+        finally:
+            wandb.finish()  # WandbCallback leaves the run open; no other test may see it
+    return out, wandb_dir

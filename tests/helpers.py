@@ -89,3 +89,37 @@ def logits(folder: Path) -> torch.Tensor:
     ids = torch.tensor([[5, 77, 130, 200, 31, 9]])
     with torch.no_grad():
         return model(ids).logits
+
+
+STEPS, SAVE_STEPS, KEEP = 6, 2, 2  # checkpoint-2 is rotated away by save_total_limit; -4 and -6 stay
+
+
+def train_with_callback(output_dir: Path, report_to: list[str], **arguments):
+    """A few steps of the tiny Llama with the real Trainer, `CkptWatchCallback` added in the documented line."""
+    from transformers import Trainer, TrainingArguments
+
+    from watcher.integrations.hf import CkptWatchCallback
+    from watcher.tiny import build_model, build_tokenizer, training_text
+
+    tokenizer = build_tokenizer()
+    ids = tokenizer(training_text()[:3000])["input_ids"]
+    dataset = [{"input_ids": ids[i : i + 32], "labels": ids[i : i + 32]} for i in range(0, len(ids) - 32, 32)]
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=STEPS,
+        save_steps=SAVE_STEPS,
+        save_strategy="steps",
+        save_total_limit=KEEP,
+        per_device_train_batch_size=2,
+        learning_rate=3e-3,
+        logging_steps=SAVE_STEPS,
+        report_to=report_to,
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **arguments,
+    )
+    trainer = Trainer(model=build_model(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.add_callback(CkptWatchCallback())
+    trainer.train()
+    return trainer

@@ -16,69 +16,7 @@ import pytest
 from watcher.completion import DEFAULT_SENTINEL, check_checkpoint
 from watcher.integrations.run_record import RUN_RECORD, current_wandb_run, process_alive, read_run_record
 
-STEPS, SAVE_STEPS, KEEP = 6, 2, 2  # checkpoint-2 is rotated away by save_total_limit; -4 and -6 stay
-
-
-def train(output_dir: Path, report_to: list[str], **arguments):
-    """A few steps of the tiny Llama with the real Trainer, `CkptWatchCallback` added in the documented line."""
-    from transformers import Trainer, TrainingArguments
-
-    from watcher.integrations.hf import CkptWatchCallback
-    from watcher.tiny import build_model, build_tokenizer, training_text
-
-    tokenizer = build_tokenizer()
-    ids = tokenizer(training_text()[:3000])["input_ids"]
-    dataset = [{"input_ids": ids[i : i + 32], "labels": ids[i : i + 32]} for i in range(0, len(ids) - 32, 32)]
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=STEPS,
-        save_steps=SAVE_STEPS,
-        save_strategy="steps",
-        save_total_limit=KEEP,
-        per_device_train_batch_size=2,
-        learning_rate=3e-3,
-        logging_steps=SAVE_STEPS,
-        report_to=report_to,
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        **arguments,
-    )
-    trainer = Trainer(model=build_model(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)
-    trainer.add_callback(CkptWatchCallback())
-    trainer.train()
-    return trainer
-
-
-@pytest.fixture(scope="session")
-def plain_run(tmp_path_factory) -> Path:
-    """report_to="none", counting input tokens. Read-only."""
-    out = tmp_path_factory.mktemp("hf-callback") / "output"
-    train(out, ["none"], include_num_input_tokens_seen=True)
-    return out
-
-
-@pytest.fixture(scope="session")
-def wandb_run(tmp_path_factory) -> tuple[Path, Path]:
-    """report_to W&B (offline) and TensorBoard. Returns (output dir, WANDB_DIR). Read-only."""
-    root = tmp_path_factory.mktemp("hf-callback-wandb")
-    out, wandb_dir = root / "output", root / "wandb-dir"
-    wandb_dir.mkdir()
-    env = {
-        "WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_PROJECT": "ckpt-watch-test",
-        "WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_DISABLE_GIT": "true",
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        mp.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
-        import wandb
-
-        try:
-            train(out, ["wandb", "tensorboard"])
-        finally:
-            wandb.finish()  # WandbCallback leaves the run open; no other test may see it
-    return out, wandb_dir
+from helpers import KEEP, SAVE_STEPS, STEPS, train_with_callback as train  # noqa: F401
 
 
 def listing(folder: Path) -> dict[str, int]:

@@ -70,6 +70,7 @@ def add_wandb_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the W&B run that gets the results (default: auto, the training run)")  # fmt: skip
     parser.add_argument("--wandb-live", choices=("defer", "shared"),
                         help="while training still writes the run: defer (default) or shared")  # fmt: skip
+    parser.add_argument("--tensorboard", metavar="auto|off|DIR", help="TensorBoard event files (default: auto)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +91,7 @@ def load_config(args: argparse.Namespace) -> WatchConfig:
     verbosity = 1 if args.verbose else (-1 if args.quiet else None)
     # Flags a command does not have (`sync` has no --device) count as not given.
     flags = ("output_dir", "device", "preset", "policy", "results_dir", "poll", "settle", "sentinel", "wandb",
-             "wandb_live")  # fmt: skip
+             "wandb_live", "tensorboard")  # fmt: skip
     config = build_config(file_values, {**{name: getattr(args, name, None) for name in flags}, "verbosity": verbosity})
     if config.output_dir is None:
         raise ConfigError("no output dir: give OUTPUT_DIR or set output_dir in the config file")

@@ -108,6 +108,12 @@ class WatchConfig:
     the run is resumed and they are replayed in step order) or `shared` (attach as a non-primary writer in W&B's
     shared mode; the trainer must run in shared mode too)."""
 
+    tensorboard: str = "auto"
+    """TensorBoard event files for the results, as a run of their own next to the trainer's: `auto` (in
+    OUTPUT_DIR/runs/ckpt-watch-eval when the trainer logs TensorBoard under OUTPUT_DIR/runs; in
+    `<logging_dir>/ckpt-watch-eval` for another logging dir our callback recorded), `off`, or a folder (relative
+    to OUTPUT_DIR) that the trainer does not write into."""
+
     backends: dict[str, Any] = field(default_factory=dict)
     """Settings for every evaluator of one backend, as `[backends.NAME]` tables, e.g. `[backends.lmms_eval]
     python = "/opt/lmms/bin/python"`: where a backend lives belongs to the machine, not to each preset. An
@@ -221,6 +227,8 @@ def validate(config: WatchConfig) -> None:
         parse_setting(config.wandb)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if not isinstance(config.tensorboard, str) or not config.tensorboard:
+        raise ConfigError(f"tensorboard must be auto, off or a folder, got {config.tensorboard!r}")
     if config.wandb_live not in LIVE_MODES:
         raise ConfigError(f"wandb_live must be one of {', '.join(LIVE_MODES)}, got {config.wandb_live!r}")
     if not isinstance(config.backends, dict) or not all(isinstance(v, dict) for v in config.backends.values()):

@@ -31,6 +31,7 @@ from watcher.scheduler import decide
 from watcher.outbox import Outbox
 from watcher.sinks import FileSink, Sink
 from watcher.sinks.naming import checkpoint_progress
+from watcher.sinks.tensorboard import AutoTensorBoardSink
 from watcher.sinks.wandb_run import WandbSink
 from watcher.watch import InotifyFeed, PollingFeed, is_network_filesystem
 
@@ -97,10 +98,12 @@ def resolve_setup_paths(config: WatchConfig) -> tuple[Path, Path]:
 
 
 def make_sinks(config: WatchConfig, results_dir: Path, force: bool = False) -> list[Sink]:
-    """Files always; W&B unless `wandb = "off"`. `force`: `ckpt-watch sync` (see WandbSink)."""
+    """Files always; W&B and TensorBoard unless "off". `force`: `ckpt-watch sync` (see WandbSink)."""
     sinks: list[Sink] = [FileSink(results_dir)]
     if config.wandb != "off":
         sinks.append(WandbSink(config.wandb, config.wandb_live, Path(config.output_dir), results_dir, force))
+    if config.tensorboard != "off":
+        sinks.append(AutoTensorBoardSink(config.tensorboard, Path(config.output_dir)))
     return sinks
 
 

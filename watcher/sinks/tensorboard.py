@@ -21,7 +21,7 @@ The event files are written here, not with tensorboardX (or torch.utils.tensorbo
   delivered as soon as `deliver` returns, so the events must be on disk by then, and an error must raise.
 
 The format is small and stable: TFRecord framing (length, masked CRC-32C of the length, payload, masked CRC-32C
-of the payload) around `tensorboard.Event` protos, of which we need five fields (encoded below). The tests read
+of the payload) around `tensorboard.Event` protos, of which we need a few fields (encoded below). The tests read
 the files back with TensorBoard's own loaders.
 
 Durability: `deliver` writes the whole batch with one write, fsyncs the file (and the folder after creating
@@ -33,10 +33,10 @@ only repeat points, which TensorBoard tolerates (the contract in watcher/sinks/_
 One event file per daemon run, kept open across deliveries; a restart starts a new file in the same folder,
 and TensorBoard reads all of a run's files in name order (the name starts with the creation time, in µs).
 
-Step order: TensorBoard's default loader, its data server (`--load_fast`, the default since TensorBoard 2.5),
+Step order: TensorBoard's default loader, its data server (`--load_fast=auto`, TensorBoard's default, uses it where it is installed),
 takes a point at step s after points at higher steps of the same tag for a restarted training job and drops
 those (the Python loader keeps them). Results do come out of order: a job retried after a later checkpoint's
-succeeded, jobs on several devices, a `latest` policy. So each batch is written in step order, and a point
+succeeded, jobs on several devices finishing out of order. So each batch is written in step order, and a point
 below a step already written for its tag makes the sink write one new file with every point of the folder in
 step order, then delete its older files (`_rewrite`; only files named `*.ckpt-watch`, ours). A TensorBoard
 already running replaces what it read, since the new file starts at the lowest step. Such a rewrite costs a
@@ -54,11 +54,12 @@ from pathlib import Path
 from typing import Any
 
 from watcher.atomic import fsync_dir
+from watcher.sinks import SinkUnavailable
 from watcher.sinks.naming import metric_row
 
 EVAL_RUN = "ckpt-watch-eval"  # the folder, and so the run's name in TensorBoard
 FILE_TAG = ".ckpt-watch"  # ends the names of our event files: they tell ours from the trainer's
-_FILE_VERSION = b"brain.Event:2"  # 2: TensorBoard purges points on out-of-order steps only for older versions
+_FILE_VERSION = b"brain.Event:2"  # 2: the Python loader purges out-of-order steps only for older versions
 
 
 class TensorBoardSink:
@@ -98,7 +99,7 @@ class TensorBoardSink:
     @property
     def path(self) -> Path | None:
         """The event file being written, if one is open."""
-        return self._path
+        return self._path if self._fd is not None else None
 
     def _remember(self, batch: list[_Point]) -> None:
         assert self._points is not None
@@ -166,7 +167,7 @@ class TensorBoardSink:
             os.close(fd)
 
 
-_Point = tuple  # (step, wall time, {tag: value})
+_Point = tuple[int, float, dict[str, float]]  # (step, wall time, {tag: value})
 _last_stamp = 0
 
 
@@ -422,3 +423,36 @@ def _crc32c(data: bytes) -> int:
 def _masked_crc(data: bytes) -> int:
     crc = _crc32c(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+class AutoTensorBoardSink:
+    """The configured TensorBoard sink: its folder is resolved at each delivery until there is one.
+
+    The daemon often starts before the trainer (a service), when neither our callback's run record nor
+    OUTPUT_DIR/runs exists yet. While no folder resolves the trainer does not use TensorBoard, and results
+    are acknowledged without a point (there is no TensorBoard run to put them next to).
+    """
+
+    name = "tensorboard"
+
+    def __init__(self, setting: str, output_dir: Path):
+        self.setting, self.output_dir = setting, Path(output_dir)
+        self._sink: TensorBoardSink | None = None
+
+    def deliver(self, records: list[dict[str, Any]]) -> None:
+        if self._sink is None:
+            from watcher.integrations.run_record import read_run_record
+
+            logging_dir = (read_run_record(self.output_dir) or {}).get("logging_dir")
+            try:
+                folder = resolve_tensorboard_dir(self.setting, self.output_dir, Path(logging_dir) if logging_dir else None)
+            except ValueError as exc:
+                raise SinkUnavailable(str(exc), retry_after=300) from None
+            if folder is None:
+                return
+            self._sink = TensorBoardSink(folder)
+        self._sink.deliver(records)
+
+    def close(self) -> None:
+        if self._sink is not None:
+            self._sink.close()

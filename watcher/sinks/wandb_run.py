@@ -168,8 +168,11 @@ class WandbSink:
         with tempfile.NamedTemporaryFile("w", suffix=".json", dir=self.results_dir, delete=False) as handle:
             json.dump(spec, handle)
         try:
+            # A private W&B service: one inherited through WANDB_SERVICE (from a process that used wandb and
+            # started us) may still hold the run from its own session ("run ID is in use").
+            env = {key: value for key, value in os.environ.items() if key != "WANDB_SERVICE"}
             done = subprocess.run([sys.executable, "-m", __name__, handle.name], capture_output=True, text=True,
-                                  timeout=DELIVERY_TIMEOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+                                  timeout=DELIVERY_TIMEOUT, stdin=subprocess.DEVNULL, env=env)  # fmt: skip
         except subprocess.TimeoutExpired:
             raise SinkUnavailable(f"W&B delivery took over {DELIVERY_TIMEOUT:g} s and was stopped") from None
         finally:
@@ -227,7 +230,8 @@ def _deliver(spec: dict[str, Any]) -> None:
     import wandb
 
     target = spec["target"]
-    settings = {"init_timeout": 120, "silent": True}
+    # W&B's own WANDB_INIT_TIMEOUT wins; the default 90 s is short for resuming a long run on a busy server.
+    settings: dict[str, Any] = {"silent": True, **({} if os.environ.get("WANDB_INIT_TIMEOUT") else {"init_timeout": 180})}
     if spec["shared"]:
         settings.update(mode="shared", x_primary=False, x_label="ckpt-watch")
     run = wandb.init(
