@@ -10,6 +10,7 @@ import pytest
 
 from helpers import ckpt_watch, journal_rows
 from watcher.sinks.naming import STEP_KEY
+from watcher.sinks.tensorboard import read_points
 from watcher.sinks.wandb_files import find_local_runs, read_records
 from watcher.sinks.wandb_run import WandbSink, find_target, parse_setting
 
@@ -61,6 +62,9 @@ def test_scan_logs_into_the_trainers_own_offline_run(wandb_run, tmp_path):
     trained, wandb_dir = wandb_run
     output = tmp_path / "output"
     shutil.copytree(trained, output)
+    record = output / "ckpt-watch-run.json"  # the copy's record names the copy's TensorBoard dir
+    record.write_text(record.read_text().replace(str(trained), str(output)))
+    trainer_events = {p: p.read_bytes() for p in (output / "runs").rglob("*tfevents*")}
     [trainer_run] = find_local_runs(wandb_dir / "wandb")
     config = tmp_path / "c.toml"
     config.write_text(QUICK)
@@ -74,6 +78,10 @@ def test_scan_logs_into_the_trainers_own_offline_run(wandb_run, tmp_path):
     assert all(row["eval/params/total"] > 0 and 0 < row["train/epoch"] for row in found["rows"])
     assert not journal_rows(output, "SELECT * FROM results WHERE result_id NOT IN "
                                     "(SELECT result_id FROM deliveries WHERE sink = 'wandb')")  # fmt: skip
+    # TensorBoard: a run of its own next to the trainer's, whose files are untouched.
+    points = read_points(output / "runs" / "ckpt-watch-eval")
+    assert sorted(step for step, _, row in points if "eval/params/total" in row) == [4, 6]
+    assert trainer_events and all(p.read_bytes() == data for p, data in trainer_events.items())
 
 
 @pytest.mark.parametrize("failure, env", [
