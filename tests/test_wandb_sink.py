@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -138,3 +139,39 @@ def test_finding_the_run(tmp_path, wandb_run):
 def test_bad_wandb_setting_is_a_one_line_usage_error(tmp_path):
     run = ckpt_watch(tmp_path, "--scan", "--wandb", "a/b/c/d")
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "[ENTITY/]PROJECT/RUN_ID" in run.stderr
+
+
+def test_defer_mode_waits_while_the_training_process_lives(tmp_path, monkeypatch, wandb_run):
+    """Online and live: nothing is sent (no second writer); once the trainer is gone, delivery is attempted."""
+    import socket
+    import subprocess
+    import sys
+
+    from watcher.sinks import SinkUnavailable
+    from watcher.sinks.wandb_run import WandbTarget, training_is_live
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no credentials: an attempt fails at once, without network
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    output = tmp_path / "output"
+    output.mkdir()
+    record = output / "ckpt-watch-run.json"
+
+    def write_record(pid):
+        record.write_text(json.dumps({"format": 1, "wandb": {"id": "live1", "project": "p", "mode": "online"},
+                                      "pid": pid, "hostname": socket.gethostname(), "state": "running"}))  # fmt: skip
+
+    write_record(os.getpid())  # this process stands for the trainer: alive
+    sink = WandbSink("auto", "defer", output, tmp_path / "results")
+    with pytest.raises(SinkUnavailable, match=r"may still be written \(the training process \(pid \d+\) is still running"):
+        sink.deliver([_record(100)])
+    assert not (tmp_path / "results" / "wandb").exists()  # W&B was not even started
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    write_record(int(gone.stdout))
+    with pytest.raises(SinkUnavailable, match="W&B: .*API key"):  # now it tries (and, with no key, fails)
+        sink.deliver([_record(100)])
+    # The trainer's own log ending with its exit record also says "finished" (the fixture's run has finished).
+    trained, wandb_dir = wandb_run
+    [trainer_run] = find_local_runs(wandb_dir / "wandb")
+    assert training_is_live(WandbTarget("x", "p", None, trainer_log=str(trainer_run.log)))[0] is False
+    assert training_is_live(WandbTarget("x", "p", None, offline=True))[0] is None  # nothing can tell

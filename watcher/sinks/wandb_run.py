@@ -182,9 +182,9 @@ class WandbSink:
             raise SinkUnavailable(f"W&B: {lines[-1][:300] if lines else f'exit status {done.returncode}'}")
 
 
-def wandb_row(record: dict[str, Any]) -> dict[str, float]:
+def wandb_row(record: dict[str, Any]) -> dict[str, float | int]:
     metrics = metric_row(record)
-    return {STEP_KEY: float(record["step"]), **record.get("progress", {}), **metrics} if metrics else {}
+    return {STEP_KEY: int(record["step"]), **record.get("progress", {}), **metrics} if metrics else {}
 
 
 def metric_definitions() -> list[dict[str, Any]]:
