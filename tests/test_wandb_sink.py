@@ -175,3 +175,13 @@ def test_defer_mode_waits_while_the_training_process_lives(tmp_path, monkeypatch
     [trainer_run] = find_local_runs(wandb_dir / "wandb")
     assert training_is_live(WandbTarget("x", "p", None, trainer_log=str(trainer_run.log)))[0] is False
     assert training_is_live(WandbTarget("x", "p", None, offline=True))[0] is None  # nothing can tell
+
+
+def test_no_run_anywhere_means_no_wandb_said_once(tmp_path, caplog, monkeypatch):
+    for name in ("WANDB_RUN_ID", "WANDB_PROJECT", "WANDB_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    sink = WandbSink("auto", "defer", tmp_path, tmp_path / "results")
+    caplog.set_level("INFO", logger="ckpt-watch")
+    sink.deliver([_record(10)])
+    sink.deliver([_record(20)])  # acknowledged: nothing piles up for a run that does not exist
+    assert caplog.text.count("no W&B run found") == 1 and not (tmp_path / "results").exists()

@@ -9,7 +9,7 @@ writer's metric definitions, so the complete set (the trainer's `*` included) is
 Which run (`wandb = "auto" | "off" | "[ENTITY/]PROJECT/RUN_ID"`): with `auto`, in order, what our trainer
 callback recorded in OUTPUT_DIR/ckpt-watch-run.json; WANDB_RUN_ID / WANDB_PROJECT / WANDB_ENTITY given to the
 daemon; the newest run in the trainer's local `wandb/` folder (OUTPUT_DIR/wandb, its parent's, $WANDB_DIR/wandb),
-whose id comes from its `run-<id>.wandb` file name. No run found: results wait (the outbox), said once.
+whose id comes from its `run-<id>.wandb` file name. No run found: the results go to no W&B run, said once.
 
 A training run that is still being written (`wandb_live`):
   defer   (default) results wait in the outbox until the training run has finished, then the run is resumed
@@ -29,6 +29,7 @@ starts a service process, threads and exit hooks, and a hung network call must n
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -41,6 +42,8 @@ from watcher.integrations.run_record import RUN_RECORD, process_alive, read_run_
 from watcher.sinks import SinkUnavailable
 from watcher.sinks.naming import STEP_KEY, metric_row, prefix_of
 from watcher.sinks.wandb_files import LocalRun, find_local_runs
+
+log = logging.getLogger("ckpt-watch")
 
 LIVE_MODES = ("defer", "shared")
 DELIVERY_TIMEOUT = 600.0  # seconds for one delivery (init, rows, finish), then the child is killed
@@ -138,6 +141,7 @@ class WandbSink:
         self.setting, self.live_mode = setting, live_mode
         self.output_dir, self.results_dir = Path(output_dir), Path(results_dir)
         self.force = force  # `ckpt-watch sync`: a person says training is over unless we know it is not
+        self._said_no_run = False
 
     def deliver(self, records: list[dict[str, Any]]) -> None:
         rows = [row for record in sorted(records, key=lambda r: (r["step"], r.get("variant", "")))
@@ -146,8 +150,13 @@ class WandbSink:
             return  # only failed results: nothing to draw
         target = find_target(self.setting, self.output_dir)
         if target is None:
-            raise SinkUnavailable(f"no W&B run found for {self.output_dir} (set `wandb = \"off\"` if there is none, "
-                                  "or PROJECT/RUN_ID)", retry_after=WAIT)  # fmt: skip
+            # By the time a checkpoint is complete, a W&B-logging trainer has long created its run (train begin),
+            # so none found means none is used: these results go to no W&B run.
+            if not self._said_no_run:
+                log.info("no W&B run found for %s (no callback record, WANDB_RUN_ID or local wandb/ run): results "
+                         "are not logged to W&B; set --wandb PROJECT/RUN_ID to name one", self.output_dir)  # fmt: skip
+                self._said_no_run = True
+            return
         if target.project is None:
             raise SinkUnavailable(f"W&B run {target.id} found ({target.source}) but not its project; set "
                                   "WANDB_PROJECT or `wandb = \"PROJECT/RUN_ID\"`", retry_after=WAIT)  # fmt: skip
