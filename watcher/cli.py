@@ -22,6 +22,8 @@ SUBCOMMANDS = {  # name -> module with main(argv)
     "presets": "watcher.presets_command",
     "compare": "watcher.compare",
     "sync": "watcher.sync_command",
+    "status": "watcher.status_command",
+    "plot": "watcher.plot_command",
 }
 
 
@@ -44,7 +46,8 @@ def watch_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ckpt-watch",
         description="Evaluate every checkpoint of a training run as soon as it is completely written, on a "
-        "device of its own. Other commands: demo, merge, presets, compare, sync (`ckpt-watch COMMAND --help`).",
+        "device of its own. Other commands: demo, merge, presets, compare, sync, status, plot "
+        "(`ckpt-watch COMMAND --help`).",
     )
     parser.add_argument("output_dir", nargs="?", type=Path, help="the training run's output_dir")
     parser.add_argument("--config", type=Path, help="TOML file setting any option below (flags override it)")
