@@ -110,13 +110,19 @@ def watch_main(argv: list[str]) -> int:
     from watcher.presets import get_preset
 
     args = watch_parser().parse_args(argv)
-    config = load_config(args)
-    setup_logging(config.verbosity)
-    preset = get_preset(config.preset, config.presets, config.backends)
-    device = parse_device(config.device)
-    gpu_entries = check_available(device)
-    setup = resolve_setup(config, preset, device, gpu_entries)
-    setup.retry_failed = args.retry_failed
+
+    def build_setup():
+        """The whole set-up from the flags and the config file: at start, and again at each SIGHUP."""
+        config = load_config(args)
+        preset = get_preset(config.preset, config.presets, config.backends)
+        device = parse_device(config.device)
+        setup = resolve_setup(config, preset, device, check_available(device))
+        setup.retry_failed = args.retry_failed
+        setup.reload = build_setup
+        return setup
+
+    setup = build_setup()
+    setup_logging(setup.config.verbosity)
     return Daemon(setup).run(scan=args.scan)
 
 

@@ -86,6 +86,10 @@ class WatchConfig:
     job_timeout: float = 6 * 3600.0
     """Seconds a job may run before it is stopped and marked failed (a preset's own budget, if set, wins)."""
 
+    stop_grace: float = 60.0
+    """Seconds a running job may still take to finish when the daemon is asked to stop (SIGTERM, SIGINT); then
+    its process group is stopped and the job is pending again for the next start. A second signal stops it at once."""
+
     max_attempts: int = 3
     """Attempts per job before it stays failed (until `--retry-failed`)."""
 
@@ -140,7 +144,7 @@ class WatchConfig:
 
 FIELD_NAMES = {f.name for f in dataclasses.fields(WatchConfig)}
 _PATH_FIELDS = {"output_dir", "results_dir", "journal_dir", "scratch_dir", "base_model"}
-_FLOAT_FIELDS = {"poll", "settle", "rescan_interval", "job_timeout", "retry_backoff"}
+_FLOAT_FIELDS = {"poll", "settle", "rescan_interval", "job_timeout", "retry_backoff", "stop_grace"}
 # Evaluator options that name files or folders (lm_eval/lmms_eval include_path, the probes' text, lmms_eval's
 # python): written relative in a config file, they mean relative to that file, like the top-level paths.
 _OPTION_PATHS = {"include_path", "text", "python"}

@@ -28,6 +28,7 @@ from watcher.jobs import JobPaths, RunningJob, launch
 from watcher.journal import Job, Journal
 from watcher.presets import Preset
 from watcher.scheduler import decide
+from watcher.notify import Notifier
 from watcher.outbox import Outbox
 from watcher.sinks import FileSink, Sink
 from watcher.sinks.naming import checkpoint_progress
@@ -43,7 +44,10 @@ FALLBACK_POLL = 2.0  # when inotify cannot be used on a local disk
 NETWORK_SETTLE = 30.0
 LOCAL_SETTLE = 1.0
 THOROUGH_RESCAN = 300.0  # seconds between re-walks of every journaled checkpoint (re-saves that kept names)
-STOP_GRACE = 10.0  # seconds a running job gets to exit after SIGTERM when the daemon stops
+STOP_GRACE = 10.0  # seconds a job's process group gets between SIGTERM and SIGKILL when it is stopped
+# Settings a reload cannot change: they name what is watched and where its state lives (restart for those).
+FIXED_ON_RELOAD = ("output_dir", "results_dir", "journal_dir", "scratch_dir", "poll", "settle", "sentinel",
+                   "checkpoint_pattern")  # fmt: skip
 
 
 @dataclass
@@ -61,6 +65,7 @@ class Setup:
     poll: float | None  # None: inotify
     retry_failed: bool = False
     sinks: list[Sink] = field(default_factory=list)
+    reload: Callable[[], "Setup"] | None = None  # builds a fresh Setup from the config file (SIGHUP)
 
 
 def resolve_setup(config: WatchConfig, preset: Preset, device: DeviceSpec, gpu_entries: list[str]) -> Setup:
@@ -125,8 +130,11 @@ class Daemon:
             sentinel=self.config.sentinel,
         )
         self.outbox = Outbox(self.journal, setup.sinks)
+        self.notifier = Notifier()
         self.running: RunningJob | None = None
         self._stop_requested = False
+        self._stop_deadline = 0.0  # time.monotonic() until which a running job may still finish
+        self._reload_requested = False
         self._feed: InotifyFeed | PollingFeed | None = None
 
     # --- the main loop ---------------------------------------------------------------------------------------
@@ -152,19 +160,26 @@ class Daemon:
             self._feed = self._start_feed()
         self.reconcile()
         self._announce(scan)
+        self.notifier.ready(self.status_line())
         next_reconcile = time.monotonic() + self._reconcile_interval()
         next_thorough = time.monotonic() + THOROUGH_RESCAN
         changed: set[str] = set()
         final_look = False
         while True:
+            # Pinged from here only: if anything below wedges the loop, the pings stop and systemd restarts us.
+            self.notifier.watchdog()
+            if self._reload_requested:
+                self.reload()
             self.detect(changed)
             self.supervise()
+            self.outbox.poll()
             if self.outbox.next_attempt_in() == 0:  # a sink that was down is due for another try
                 self.deliver_pending()
             if self.running is None and not self._stop_requested:
                 self.schedule()
-            if self._stop_requested:
+            if self._stop_requested and (self.running is None or time.monotonic() >= self._stop_deadline):
                 break
+            self.notifier.status(self.status_line())
             if (scan or finish_when) and self.idle() and (finish_when is None or finish_when()):
                 if final_look:
                     break
@@ -182,6 +197,7 @@ class Daemon:
         return self.shutdown(scan)
 
     def shutdown(self, scan: bool) -> int:
+        self.notifier.stopping()
         if self.running is not None:
             log.info("stopping the running job (%s); it will run again at the next start", self._describe(self.running.job))
             self.running.stop(STOP_GRACE)
@@ -191,7 +207,11 @@ class Daemon:
         if self._feed is not None:
             self._feed.stop()
         failed = [j for j in self.journal.jobs(self.preset.name, ["failed"]) if not j.checkpoint.gone] if scan else []
-        pending = {name: n for name, n in self.outbox.deliver_pending().items() if n}
+        # A backfill (--scan) ends with every sink delivered to; a stop asked for by a signal waits for a delivery
+        # already on its way (briefly) but starts no slow one: those results stay in the journal for the next start.
+        finished_scan = scan and not self._stop_requested
+        self.outbox.wait(None if finished_scan else STOP_GRACE)
+        pending = {name: n for name, n in self.outbox.deliver_pending(include_slow=finished_scan).items() if n}
         if pending:
             log.warning("results not yet delivered (they stay in the journal; `ckpt-watch sync %s` delivers them): %s",
                         self.output_dir, ", ".join(f"{name} {n}" for name, n in pending.items()))  # fmt: skip
@@ -202,10 +222,52 @@ class Daemon:
                       len(failed), self.results_dir)  # fmt: skip
         return 1 if failed else 0
 
-    def request_stop(self) -> None:
+    def request_stop(self, grace: float = 0.0) -> None:
+        """Take no new job; a running one may finish within `grace` seconds. A second request stops it now."""
+        now = time.monotonic()
+        self._stop_deadline = now if self._stop_requested else now + grace
         self._stop_requested = True
         if self._feed is not None:
             self._feed.wake()
+
+    def reload(self) -> None:
+        """SIGHUP: build the set-up again from the config file and use it from the next job on; the queue stays.
+
+        A config that does not load (bad TOML, unknown preset, unavailable device) or that changes what is watched
+        is rejected with a log line, and the old one stays.
+        """
+        self._reload_requested = False
+        self.notifier.reloading()
+        try:
+            if self.setup.reload is None:
+                raise ConfigError("this daemon was not started from a config it can reload")
+            new = self.setup.reload()
+            changed = [name for name in FIXED_ON_RELOAD if getattr(new.config, name) != getattr(self.config, name)]
+            if changed:
+                raise ConfigError(f"{', '.join(changed)} cannot change while running; restart for that")
+        except ConfigError as exc:
+            log.error("reload rejected, keeping the running configuration: %s", exc)
+            self.notifier.ready(self.status_line())
+            return
+        self.outbox.close()
+        new.retry_failed = False
+        self.setup, self.config, self.preset = new, new.config, new.preset
+        self.outbox = Outbox(self.journal, new.sinks)
+        log.info("configuration reloaded: preset %s, policy %s, device %s", self.preset.name, self.config.policy,
+                 self.setup.device)  # fmt: skip
+        self.reconcile()  # every present checkpoint gets its job of the (new) preset
+        self.notifier.ready(self.status_line())
+
+    def status_line(self) -> str:
+        """What the daemon does, in one line (systemd's STATUS=, `systemctl status`)."""
+        pending = len(self.journal.jobs(self.preset.name, ["pending"]))
+        if self.running is not None:
+            job = self.running.job
+            return (f"{self.running.stage} {job.checkpoint.name}/{job.variant} ({self.preset.name}); "
+                    f"{pending} more queued")  # fmt: skip
+        if self._stop_requested:
+            return "stopping"
+        return f"idle, watching {self.output_dir}; {pending} queued"
 
     # --- detect ----------------------------------------------------------------------------------------------
 
@@ -386,8 +448,9 @@ class Daemon:
         }
 
     def deliver_pending(self) -> None:
-        """Deliver every committed result a sink has not yet acknowledged (see watcher/outbox.py)."""
-        self.outbox.deliver_pending()
+        """Deliver every committed result a sink has not yet acknowledged (see watcher/outbox.py); a slow sink
+        (W&B) in the background, so the loop goes on watching."""
+        self.outbox.deliver_pending(background=True)
 
     # --- helpers ---------------------------------------------------------------------------------------------
 
@@ -444,12 +507,26 @@ class Daemon:
             log.info("journal kept on local disk at %s", self.setup.journal_path)
 
     def _install_signal_handlers(self) -> None:
-        def handler(signum, frame):
-            log.info("received %s: finishing up", signal.Signals(signum).name)
-            self.request_stop()
+        def stop(signum, frame):
+            if self._stop_requested:
+                log.info("received %s again: stopping the running job now", signal.Signals(signum).name)
+            elif self.running is not None:
+                log.info("received %s: no new jobs; the running one may finish within %g s",
+                         signal.Signals(signum).name, self.config.stop_grace)  # fmt: skip
+            else:
+                log.info("received %s: finishing up", signal.Signals(signum).name)
+            self.notifier.stopping()
+            self.request_stop(self.config.stop_grace)
+
+        def reload(signum, frame):
+            log.info("received SIGHUP: reloading the configuration")
+            self._reload_requested = True
+            if self._feed is not None:
+                self._feed.wake()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, handler)
+            signal.signal(sig, stop)
+        signal.signal(signal.SIGHUP, reload)
 
     @staticmethod
     def _describe(job: Job) -> str:

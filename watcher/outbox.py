@@ -4,11 +4,16 @@ Results are committed to the journal before any sink sees them; a delivery is re
 sink took the whole batch. So W&B being unreachable, unauthenticated or waiting for a live training run to end
 (`SinkUnavailable`) only delays that sink: its results stay pending, in the journal, across restarts, and the
 other sinks go on. `ckpt-watch sync` runs one round at once and reports what is still pending.
+
+A slow sink (`slow = True`: W&B, which resumes a run over the network) is delivered to in a background thread
+when the daemon asks for it, so that its main loop keeps watching, supervising and pinging systemd's watchdog;
+the journal is only ever touched from the main thread (`poll`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -29,36 +34,89 @@ class _SinkState:
 
 
 @dataclass
+class _Delivery:
+    """A delivery running in a background thread: the result ids it carries and how it ended."""
+
+    ids: list[str]
+    thread: threading.Thread
+    error: BaseException | None = None
+
+
+@dataclass
 class Outbox:
     journal: Journal
     sinks: list[Sink]
     _state: dict[str, _SinkState] = field(default_factory=dict)
+    _running: dict[str, _Delivery] = field(default_factory=dict)
 
-    def deliver_pending(self, force: bool = False) -> dict[str, int]:
+    def deliver_pending(self, force: bool = False, background: bool = False, include_slow: bool = True) -> dict[str, int]:
         """One round: each sink whose backoff has passed (all of them with `force`) gets its pending results.
 
-        Returns the number of results still pending per sink.
+        `background`: slow sinks deliver in a thread (see `poll`); `include_slow=False` leaves them out.
+        Returns the number of results still pending per sink (in-flight ones count as pending).
         """
         pending: dict[str, int] = {}
         now = time.monotonic()
         for sink in self.sinks:
             state = self._state.setdefault(sink.name, _SinkState())
             records = self.journal.undelivered(sink.name)
-            if records and (force or now >= state.next_attempt):
+            slow = getattr(sink, "slow", False)
+            due = records and (force or now >= state.next_attempt) and sink.name not in self._running
+            if due and slow and not include_slow:
+                due = False
+            if due and slow and background:
+                self._start(sink, records)
+            elif due:
                 try:
                     sink.deliver(records)
-                except SinkUnavailable as exc:
-                    self._failed(sink.name, state, str(exc), exc.retry_after, logging.WARNING)
-                except Exception as exc:  # noqa: BLE001 - a broken sink must not stop the daemon or lose results
-                    self._failed(sink.name, state, f"{type(exc).__name__}: {exc}", None, logging.ERROR)
+                except BaseException as exc:  # noqa: BLE001 - a broken sink must not stop the daemon or lose results
+                    self._ended(sink.name, [r["result_id"] for r in records], exc)
                 else:
-                    self.journal.mark_delivered_many([r["result_id"] for r in records], sink.name)
-                    if state.failures:
-                        log.info("%s: delivered %d pending result(s) again", sink.name, len(records))
-                    self._state[sink.name] = _SinkState()
+                    self._ended(sink.name, [r["result_id"] for r in records], None)
                     records = []
             pending[sink.name] = len(records)
         return pending
+
+    def poll(self) -> None:
+        """Record the outcome of background deliveries that have ended (in the journal, from this thread)."""
+        for name, delivery in list(self._running.items()):
+            if not delivery.thread.is_alive():
+                del self._running[name]
+                self._ended(name, delivery.ids, delivery.error)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Let background deliveries end (up to `timeout` seconds in all), then record them."""
+        end = None if timeout is None else time.monotonic() + timeout
+        for delivery in list(self._running.values()):
+            delivery.thread.join(None if end is None else max(0.0, end - time.monotonic()))
+        self.poll()
+
+    def _start(self, sink: Sink, records: list[dict]) -> None:
+        delivery = _Delivery([r["result_id"] for r in records], threading.Thread(target=lambda: None))
+
+        def run() -> None:
+            try:
+                sink.deliver(records)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread by poll()
+                delivery.error = exc
+
+        delivery.thread = threading.Thread(target=run, name=f"deliver-{sink.name}", daemon=True)
+        self._running[sink.name] = delivery
+        delivery.thread.start()
+
+    def _ended(self, name: str, ids: list[str], error: BaseException | None) -> None:
+        state = self._state.setdefault(name, _SinkState())
+        if isinstance(error, SinkUnavailable):
+            self._failed(name, state, str(error), error.retry_after, logging.WARNING)
+        elif isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise error
+        elif error is not None:
+            self._failed(name, state, f"{type(error).__name__}: {error}", None, logging.ERROR)
+        else:
+            self.journal.mark_delivered_many(ids, name)
+            if state.failures:
+                log.info("%s: delivered %d pending result(s) again", name, len(ids))
+            self._state[name] = _SinkState()
 
     def next_attempt_in(self) -> float | None:
         """Seconds until a sink that failed should be tried again (None: no sink is waiting)."""

@@ -136,6 +136,7 @@ def training_is_live(target: WandbTarget) -> tuple[bool | None, str]:
 
 class WandbSink:
     name = "wandb"
+    slow = True  # the daemon delivers in the background (watcher/outbox.py): a resume can take minutes
 
     def __init__(self, setting: str, live_mode: str, output_dir: Path, results_dir: Path, force: bool = False):
         self.setting, self.live_mode = setting, live_mode
