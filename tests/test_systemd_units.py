@@ -64,7 +64,7 @@ def seconds(span: str) -> float:
 @pytest.mark.parametrize("unit", [SYSTEM_UNIT, USER_UNIT], ids=["system", "user"])
 def test_unit_fits_the_daemon(unit):
     from watcher.config import WatchConfig
-    from watcher.sinks.wandb_run import DELIVERY_TIMEOUT
+    from watcher.daemon import STOP_GRACE, TICK
 
     service = parse_unit(unit)["Service"]
     one = {key: values[-1] for key, values in service.items()}
@@ -74,10 +74,10 @@ def test_unit_fits_the_daemon(unit):
     # SIGTERM to the daemon alone: it gives the running job its grace period itself.
     assert one["KillMode"] == "mixed"
     assert re.fullmatch(r"/bin/kill -(HUP|SIGHUP|s HUP) \$MAINPID", one["ExecReload"])
-    grace = float(getattr(WatchConfig(), "stop_grace", 60.0))
-    assert seconds(one["TimeoutStopSec"]) >= max(grace, 60.0) + 20, "TimeoutStopSec must exceed stop_grace + margin"
-    # The W&B delivery child runs synchronously in the main loop for up to DELIVERY_TIMEOUT.
-    assert seconds(one["WatchdogSec"]) > DELIVERY_TIMEOUT + 60
+    # The job's grace, then SIGTERM-to-SIGKILL of its process group, then a margin.
+    assert seconds(one["TimeoutStopSec"]) >= WatchConfig().stop_grace + STOP_GRACE + 10
+    # Pinged from the main loop, which ticks every TICK s and runs nothing slow (W&B delivers in a thread).
+    assert 30 * TICK <= seconds(one["WatchdogSec"]) <= 300
     assert "--config" in one["ExecStart"] and one["ExecStart"].endswith("/ckpt-watch/%i.toml")
     assert one.get("MemoryDenyWriteExecute", "no") == "no", "PyTorch's CPU kernels JIT into W+X memory"
     assert one.get("PrivateDevices", "no") == "no", "PrivateDevices=yes hides /dev/nvidia*"
