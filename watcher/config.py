@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 
 DEFAULT_CHECKPOINT_PATTERN = r"^(?:checkpoint|step)-(?P<step>\d+)$"
 POLICIES = ("all", "latest")
+LOG_FORMATS = ("auto", "plain", "json")
 VARIANTS = ("regular", "ema")
 
 
@@ -98,6 +99,14 @@ class WatchConfig:
 
     verbosity: int = 0
     """-1 quiet, 0 normal, 1 verbose (debug)."""
+
+    log_format: str = "auto"
+    """How the daemon reports: `auto` (the live view when stdout is a terminal and not under systemd, i.e. neither
+    JOURNAL_STREAM nor INVOCATION_ID is set and TERM is not `dumb`; else `plain`), `plain` (one line per log
+    record, no colour or escape codes; under systemd without the timestamp, which journald adds, and with a `<N>`
+    priority prefix journald turns into the record's level) or `json` (one JSON object per line: time, level,
+    message, and any structured extras). The live view shows the watched dir and mode, the queue, the running
+    job's stage with a progress bar, and the latest results; log records scroll above it."""
 
     presets: dict[str, Any] = field(default_factory=dict)
     """Extra or overriding presets, as `[presets.NAME]` tables with the same shape as the bundled ones."""
@@ -211,6 +220,8 @@ def validate(config: WatchConfig) -> None:
             if not isinstance(value, str):
                 raise ConfigError(f"{name} must be a path, got {value!r}")
             setattr(config, name, Path(value).expanduser())
+    if config.log_format not in LOG_FORMATS:
+        raise ConfigError(f"log_format must be one of {', '.join(LOG_FORMATS)}, got {config.log_format!r}")
     if config.policy not in POLICIES:
         raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {config.policy!r}")
     if not isinstance(config.variants, list) or not config.variants or any(v not in VARIANTS for v in config.variants):

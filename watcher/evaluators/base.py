@@ -6,6 +6,7 @@ imports: no torch, no lm_eval. Backends do their heavy importing inside `run()`.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +28,15 @@ class JobContext:
     checkpoint: str = ""
     step: int = 0
     variant: str = "regular"
+
+
+def is_int(value: Any) -> bool:
+    """An integer option value (TOML gives int; bool is not one, though Python says it is)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def device_list(device: str) -> list[str]:

@@ -20,7 +20,6 @@ import importlib.metadata
 import importlib.util
 import json
 import math
-import numbers
 import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext, device_list
+from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext, device_list, is_int, is_number
 
 BUNDLED_TASKS = ("ckpt_watch_smoke", "ckpt_watch_smoke_mc", "ckpt_watch_smoke_ppl")
 
@@ -147,15 +146,15 @@ def parse_options(options: Mapping[str, Any]) -> LmEvalOptions:
         raise EvaluatorError("lm_eval option 'tasks' must be a non-empty list of task names")
 
     limit = options.get("limit")
-    if limit is not None and (not _is_number(limit) or not 0 < limit < math.inf):
+    if limit is not None and (not is_number(limit) or not 0 < limit < math.inf):
         raise EvaluatorError(f"lm_eval option 'limit' must be a positive number (<1 is a fraction), got {limit!r}")
 
     num_fewshot = options.get("num_fewshot")
-    if num_fewshot is not None and (not _is_int(num_fewshot) or num_fewshot < 0):
+    if num_fewshot is not None and (not is_int(num_fewshot) or num_fewshot < 0):
         raise EvaluatorError(f"lm_eval option 'num_fewshot' must be a non-negative integer, got {num_fewshot!r}")
 
     batch_size = options.get("batch_size", DEFAULT_BATCH_SIZE)
-    if not (_is_int(batch_size) and batch_size > 0) and not _is_auto_batch_size(batch_size):
+    if not (is_int(batch_size) and batch_size > 0) and not _is_auto_batch_size(batch_size):
         raise EvaluatorError(
             f"lm_eval option 'batch_size' must be a positive integer, 'auto' or 'auto:N', got {batch_size!r}"
         )
@@ -198,14 +197,6 @@ def _include_paths(value: Any) -> tuple[Path, ...]:
         if not path.exists():
             raise EvaluatorError(f"lm_eval include_path {str(path)!r} does not exist")
     return paths
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _is_auto_batch_size(value: Any) -> bool:
@@ -280,7 +271,7 @@ def flatten_results(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float
     for task, values in results.items():
         for key, value in values.items():
             metric, sep, filter_name = key.partition(",")
-            if not sep or not _is_number(value) or not math.isfinite(value):
+            if not sep or not is_number(value) or not math.isfinite(value):
                 continue
             suffix = "" if filter_name == "none" else f"@{filter_name}"
             flat[f"{task}/{metric}{suffix}"] = float(value)
@@ -295,9 +286,9 @@ def to_json_safe(value: Any) -> Any:
     """
     if value is None or isinstance(value, (str, bool)):
         return value
-    if _is_int(value):
+    if is_int(value):
         return int(value)
-    if _is_number(value):
+    if is_number(value):
         number = float(value)
         return number if math.isfinite(number) else str(number)
     if isinstance(value, Mapping):

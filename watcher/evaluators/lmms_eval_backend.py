@@ -34,7 +34,6 @@ import collections
 import ctypes
 import json
 import math
-import numbers
 import os
 import re
 import shutil
@@ -51,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext, device_list
+from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext, device_list, is_int, is_number
 from watcher.evaluators.lm_eval_backend import flatten_results, to_json_safe
 
 # lmms-eval's model class for LLaVA-family Hugging Face checkpoints (lmms_eval/models/simple/llava_hf.py and
@@ -209,15 +208,15 @@ def parse_options(options: Mapping[str, Any]) -> LmmsEvalOptions:
             )
 
     limit = options.get("limit")
-    if limit is not None and (not _is_number(limit) or not 0 < limit < math.inf):
+    if limit is not None and (not is_number(limit) or not 0 < limit < math.inf):
         raise EvaluatorError(f"lmms_eval option 'limit' must be a positive number (<1 is a fraction), got {limit!r}")
 
     batch_size = options.get("batch_size", DEFAULT_BATCH_SIZE)
-    if not (_is_int(batch_size) and batch_size > 0):
+    if not (is_int(batch_size) and batch_size > 0):
         raise EvaluatorError(f"lmms_eval option 'batch_size' must be a positive integer, got {batch_size!r}")
 
     num_fewshot = options.get("num_fewshot")
-    if num_fewshot is not None and (not _is_int(num_fewshot) or num_fewshot < 0):
+    if num_fewshot is not None and (not is_int(num_fewshot) or num_fewshot < 0):
         raise EvaluatorError(f"lmms_eval option 'num_fewshot' must be a non-negative integer, got {num_fewshot!r}")
 
     include_path = _single_path(options, "include_path")
@@ -227,7 +226,7 @@ def parse_options(options: Mapping[str, Any]) -> LmmsEvalOptions:
 
     for key in ("poll_interval", "timeout"):
         value = options.get(key)
-        if value is not None and (not _is_number(value) or not 0 < value < math.inf):
+        if value is not None and (not is_number(value) or not 0 < value < math.inf):
             raise EvaluatorError(f"lmms_eval option {key!r} must be a positive number of seconds, got {value!r}")
 
     if python is not None:
@@ -280,14 +279,6 @@ def _single_path(options: Mapping[str, Any], key: str) -> Path | None:
     if not path.is_absolute():
         raise EvaluatorError(f"lmms_eval option {key!r} must be an absolute path, got {str(path)!r}")
     return path
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _model_args_string(model_args: Mapping[str, Any]) -> str:
