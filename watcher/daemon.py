@@ -249,10 +249,9 @@ class Daemon:
             log.error("reload rejected, keeping the running configuration: %s", exc)
             self.notifier.ready(self.status_line())
             return
-        self.outbox.close()
         new.retry_failed = False
         self.setup, self.config, self.preset = new, new.config, new.preset
-        self.outbox = Outbox(self.journal, new.sinks)
+        self.outbox.replace_sinks(new.sinks)
         log.info("configuration reloaded: preset %s, policy %s, device %s", self.preset.name, self.config.policy,
                  self.setup.device)  # fmt: skip
         self.reconcile()  # every present checkpoint gets its job of the (new) preset

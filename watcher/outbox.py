@@ -123,6 +123,14 @@ class Outbox:
         waiting = [s.next_attempt for s in self._state.values() if s.failures]
         return max(0.0, min(waiting) - time.monotonic()) if waiting else None
 
+    def replace_sinks(self, sinks: list[Sink]) -> None:
+        """A reload: these sinks from the next round on. A delivery in flight finishes and is recorded as usual
+        (its sink is closed by the next `close`); backoff state carries over by sink name."""
+        for sink in self.sinks:
+            if sink.name not in self._running:
+                sink.close()
+        self.sinks = sinks
+
     def close(self) -> None:
         for sink in self.sinks:
             try:
