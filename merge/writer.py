@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -21,7 +22,33 @@ from merge.source import DTYPES, FLOATING, MergeError, TensorSpec, WeightSource,
 DEFAULT_SHARD_BYTES = 5 * 10**9  # what transformers' save_pretrained uses ("5GB")
 INDEX_NAME = "model.safetensors.index.json"
 
-Progress = Callable[[int], None]  # called with the number of bytes just written
+# Called with the number of bytes just written, from the copy threads (so it must be thread-safe). If it also has
+# a `start(total)` method, that is called first with the bytes the whole write will add up to (see ByteProgress).
+Progress = Callable[[int], None]
+
+
+class ByteProgress:
+    """A `Progress` that hands (bytes done, bytes total) to `report`, at most every `interval` seconds and always
+    for the first and the last bytes, so that the last report has done == total. Thread-safe."""
+
+    def __init__(self, report: Callable[[int, int], None], interval: float = 0.2):
+        self.report, self.interval = report, interval
+        self.done = self.total = 0
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def start(self, total: int) -> None:
+        with self._lock:
+            self.done, self.total, self._last = 0, total, time.monotonic()
+            self.report(0, total)
+
+    def __call__(self, count: int) -> None:
+        with self._lock:
+            self.done += count
+            now = time.monotonic()
+            if self.done >= self.total or now - self._last >= self.interval:
+                self._last = now
+                self.report(self.done, self.total)
 
 
 def output_dtype(source_dtype: str, cast: str | None) -> str:
@@ -96,6 +123,9 @@ def write_weights(
     source_lock = threading.Lock()  # sources and the buffer are not thread-safe; the kernel copies are
     fds: list[int] = []
     tasks = []  # (name, fd, position in the file)
+    start = getattr(progress, "start", None)
+    if start is not None:
+        start(sum(specs[n].nbytes for n in names))
     try:
         for file, shard in zip(files, shards):
             fds.append(os.open(folder / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from pathlib import Path
 
 from watcher import __version__
-from watcher.config import POLICIES, ConfigError, WatchConfig, build_config, load_toml
+from watcher.config import LOG_FORMATS, POLICIES, ConfigError, WatchConfig, build_config, load_toml
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 SUBCOMMANDS = {  # name -> module with main(argv)
@@ -61,11 +60,17 @@ def watch_parser() -> argparse.ArgumentParser:
     parser.add_argument("--settle", type=_seconds, metavar="SECONDS", help="quiet time before a checkpoint counts")
     parser.add_argument("--sentinel", metavar="NAME", help="a checkpoint is complete when this file exists in it")
     add_wandb_arguments(parser)
+    add_logging_arguments(parser)
+    parser.add_argument("--version", action="version", version=f"ckpt-watch {__version__}")
+    return parser
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     loud = parser.add_mutually_exclusive_group()
     loud.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    parser.add_argument("--version", action="version", version=f"ckpt-watch {__version__}")
-    return parser
+    parser.add_argument("--log-format", choices=LOG_FORMATS,
+                        help="auto (default: the live view at a terminal, else plain), plain, json")  # fmt: skip
 
 
 def add_wandb_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +99,7 @@ def load_config(args: argparse.Namespace) -> WatchConfig:
     verbosity = 1 if args.verbose else (-1 if args.quiet else None)
     # Flags a command does not have (`sync` has no --device) count as not given.
     flags = ("output_dir", "device", "preset", "policy", "results_dir", "poll", "settle", "sentinel", "wandb",
-             "wandb_live", "tensorboard")  # fmt: skip
+             "wandb_live", "tensorboard", "log_format")  # fmt: skip
     config = build_config(file_values, {**{name: getattr(args, name, None) for name in flags}, "verbosity": verbosity})
     if config.output_dir is None:
         raise ConfigError("no output dir: give OUTPUT_DIR or set output_dir in the config file")
@@ -122,16 +127,28 @@ def watch_main(argv: list[str]) -> int:
         return setup
 
     setup = build_setup()
-    setup_logging(setup.config.verbosity)
-    return Daemon(setup).run(scan=args.scan)
+    log_format = resolve_log_format(setup.config.log_format)
+    if log_format != "live":
+        setup_logging(setup.config.verbosity, log_format)
+        return Daemon(setup).run(scan=args.scan)
+    from watcher.live_view import LiveView
+
+    with LiveView() as view:
+        setup_logging(setup.config.verbosity, "live", console=view.console)
+        return Daemon(setup, view=view).run(scan=args.scan)
 
 
-def setup_logging(verbosity: int) -> None:
-    level = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}.get(verbosity, logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("ckpt-watch").setLevel(level)
-    # watchdog logs its own thread's hiccups at error level; reconciliation scans already cover lost events.
-    logging.getLogger("watchdog").setLevel(logging.CRITICAL)
+def setup_logging(verbosity: int, log_format: str = "plain", console=None) -> None:
+    """See watcher/logs.py; `log_format` is plain, json or live (resolve `auto` with `resolve_log_format`)."""
+    from watcher.logs import setup_logging as setup
+
+    setup(verbosity, log_format, console)
+
+
+def resolve_log_format(log_format: str) -> str:
+    from watcher.logs import resolve_log_format as resolve
+
+    return resolve(log_format)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import shutil
 import signal
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +27,7 @@ from watcher.detect import Detector, Ready
 from watcher.devices import DeviceSpec, child_environment
 from watcher.jobs import JobPaths, RunningJob, launch
 from watcher.journal import Job, Journal
+from watcher.live_view import ResultRow, RunningView, Snapshot
 from watcher.presets import Preset
 from watcher.scheduler import decide
 from watcher.notify import Notifier
@@ -43,6 +45,8 @@ NETWORK_POLL = 10.0
 FALLBACK_POLL = 2.0  # when inotify cannot be used on a local disk
 NETWORK_SETTLE = 30.0
 LOCAL_SETTLE = 1.0
+VIEW_INTERVAL = 0.25  # seconds between snapshots for the live view (it redraws 4 times a second)
+RECENT_RESULTS = 8  # rows in the live view's results table
 THOROUGH_RESCAN = 300.0  # seconds between re-walks of every journaled checkpoint (re-saves that kept names)
 STOP_GRACE = 10.0  # seconds a job's process group gets between SIGTERM and SIGKILL when it is stopped
 # Settings a reload cannot change: they name what is watched and where its state lives (restart for those).
@@ -113,7 +117,8 @@ def make_sinks(config: WatchConfig, results_dir: Path, force: bool = False) -> l
 
 
 class Daemon:
-    def __init__(self, setup: Setup):
+    def __init__(self, setup: Setup, view: Any = None):
+        """`view`: something with `update(Snapshot)` (watcher/live_view.py's LiveView), fed from the main loop."""
         self.setup = setup
         self.config = setup.config
         self.preset = setup.preset
@@ -136,6 +141,10 @@ class Daemon:
         self._stop_deadline = 0.0  # time.monotonic() until which a running job may still finish
         self._reload_requested = False
         self._feed: InotifyFeed | PollingFeed | None = None
+        self._mode = "?"  # inotify, polling every N s, or scan (set by _announce)
+        self.view = view
+        self._next_view = 0.0
+        self._recent: deque[dict[str, Any]] | None = None  # the latest results, for the view (loaded lazily)
 
     # --- the main loop ---------------------------------------------------------------------------------------
 
@@ -180,6 +189,8 @@ class Daemon:
             if self._stop_requested and (self.running is None or time.monotonic() >= self._stop_deadline):
                 break
             self.notifier.status(self.status_line())
+            if self.view is not None:
+                self._update_view()
             if (scan or finish_when) and self.idle() and (finish_when is None or finish_when()):
                 if final_look:
                     break
@@ -216,6 +227,8 @@ class Daemon:
             log.warning("results not yet delivered (they stay in the journal; `ckpt-watch sync %s` delivers them): %s",
                         self.output_dir, ", ".join(f"{name} {n}" for name, n in pending.items()))  # fmt: skip
         self.outbox.close()
+        if self.view is not None:
+            self._update_view(force=True)
         self.journal.close()
         if failed:
             log.error("%d job(s) failed; see the logs under %s (use --retry-failed to run them again)",
@@ -261,8 +274,13 @@ class Daemon:
         """What the daemon does, in one line (systemd's STATUS=, `systemctl status`)."""
         pending = len(self.journal.jobs(self.preset.name, ["pending"]))
         if self.running is not None:
-            job = self.running.job
-            return (f"{self.running.stage} {job.checkpoint.name}/{job.variant} ({self.preset.name}); "
+            job, progress = self.running.job, self.running.progress
+            detail = ""
+            if progress.get("total"):
+                detail = f" {100 * progress.get('done', 0) // progress['total']}%"
+            elif progress.get("steps"):
+                detail = f" (step {progress.get('step')} of {progress['steps']}: {progress.get('backend')})"
+            return (f"{self.running.stage}{detail} {job.checkpoint.name}/{job.variant} ({self.preset.name}); "
                     f"{pending} more queued")  # fmt: skip
         if self._stop_requested:
             return "stopping"
@@ -410,6 +428,8 @@ class Daemon:
         record = self._build_record(job, running, outcome, attempt)
         if not self.journal.finish(job.id, record):
             return
+        if self._recent is not None:
+            self._recent.append(record)
         if ok:
             shown = [k for k in record["metrics"] if not k.endswith("_stderr")][:5]
             headline = ", ".join(f"{k}={record['metrics'][k]:.4g}" for k in shown)
@@ -417,6 +437,52 @@ class Daemon:
         else:
             log.error("%s failed after %d attempt(s): %s", self._describe(job), attempt, record["error"])
         self.deliver_pending()
+
+    def snapshot(self) -> Snapshot:
+        """What the live view shows, as plain data (see watcher/live_view.py)."""
+        from watcher.status_command import headline_metrics
+
+        pending = sorted(self.journal.jobs(self.preset.name, ["pending"]), key=lambda j: (j.checkpoint.step, j.variant))
+        running = None
+        if self.running is not None:
+            job, progress = self.running.job, self.running.progress
+
+            def number(key: str) -> int | None:
+                value = progress.get(key)
+                return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+            running = RunningView(checkpoint=job.checkpoint.name, variant=job.variant, stage=self.running.stage,
+                                  started_at=self.running.started, done=number("done"), total=number("total"),
+                                  step=number("step"), steps=number("steps"),
+                                  backend=str(progress["backend"]) if "backend" in progress else None)  # fmt: skip
+        if self._recent is None:
+            self._recent = deque(self.journal.results()[-RECENT_RESULTS:], maxlen=RECENT_RESULTS)
+        recent = list(self._recent)
+        names = {m for r in recent if r["status"] == "ok" for m in r.get("metrics", {})}
+        headlines = headline_metrics(names) or sorted(n for n in names if not n.endswith("_stderr"))[:4]
+        rows = [ResultRow(step=r["step"], checkpoint=r["checkpoint"], variant=r["variant"], preset=r["preset"],
+                          status=r["status"], walltime_s=float(r.get("walltime_s") or 0.0),
+                          metrics={k: v for k, v in r.get("metrics", {}).items() if k in headlines},
+                          error=r.get("error")) for r in recent]  # fmt: skip
+        return Snapshot(
+            output_dir=str(self.output_dir),
+            mode=self._mode,
+            preset=self.preset.name,
+            policy=self.config.policy,
+            device=str(self.setup.device),
+            queue=[(j.checkpoint.name, j.variant) for j in pending],
+            running=running,
+            results=rows,
+            headlines=headlines,
+            undelivered={sink.name: self.journal.undelivered_count(sink.name) for sink in self.outbox.sinks},
+            stopping=self._stop_requested,
+        )
+
+    def _update_view(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now >= self._next_view:
+            self._next_view = now + VIEW_INTERVAL
+            self.view.update(self.snapshot())
 
     def _build_record(self, job: Job, running: RunningJob, outcome: dict[str, Any], attempt: int) -> dict[str, Any]:
         finished = time.time()
@@ -499,6 +565,7 @@ class Daemon:
     def _announce(self, scan: bool) -> None:
         mode = "scan" if scan else (self._feed.mode if self._feed else "?")
         where = f"polling every {self.setup.poll:g} s" if (self._feed and self._feed.mode == "polling") else mode
+        self._mode = where
         log.info("ckpt-watch %s: %s (%s), preset %s, policy %s, device %s, settle %g s, results in %s",
                  __version__, self.output_dir, where, self.preset.name, self.config.policy, self.setup.device,
                  self.setup.settle, self.results_dir)  # fmt: skip

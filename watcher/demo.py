@@ -2,7 +2,8 @@
 
 A tiny causal LM is trained by the real `transformers.Trainer` on the CPU in a child process, saving a
 checkpoint every few seconds into a temporary output dir, while the daemon watches that dir with the offline
-`smoke` preset. When training has ended and every checkpoint is evaluated, the results table is printed.
+`smoke` preset (shown in the live view at a terminal, as plain log lines otherwise). When training has ended and every
+checkpoint is evaluated, the results table is printed.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from watcher.cli import EXIT_FAILED, EXIT_OK, _Parser, setup_logging
-from watcher.config import WatchConfig, build_config
+from watcher.cli import EXIT_FAILED, EXIT_OK, _Parser, resolve_log_format, setup_logging
+from watcher.config import LOG_FORMATS, WatchConfig, build_config
 from watcher.sinks import read_results
 
 
@@ -26,8 +27,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--save-steps", type=int, default=10, help="steps between checkpoints (default: 10)")
     parser.add_argument("--step-delay", type=float, default=0.15, help="seconds slept per step (default: 0.15)")
     parser.add_argument("--output-dir", type=Path, help="keep the run here instead of a temporary dir")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="auto",
+                        help="auto (default: the live view at a terminal, else plain), plain, json")  # fmt: skip
     args = parser.parse_args(argv)
-    setup_logging(0)
+    args.log_format = resolve_log_format(args.log_format)
+    if args.log_format != "live":
+        setup_logging(0, args.log_format)
     if args.output_dir is not None:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         return run_demo(args, args.output_dir.resolve())
@@ -36,7 +41,7 @@ def main(argv: list[str]) -> int:
 
 
 def run_demo(args: argparse.Namespace, output_dir: Path) -> int:
-    from watcher.daemon import Daemon, resolve_setup
+    from watcher.daemon import resolve_setup
     from watcher.devices import check_available, parse_device
     from watcher.presets import get_preset
 
@@ -55,7 +60,8 @@ def run_demo(args: argparse.Namespace, output_dir: Path) -> int:
         stdout=train_log, stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
     try:
-        status = Daemon(setup).run(finish_when=lambda: trainer.poll() is not None)
+        log_format = getattr(args, "log_format", "plain")
+        status = _run_daemon(setup, log_format, finish_when=lambda: trainer.poll() is not None)
     finally:
         if trainer.poll() is None:
             trainer.terminate()
@@ -69,6 +75,18 @@ def run_demo(args: argparse.Namespace, output_dir: Path) -> int:
     print_results(records)
     failed = any(r["status"] != "ok" for r in records)
     return EXIT_FAILED if failed or status else EXIT_OK
+
+
+def _run_daemon(setup, log_format: str, finish_when) -> int:
+    from watcher.daemon import Daemon
+
+    if log_format != "live":
+        return Daemon(setup).run(finish_when=finish_when)
+    from watcher.live_view import LiveView
+
+    with LiveView() as view:
+        setup_logging(0, "live", console=view.console)
+        return Daemon(setup, view=view).run(finish_when=finish_when)
 
 
 def print_results(records: list[dict]) -> None:

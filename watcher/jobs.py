@@ -49,11 +49,15 @@ class RunningJob:
         self.deadline = self.started + timeout
         self.timeout = timeout
         self.stage = "preparing"
+        self.progress: dict[str, Any] = {}  # the latest report's progress: done/total, or step/steps/backend
+        self._reported: str | None = None  # the stage of the child's last report
         self._status_fd = status_fd
         self._buffer = b""
 
     def new_stages(self) -> list[str]:
-        """Stages the child reported since the last call (non-blocking)."""
+        """Stages the child entered since the last call (non-blocking; a stage repeated with new progress is
+        not listed again). Progress on the way is kept in `progress`: the latest report's keys besides "stage"
+        (see the protocol in watcher/worker.py), empty for a bare stage line."""
         stages = []
         while True:
             try:
@@ -68,11 +72,16 @@ class RunningJob:
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
             try:
-                stages.append(json.loads(line)["stage"])
+                message = json.loads(line)
+                stage = message["stage"]
             except (ValueError, KeyError, TypeError):
                 continue
-        if stages:
-            self.stage = stages[-1]
+            if not isinstance(stage, str):
+                continue
+            if stage != self._reported:
+                stages.append(stage)
+            self._reported = self.stage = stage
+            self.progress = {k: v for k, v in message.items() if k != "stage"}
         return stages
 
     def poll(self) -> int | None:

@@ -295,6 +295,13 @@ class Journal:
         )
         return [json.loads(r["record"]) for r in rows]
 
+    def undelivered_count(self, sink: str) -> int:
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM results WHERE result_id NOT IN (SELECT result_id FROM deliveries WHERE sink = ?)",
+            (sink,),
+        ).fetchone()
+        return int(row[0])
+
     def mark_delivered(self, result_id: str, sink: str) -> None:
         self.mark_delivered_many([result_id], sink)
 

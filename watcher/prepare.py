@@ -8,16 +8,22 @@ folder, streaming, with memory that does not grow with the model.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from merge import MergeError, is_consolidated, merge_checkpoint
+from merge.writer import ByteProgress
 
 
 class PrepareError(RuntimeError):
     """The checkpoint cannot be turned into a loadable model folder; the message says why."""
 
 
-def prepare_model(checkpoint: Path, variant: str, workdir: Path, base_model: Path | None = None) -> tuple[Path, bool]:
+def prepare_model(checkpoint: Path, variant: str, workdir: Path, base_model: Path | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> tuple[Path, bool]:  # fmt: skip
     """Return (model folder, whether it was merged) for this checkpoint's `variant` weights.
+
+    `progress(done, total)`: bytes of merged weights written so far, of how many (a merge only; throttled to at
+    most every 0.2 s, and the last call has done == total).
 
     Never writes inside the checkpoint folder: the trainer owns it (and sorts checkpoints by mtime).
     """
@@ -29,7 +35,8 @@ def prepare_model(checkpoint: Path, variant: str, workdir: Path, base_model: Pat
         return checkpoint, False
     out = workdir / "model"
     try:
-        merge_checkpoint(checkpoint, out, variant, base_model=base_model)
+        merge_checkpoint(checkpoint, out, variant, base_model=base_model,
+                         progress=ByteProgress(progress) if progress else None)  # fmt: skip
     except MergeError as exc:
         if not checkpoint.is_dir():
             raise FileNotFoundError(f"checkpoint folder is gone: {checkpoint}") from None

@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
     loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     args = parser.parse_args(argv)
     config = load_config(args)
-    setup_logging(config.verbosity)
+    setup_logging(config.verbosity, "json" if config.log_format == "json" else "plain")  # no live view here
     results_dir, journal_path = resolve_setup_paths(config)
     if not journal_path.is_file():
         log.info("nothing to deliver: no journal at %s", journal_path)

@@ -4,6 +4,15 @@ Run as `python -m watcher.worker SPEC.json` by `watcher.jobs`, with CUDA_VISIBLE
 heavy work (torch, lm-eval) and any crash, out-of-memory kill or hang stay inside this process. It reports its
 stage through a pipe (CKPT_WATCH_STATUS_FD) and writes its outcome atomically to the spec's `outcome_path`;
 stdout and stderr go to the job's log file.
+
+The status pipe carries one JSON object per line, each with a "stage"; progress rides along in optional keys:
+
+    {"stage": "preparing"}
+    {"stage": "preparing", "done": BYTES, "total": BYTES}          merged weights written (every <= 0.2 s, and last
+                                                                  with done == total)
+    {"stage": "evaluating", "step": I, "steps": N, "backend": NAME}   evaluator step I of N (1-based) begins
+
+A reader must ignore keys it does not know (and lines that are not JSON objects with a "stage").
 """
 
 from __future__ import annotations
@@ -23,14 +32,17 @@ from watcher.lifeline import die_with_parent
 from watcher.prepare import PrepareError
 
 
-def _report_stage(stage: str) -> None:
+def _report_stage(stage: str, **progress: Any) -> None:
+    """Tell the daemon (see the protocol above); byte progress is not echoed into the job's log."""
     fd = os.environ.get("CKPT_WATCH_STATUS_FD")
     if fd:
-        try:
-            os.write(int(fd), (json.dumps({"stage": stage}) + "\n").encode())
+        try:  # one short write() to a pipe is atomic: lines from the merge's copy threads never interleave
+            os.write(int(fd), (json.dumps({"stage": stage, **progress}) + "\n").encode())
         except OSError:
             pass
-    print(f"[ckpt-watch] stage: {stage}", flush=True)
+    if "done" not in progress:
+        extra = f" (step {progress['step']} of {progress['steps']}: {progress['backend']})" if progress else ""
+        print(f"[ckpt-watch] stage: {stage}{extra}", flush=True)
 
 
 def run_job(spec: dict[str, Any]) -> dict[str, Any]:
@@ -45,17 +57,21 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     _report_stage("preparing")
     start = time.time()
     base_model = Path(spec["base_model"]) if spec.get("base_model") else None
-    model_dir, merged = prepare_model(Path(spec["checkpoint_path"]), spec["variant"], workdir, base_model)
+    model_dir, merged = prepare_model(Path(spec["checkpoint_path"]), spec["variant"], workdir, base_model,
+                                      progress=lambda done, total: _report_stage("preparing", done=done, total=total))
     timings["prepare_s"] = round(time.time() - start, 3)
     stages["prepare"] = _stage_usage(start)
 
-    _report_stage("evaluating")
+    steps = spec["preset"]["evaluators"]
+    if not steps:
+        _report_stage("evaluating")
     context = JobContext(checkpoint=spec["checkpoint_name"], step=int(spec["step"]), variant=spec["variant"])
     metrics: dict[str, float] = {}
     raw: dict[str, Any] = {}
     versions: dict[str, str] = {}
     evaluate_start = time.time()
-    for index, step in enumerate(spec["preset"]["evaluators"]):
+    for index, step in enumerate(steps):
+        _report_stage("evaluating", step=index + 1, steps=len(steps), backend=step["backend"])
         start = time.time()
         evaluator = get_evaluator(step["backend"])
         step_dir = workdir / f"{index}-{step['backend']}"

@@ -1,0 +1,152 @@
+"""The live view at a terminal: what is watched, the queue, the running job's stage and progress, the latest results.
+
+The daemon hands `LiveView.update` a `Snapshot` (plain data, built by `Daemon.snapshot`) at most 4 times a second,
+and only when a view is active; this module knows nothing else about the daemon. `rich.live.Live` redraws from the
+newest snapshot 4 times a second in its own thread, and log records go through the same console (see
+watcher/logs.py), so they scroll above the view instead of tearing it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+REFRESH_PER_SECOND = 4
+
+
+@dataclass(frozen=True)
+class RunningView:
+    checkpoint: str
+    variant: str
+    stage: str  # preparing | evaluating
+    started_at: float  # time.time() when the job started; elapsed = now - started_at
+    done: int | None = None  # preparing (a merge): bytes written so far ...
+    total: int | None = None  # ... of this many
+    step: int | None = None  # evaluating: evaluator step (1-based) ...
+    steps: int | None = None  # ... of this many
+    backend: str | None = None  # the step's backend
+
+    def elapsed(self, now: float | None = None) -> float:
+        return max(0.0, (time.time() if now is None else now) - self.started_at)
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    step: int
+    checkpoint: str
+    variant: str
+    preset: str
+    status: str  # ok | failed
+    walltime_s: float
+    metrics: dict[str, float] = field(default_factory=dict)  # the headline metrics only
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    output_dir: str
+    mode: str  # "inotify", "polling every 10 s" or "scan"
+    preset: str
+    policy: str
+    device: str
+    queue: list[tuple[str, str]] = field(default_factory=list)  # pending (checkpoint, variant), in step order
+    running: RunningView | None = None
+    results: list[ResultRow] = field(default_factory=list)  # the latest few, oldest first
+    headlines: list[str] = field(default_factory=list)  # metric columns of the results table
+    undelivered: dict[str, int] = field(default_factory=dict)  # results a sink has not yet taken, per sink
+    stopping: bool = False
+
+
+class LiveView:
+    """`with LiveView() as view: ... view.update(snapshot)`; `view.console` is where log records must go."""
+
+    def __init__(self, console: Any = None):
+        from rich.console import Console
+        from rich.live import Live
+
+        self.console = console if console is not None else Console()
+        self._snapshot: Snapshot | None = None
+        self._live = Live(console=self.console, refresh_per_second=REFRESH_PER_SECOND, transient=False,
+                          get_renderable=lambda: render(self._snapshot))  # fmt: skip
+
+    def update(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot  # drawn by Live's refresh thread; replacing the reference is atomic
+
+    def __enter__(self) -> "LiveView":
+        self._live.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._live.stop()  # draws once more: the last state stays on the screen
+
+
+def render(snapshot: Snapshot | None, now: float | None = None):
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
+    if snapshot is None:
+        return Text("ckpt-watch: starting ...", style="dim")
+    now = time.time() if now is None else now
+    head = Table.grid(padding=(0, 1))
+    head.add_column(style="bold", no_wrap=True)
+    head.add_column()
+    head.add_row("watching", Text.assemble(snapshot.output_dir, " (", (snapshot.mode, "cyan"), ")"))
+    head.add_row("preset", f"{snapshot.preset}, policy {snapshot.policy}, device {snapshot.device}")
+
+    job = snapshot.running
+    if job is not None:
+        line = Table.grid(padding=(0, 1))
+        for _ in range(5):
+            line.add_column(no_wrap=True)
+        if job.stage == "preparing" and job.total:
+            bar = ProgressBar(total=job.total, completed=min(job.done or 0, job.total), width=30)
+            detail = f"merging {_bytes(job.done or 0)} of {_bytes(job.total)}"
+        elif job.stage == "evaluating" and job.steps:
+            bar = ProgressBar(total=None, width=30, animation_time=now)  # no request counts: it pulses
+            detail = f"step {job.step} of {job.steps}: {job.backend}"
+        else:
+            bar = ProgressBar(total=None, width=30, animation_time=now)
+            detail = ""
+        line.add_row(Text(f"{job.checkpoint}/{job.variant}", style="bold"), Text(job.stage, style="yellow"), bar,
+                     detail, f"{job.elapsed(now):.0f} s")  # fmt: skip
+        head.add_row("running", line)
+    else:
+        head.add_row("running", Text("stopping" if snapshot.stopping else "nothing (idle)", style="dim"))
+    queued = ", ".join(f"{name}/{variant}" for name, variant in snapshot.queue[:6])
+    more = f" and {len(snapshot.queue) - 6} more" if len(snapshot.queue) > 6 else ""
+    head.add_row("queue", f"{len(snapshot.queue)}" + (f": {queued}{more}" if queued else ""))
+    waiting = {name: n for name, n in snapshot.undelivered.items() if n}
+    if waiting:
+        head.add_row("undelivered", ", ".join(f"{name} {n}" for name, n in waiting.items()))
+
+    results = Table(title="latest results", title_justify="left", expand=False)
+    results.add_column("step", justify="right")
+    results.add_column("variant")
+    if len({r.preset for r in snapshot.results}) > 1:
+        results.add_column("preset")
+    results.add_column("status")
+    for name in snapshot.headlines:
+        results.add_column(name, justify="right")
+    results.add_column("time (s)", justify="right")
+    several = len({r.preset for r in snapshot.results}) > 1
+    for row in snapshot.results:
+        status = Text(row.status, style="green" if row.status == "ok" else "red")
+        cells = [f"{row.metrics[n]:.4g}" if n in row.metrics else "" for n in snapshot.headlines]
+        if row.status != "ok" and row.error and snapshot.headlines:
+            cells[0] = Text(row.error[:60], style="red")
+        results.add_row(str(row.step), row.variant, *([row.preset] if several else []), status, *cells,
+                        f"{row.walltime_s:.1f}")  # fmt: skip
+    if not snapshot.results:
+        return Group(head, Text("no results yet", style="dim"))
+    return Group(head, results)
+
+
+def _bytes(count: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.3g} {unit}"
+        count /= 1000
+    return f"{count:.3g} TB"
