@@ -170,3 +170,18 @@ def test_plot_errors_are_one_line(scanned, tmp_path):
     gif = ckpt_watch("plot", scanned, "-o", tmp_path / "x.gif", timeout=60)
     assert gif.returncode == 2 and "unsupported picture format '.gif'" in gif.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_pending_deliveries_follow_the_sinks_the_daemon_recorded(scanned):
+    """status needs none of the daemon's flags: the daemon records its sinks in the journal."""
+    db = scanned / "ckpt-watch" / "journal.sqlite"
+    with sqlite3.connect(db) as writer:
+        recorded = json.loads(writer.execute("SELECT value FROM meta WHERE key = 'sinks'").fetchone()[0])
+        assert recorded == ["files", "wandb", "tensorboard"]
+        writer.execute("UPDATE meta SET value = ? WHERE key = 'sinks'", (json.dumps(recorded + ["elsewhere"]),))
+    try:
+        rows = json.loads(status(scanned, "--json").stdout)
+        assert {tuple(r["pending_sinks"]) for r in rows if r["result_id"]} == {("elsewhere",)}
+    finally:
+        with sqlite3.connect(db) as writer:
+            writer.execute("UPDATE meta SET value = ? WHERE key = 'sinks'", (json.dumps(recorded),))

@@ -135,6 +135,7 @@ class Daemon:
             sentinel=self.config.sentinel,
         )
         self.outbox = Outbox(self.journal, setup.sinks)
+        self.journal.set_meta("sinks", [sink.name for sink in setup.sinks])
         self.notifier = Notifier()
         self.running: RunningJob | None = None
         self._stop_requested = False
@@ -265,6 +266,7 @@ class Daemon:
         new.retry_failed = False
         self.setup, self.config, self.preset = new, new.config, new.preset
         self.outbox.replace_sinks(new.sinks)
+        self.journal.set_meta("sinks", [sink.name for sink in new.sinks])
         log.info("configuration reloaded: preset %s, policy %s, device %s", self.preset.name, self.config.policy,
                  self.setup.device)  # fmt: skip
         self.reconcile()  # every present checkpoint gets its job of the (new) preset

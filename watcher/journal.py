@@ -65,6 +65,10 @@ CREATE TABLE IF NOT EXISTS deliveries (
     delivered_at REAL NOT NULL,
     PRIMARY KEY (result_id, sink)
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key          TEXT PRIMARY KEY,
+    value        TEXT NOT NULL         -- JSON
+);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
 """
 
@@ -301,6 +305,12 @@ class Journal:
             (sink,),
         ).fetchone()
         return int(row[0])
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Facts about the running daemon that readers need, e.g. "sinks": the sinks results are delivered to
+        (so `ckpt-watch status` knows which deliveries are pending without knowing the daemon's flags)."""
+        with self._tx():
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
 
     def mark_delivered(self, result_id: str, sink: str) -> None:
         self.mark_delivered_many([result_id], sink)

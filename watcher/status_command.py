@@ -62,7 +62,7 @@ def open_journal_readonly(path: Path) -> sqlite3.Connection:
     return db
 
 
-def read_status(journal_path: Path, expected_sinks: Iterable[str] = ("files",), preset: str | None = None,
+def read_status(journal_path: Path, expected_sinks: Iterable[str] | None = None, preset: str | None = None,
                 now: float | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """One dict per job (stable keys, see `ROW_KEYS`), ordered by step, generation, variant, preset."""
     now = time.time() if now is None else now
@@ -83,6 +83,10 @@ def read_status(journal_path: Path, expected_sinks: Iterable[str] = ("files",), 
                 return []  # a daemon that has only just created the file
             raise
         latest = _latest_results(db)
+        try:  # the sinks the daemon delivers to, as it recorded them (journals of older daemons lack the table)
+            recorded = db.execute("SELECT value FROM meta WHERE key = 'sinks'").fetchone()
+        except sqlite3.OperationalError:
+            recorded = None
         delivered: dict[str, set[str]] = {}
         for row in db.execute("SELECT result_id, sink FROM deliveries"):
             delivered.setdefault(row["result_id"], set()).add(row["sink"])
@@ -91,7 +95,9 @@ def read_status(journal_path: Path, expected_sinks: Iterable[str] = ("files",), 
         raise ConfigError(f"cannot read the journal {journal_path}: {exc}") from None
     finally:
         db.close()
-    sinks = sorted(set(expected_sinks) | {s for seen in delivered.values() for s in seen})
+    if recorded is not None and expected_sinks is None:
+        expected_sinks = json.loads(recorded["value"])
+    sinks = sorted(set(expected_sinks or ("files",)) | {s for seen in delivered.values() for s in seen})
     if preset is not None:
         known = sorted({job["preset"] for job in jobs})
         jobs = [job for job in jobs if job["preset"] == preset]
@@ -179,7 +185,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", type=Path, help="the daemon's config file (for its results dir and journal)")
     parser.add_argument("--results-dir", type=Path, help="default: OUTPUT_DIR/ckpt-watch")
     parser.add_argument("--preset", dest="only_preset", metavar="NAME", help="only this preset's jobs")
-    # Which sinks a result waits for: as the daemon was started (any sink that ever took a result counts too).
+    # Which sinks a result waits for: as the daemon recorded them in the journal; these flags override that.
     parser.add_argument("--wandb", metavar="auto|off|...", help="as given to the daemon (off: W&B is no sink)")
     parser.add_argument("--tensorboard", metavar="auto|off|DIR", help="as given to the daemon")
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows, for scripts")
@@ -190,7 +196,9 @@ def main(argv: list[str]) -> int:
     if not journal_path.is_file():
         raise ConfigError(f"no ckpt-watch journal for {config.output_dir} (looked for {journal_path}; has the "
                           "daemon run on it? --results-dir or --config tell where its results are)")  # fmt: skip
-    sinks = ["files"] + [name for name in ("wandb", "tensorboard") if getattr(config, name) != "off"]
+    sinks = None  # as the daemon recorded them
+    if args.wandb is not None or args.tensorboard is not None:
+        sinks = ["files"] + [name for name in ("wandb", "tensorboard") if getattr(config, name) != "off"]
     rows = read_status(journal_path, sinks, args.only_preset)
     if args.json:
         print(json.dumps(rows, indent=2))
