@@ -189,7 +189,8 @@ class Daemon:
                 self.schedule()
             if self._stop_requested and (self.running is None or time.monotonic() >= self._stop_deadline):
                 break
-            self.notifier.status(self.status_line())
+            if self.notifier.enabled:  # status_line() queries the journal: not every tick for nobody
+                self.notifier.status(self.status_line())
             if self.view is not None:
                 self._update_view()
             if (scan or finish_when) and self.idle() and (finish_when is None or finish_when()):

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from watcher.merge_command import human_bytes
+
 REFRESH_PER_SECOND = 4
 
 
@@ -103,7 +105,7 @@ def render(snapshot: Snapshot | None, now: float | None = None):
             line.add_column(no_wrap=True)
         if job.stage == "preparing" and job.total:
             bar = ProgressBar(total=job.total, completed=min(job.done or 0, job.total), width=30)
-            detail = f"merging {_bytes(job.done or 0)} of {_bytes(job.total)}"
+            detail = f"merging {human_bytes(job.done or 0)} of {human_bytes(job.total)}"
         elif job.stage == "evaluating" and job.steps:
             bar = ProgressBar(total=None, width=30, animation_time=now)  # no request counts: it pulses
             detail = f"step {job.step} of {job.steps}: {job.backend}"
@@ -142,11 +144,3 @@ def render(snapshot: Snapshot | None, now: float | None = None):
     if not snapshot.results:
         return Group(head, Text("no results yet", style="dim"))
     return Group(head, results)
-
-
-def _bytes(count: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if count < 1000:
-            return f"{count:.3g} {unit}"
-        count /= 1000
-    return f"{count:.3g} TB"

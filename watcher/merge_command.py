@@ -75,11 +75,13 @@ def main(argv: list[str]) -> int:
         return EXIT_FAILED
     seconds = time.monotonic() - start
     rate = written / seconds if seconds > 0 else 0.0
-    print(f"wrote {_human(written)} ({', '.join(variants)}) to {args.output} in {seconds:.1f} s ({_human(rate)}/s)")
+    print(f"wrote {human_bytes(written)} ({', '.join(variants)}) to {args.output} in {seconds:.1f} s "
+          f"({human_bytes(rate)}/s)")
     return EXIT_OK
 
 
-def _human(count: float) -> str:
+def human_bytes(count: float) -> str:
+    """1234567 -> '1.23 MB' (decimal units, as disks and `ls -lh --si` count)."""
     for unit in ("B", "kB", "MB", "GB"):
         if count < 1000:
             return f"{count:.3g} {unit}"
