@@ -110,7 +110,8 @@ def load_config(args: argparse.Namespace) -> WatchConfig:
 
 
 def watch_main(argv: list[str]) -> int:
-    from watcher.daemon import Daemon, resolve_setup
+    from watcher.daemon import Daemon
+    from watcher.setup import resolve_setup
     from watcher.devices import check_available, parse_device
     from watcher.presets import get_preset
 

@@ -7,8 +7,6 @@ processes, so the daemon stays small and responsive and never touches CUDA itsel
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import logging
 import os
 import shutil
@@ -16,35 +14,28 @@ import signal
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 from watcher import __version__
-from watcher.config import ConfigError, WatchConfig
+from watcher.config import ConfigError
 from watcher.detect import Detector, Ready
-from watcher.devices import DeviceSpec, child_environment
+from watcher.devices import child_environment
 from watcher.jobs import JobPaths, RunningJob, launch
 from watcher.journal import Job, Journal
 from watcher.live_view import ResultRow, RunningView, Snapshot
-from watcher.presets import Preset
 from watcher.scheduler import decide
+from watcher.setup import Setup, take_lock
 from watcher.notify import Notifier
 from watcher.outbox import Outbox
-from watcher.sinks import FileSink, Sink
 from watcher.sinks.naming import checkpoint_progress
-from watcher.sinks.tensorboard import AutoTensorBoardSink
-from watcher.sinks.wandb_run import WandbSink
-from watcher.watch import InotifyFeed, PollingFeed, is_network_filesystem
+from watcher.watch import InotifyFeed, PollingFeed
 
 log = logging.getLogger("ckpt-watch")
 
 TICK = 0.5  # seconds between looks at a running job; events wake the loop sooner
-NETWORK_POLL = 10.0
 FALLBACK_POLL = 2.0  # when inotify cannot be used on a local disk
-NETWORK_SETTLE = 30.0
-LOCAL_SETTLE = 1.0
 VIEW_INTERVAL = 0.25  # seconds between snapshots for the live view (it redraws 4 times a second)
 RECENT_RESULTS = 8  # rows in the live view's results table
 THOROUGH_RESCAN = 300.0  # seconds between re-walks of every journaled checkpoint (re-saves that kept names)
@@ -52,68 +43,6 @@ STOP_GRACE = 10.0  # seconds a job's process group gets between SIGTERM and SIGK
 # Settings a reload cannot change: they name what is watched and where its state lives (restart for those).
 FIXED_ON_RELOAD = ("output_dir", "results_dir", "journal_dir", "scratch_dir", "poll", "settle", "sentinel",
                    "checkpoint_pattern")  # fmt: skip
-
-
-@dataclass
-class Setup:
-    """Everything `Daemon` needs, resolved and checked by the CLI before anything starts."""
-
-    config: WatchConfig
-    preset: Preset
-    device: DeviceSpec
-    gpu_entries: list[str]  # CUDA_VISIBLE_DEVICES entries for jobs
-    results_dir: Path
-    journal_path: Path
-    network_fs: bool
-    settle: float
-    poll: float | None  # None: inotify
-    retry_failed: bool = False
-    sinks: list[Sink] = field(default_factory=list)
-    reload: Callable[[], "Setup"] | None = None  # builds a fresh Setup from the config file (SIGHUP)
-
-
-def resolve_setup(config: WatchConfig, preset: Preset, device: DeviceSpec, gpu_entries: list[str]) -> Setup:
-    output_dir = Path(config.output_dir)
-    results_dir, journal_path = resolve_setup_paths(config)
-    network = is_network_filesystem(output_dir)
-    settle = config.settle if config.settle is not None else (NETWORK_SETTLE if network else LOCAL_SETTLE)
-    poll = config.poll if config.poll is not None else (NETWORK_POLL if network else None)
-    return Setup(
-        config=config,
-        preset=preset,
-        device=device,
-        gpu_entries=gpu_entries,
-        results_dir=results_dir,
-        journal_path=journal_path,
-        network_fs=network,
-        settle=settle,
-        poll=poll,
-        sinks=make_sinks(config, results_dir),
-    )
-
-
-def resolve_setup_paths(config: WatchConfig) -> tuple[Path, Path]:
-    """The results dir and the journal's path (kept on local disk when the results dir is on a network fs)."""
-    results_dir = config.resolved_results_dir()
-    journal_dir = config.journal_dir
-    if journal_dir is None:
-        journal_dir = results_dir
-        if is_network_filesystem(results_dir.parent if not results_dir.exists() else results_dir):
-            # SQLite's locking and WAL need a local disk; keep the journal in the local state dir instead.
-            state_home = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
-            key = hashlib.sha256(str(results_dir.resolve()).encode()).hexdigest()[:16]
-            journal_dir = state_home / "ckpt-watch" / key
-    return results_dir, Path(journal_dir) / "journal.sqlite"
-
-
-def make_sinks(config: WatchConfig, results_dir: Path, force: bool = False) -> list[Sink]:
-    """Files always; W&B and TensorBoard unless "off". `force`: `ckpt-watch sync` (see WandbSink)."""
-    sinks: list[Sink] = [FileSink(results_dir)]
-    if config.wandb != "off":
-        sinks.append(WandbSink(config.wandb, config.wandb_live, Path(config.output_dir), results_dir, force))
-    if config.tensorboard != "off":
-        sinks.append(AutoTensorBoardSink(config.tensorboard, Path(config.output_dir)))
-    return sinks
 
 
 class Daemon:
@@ -125,7 +54,7 @@ class Daemon:
         self.output_dir = Path(self.config.output_dir)
         self.results_dir = setup.results_dir
         self.results_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = _take_lock(setup.journal_path.parent / "ckpt-watch.lock", self.results_dir)
+        self._lock = take_lock(setup.journal_path.parent / "ckpt-watch.lock", self.results_dir)
         self.journal = Journal(setup.journal_path)
         self.detector = Detector(
             self.output_dir,
@@ -604,21 +533,3 @@ class Daemon:
 
 def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
-
-
-def _take_lock(path: Path, results_dir: Path):
-    """One daemon per results dir: a second one would run every job twice."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "?"
-        handle.close()
-        raise ConfigError(f"another ckpt-watch (pid {holder}) is already using {results_dir}") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle

@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
 
 
 def run_demo(args: argparse.Namespace, output_dir: Path) -> int:
-    from watcher.daemon import resolve_setup
+    from watcher.setup import resolve_setup
     from watcher.devices import check_available, parse_device
     from watcher.presets import get_preset
 

@@ -178,7 +178,7 @@ def _iso(seconds: float | None) -> str | None:
 
 def main(argv: list[str]) -> int:
     from watcher.cli import _Parser, load_config
-    from watcher.daemon import resolve_setup_paths
+    from watcher.setup import resolve_setup_paths
 
     parser = _Parser(prog="ckpt-watch status", description=__doc__.splitlines()[0])
     parser.add_argument("output_dir", nargs="?", type=Path, help="the training run's output_dir")
