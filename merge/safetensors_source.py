@@ -17,17 +17,28 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
+MAX_HEADER = 100_000_000  # bytes; the safetensors library refuses larger headers too
+
+
 def read_header(path: Path) -> tuple[dict, int]:
     """The safetensors header (without `__metadata__`) and the offset where tensor data starts."""
     try:
         with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
             raw = handle.read(8)
             if len(raw) < 8:
                 raise MergeError(f"{path.name}: truncated safetensors file")
             (length,) = struct.unpack("<Q", raw)
+            # The length is whatever the file's first 8 bytes say: check it against the file before allocating
+            # that much (a corrupt or hostile file claiming 10^15 bytes was a MemoryError).
+            if length > min(MAX_HEADER, size - 8):
+                raise MergeError(f"{path.name}: not a safetensors file (its header claims {length} bytes; the "
+                                 f"file has {size})")  # fmt: skip
             header = json.loads(handle.read(length))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise MergeError(f"{path.name}: not a readable safetensors file ({exc})") from None
+    if not isinstance(header, dict):
+        raise MergeError(f"{path.name}: not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
     return header, 8 + length
 
@@ -53,16 +64,20 @@ class SafetensorsSource:
             header, data_start = read_header(path)
             size = os.path.getsize(path)
             for fqn, info in header.items():
-                begin, end = info["data_offsets"]
+                try:
+                    begin, end = (int(offset) for offset in info["data_offsets"])
+                    dtype_name, shape = info["dtype"], tuple(int(n) for n in info["shape"])
+                except (KeyError, TypeError, ValueError):
+                    raise MergeError(f"{file}: tensor {fqn} has a malformed header entry") from None
                 if data_start + end > size:
                     raise MergeError(f"{file}: truncated ({size} bytes, header needs {data_start + end})")
-                dtype = SAFETENSORS_TO_TORCH.get(info["dtype"])
+                dtype = SAFETENSORS_TO_TORCH.get(dtype_name) if isinstance(dtype_name, str) else None
                 if dtype is None:
-                    raise MergeError(f"{file}: tensor {fqn} has unsupported dtype {info['dtype']}")
+                    raise MergeError(f"{file}: tensor {fqn} has unsupported dtype {dtype_name}")
                 name = model_key(fqn)
                 if name in self._specs:
                     raise MergeError(f"{file}: two tensors map to the name {name}")
-                self._specs[name] = TensorSpec(dtype, tuple(info["shape"]))
+                self._specs[name] = TensorSpec(dtype, shape)
                 if self._specs[name].nbytes != end - begin:
                     raise MergeError(f"{file}: tensor {fqn} has {end - begin} bytes, its shape needs "
                                      f"{self._specs[name].nbytes}")  # fmt: skip

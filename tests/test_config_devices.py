@@ -67,3 +67,18 @@ def test_the_daemon_process_never_imports_torch():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("name, why", [
+    ("checkpoint-99999999999999999999", "larger than"),  # beyond SQLite's signed 64-bit INTEGER
+    ("checkpoint-30\n", "control characters"),  # `$` matches before a trailing newline
+    ("checkpoint-\u0663\u0660", "ASCII digits"),  # Arabic-Indic 30: int() would read it as step 30
+])  # fmt: skip
+def test_names_the_pattern_admits_but_that_cannot_be_checkpoints(name, why):
+    from watcher.config import BadCheckpointName
+
+    config = build_config({}, {})
+    assert config.step_of(name) is None
+    with pytest.raises(BadCheckpointName, match=why):
+        config.checked_step(name)
+    assert config.checked_step("checkpoint-9223372036854775807") == 2**63 - 1

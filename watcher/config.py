@@ -7,6 +7,7 @@ override the file. Unknown keys are an error naming the key, so a typo never sil
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -21,6 +22,13 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 class ConfigError(ValueError):
     """A usage or configuration problem: reported as one line, exit status 2."""
+
+
+class BadCheckpointName(ValueError):
+    """A folder name the checkpoint pattern admits that cannot be a checkpoint (the message says why)."""
+
+
+MAX_STEP = 2**63 - 1  # SQLite's INTEGER
 
 
 DEFAULT_CHECKPOINT_PATTERN = r"^(?:checkpoint|step)-(?P<step>\d+)$"
@@ -142,18 +150,49 @@ class WatchConfig:
         return Path(self.scratch_dir) if self.scratch_dir else self.resolved_results_dir() / ".work"
 
     def step_of(self, name: str) -> int | None:
-        """The training step encoded in a checkpoint folder name, or None if the name is not a checkpoint."""
+        """The training step encoded in a checkpoint folder name, or None if the name is not a checkpoint, or is
+        one the pattern admits but that cannot be used (see `checked_step`)."""
+        try:
+            return self.checked_step(name)
+        except BadCheckpointName:
+            return None
+
+    def checked_step(self, name: str) -> int | None:
+        """The step of a checkpoint folder name; None if the pattern does not match; raises BadCheckpointName
+        for a name the pattern admits but that cannot be used. The one place where names become steps."""
         match = re.match(self.checkpoint_pattern, name)
         if not match:
             return None
         groups = match.groupdict()
         text = groups.get("step") if "step" in groups else (match.group(1) if match.groups() else None)
-        return int(text) if text is not None and text.isdigit() else None
+        if text is None:
+            return None
+        # `$` also matches before a trailing newline, so `checkpoint-30\n` matches the default pattern: a name
+        # with control characters is someone else's folder, never checkpoint-30 again.
+        if any(ord(char) < 0x20 or ord(char) == 0x7F for char in name):
+            raise BadCheckpointName(f"folder {name!r} has control characters in its name")
+        if any("\udc80" <= char <= "\udcff" for char in name):  # os.listdir's surrogateescape of a bad byte
+            raise BadCheckpointName(f"folder {name!r}: its name is not valid UTF-8")
+        # \d also matches other scripts' digits, which int() would read as another checkpoint's step.
+        if not (text.isascii() and text.isdigit()):
+            raise BadCheckpointName(f"folder {name!r}: step {text!r} is not a number of ASCII digits")
+        step = int(text)
+        if step > MAX_STEP:  # the journal (SQLite) stores steps as signed 64-bit integers
+            raise BadCheckpointName(f"folder {name!r}: step {text} is larger than {MAX_STEP}")
+        return step
 
 
 FIELD_NAMES = {f.name for f in dataclasses.fields(WatchConfig)}
 _PATH_FIELDS = {"output_dir", "results_dir", "journal_dir", "scratch_dir", "base_model"}
-_FLOAT_FIELDS = {"poll", "settle", "rescan_interval", "job_timeout", "retry_backoff", "stop_grace"}
+_STRING_FIELDS = ("device", "preset", "policy", "log_format", "wandb", "wandb_live", "tensorboard", "sentinel",
+                  "checkpoint_pattern")  # fmt: skip
+_OPTIONAL = {"poll", "settle", "sentinel"}  # None: chosen from the filesystem (see watcher/setup.py) or unused
+# Seconds settings and their smallest allowed value. A zero poll or rescan interval turns the idle daemon into a
+# busy loop (it burnt half a core), so those have a floor; settle may be 0 (a sentinel-written run needs none).
+_SECONDS_FIELDS = {"poll": 0.1, "settle": 0.0, "rescan_interval": 1.0, "job_timeout": 1.0, "retry_backoff": 0.0,
+                   "stop_grace": 0.0}  # fmt: skip
+_WHY_MINIMUM = {"poll": " (a shorter poll keeps a core busy listing the output dir)",
+                "rescan_interval": " (a shorter rescan keeps a core busy listing the output dir)"}  # fmt: skip
 # Evaluator options that name files or folders (lm_eval/lmms_eval include_path, the probes' text, lmms_eval's
 # python): written relative in a config file, they mean relative to that file, like the top-level paths.
 _OPTION_PATHS = {"include_path", "text", "python"}
@@ -168,17 +207,23 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:  # tomllib decodes the whole file first: random bytes fail there
+        raise ConfigError(f"config file {path} is not valid TOML: not UTF-8 text") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     for key in data:
         if key not in FIELD_NAMES:
             raise ConfigError(f"unknown key '{key}' in config file {path}")
+    # Only values of the right type are resolved here; anything else is left for `validate` to report.
     base = Path(path).parent
     for key in _PATH_FIELDS & data.keys():
-        data[key] = (base / Path(data[key]).expanduser()).resolve()
-    tables = [*data.get("backends", {}).values()]
-    for preset in data.get("presets", {}).values():
-        tables += preset.get("evaluators", []) if isinstance(preset, dict) else []
+        if isinstance(data[key], str):
+            data[key] = (base / Path(data[key]).expanduser()).resolve()
+    backends, presets = data.get("backends", {}), data.get("presets", {})
+    tables = [*backends.values()] if isinstance(backends, dict) else []
+    for preset in presets.values() if isinstance(presets, dict) else []:
+        evaluators = preset.get("evaluators", []) if isinstance(preset, dict) else []
+        tables += evaluators if isinstance(evaluators, list) else []
     for table in tables:
         if isinstance(table, dict):
             for key in _OPTION_PATHS & table.keys():
@@ -206,18 +251,26 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> Watc
 
 
 def validate(config: WatchConfig) -> None:
-    """Check types and ranges; every message names the option."""
-    for name in _FLOAT_FIELDS:
+    """Check types and ranges; every message names the option and is one line (the CLI exits 2 with it)."""
+    for name in _STRING_FIELDS:
         value = getattr(config, name)
-        if value is None:
+        if not isinstance(value, str) and not (value is None and name in _OPTIONAL):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+    for name, minimum in _SECONDS_FIELDS.items():
+        value = getattr(config, name)
+        if value is None and name in _OPTIONAL:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ConfigError(f"{name} must be a non-negative number of seconds, got {value!r}")
+        # nan compares false with everything, and inf would never end a wait: finite numbers only.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number of seconds, got {value!r}")
+        if value < minimum:
+            floor = f"at least {minimum:g} s" if minimum > 0 else "non-negative"
+            raise ConfigError(f"{name} must be {floor}, got {value!r}{_WHY_MINIMUM.get(name, '')}")
         setattr(config, name, float(value))
     for name in _PATH_FIELDS:
         value = getattr(config, name)
         if value is not None and not isinstance(value, Path):
-            if not isinstance(value, str):
+            if not isinstance(value, str) or not value:
                 raise ConfigError(f"{name} must be a path, got {value!r}")
             setattr(config, name, Path(value).expanduser())
     if config.log_format not in LOG_FORMATS:
@@ -228,7 +281,7 @@ def validate(config: WatchConfig) -> None:
         raise ConfigError(f"variants must be a non-empty list of {', '.join(VARIANTS)}, got {config.variants!r}")
     if isinstance(config.keep_merged, bool) or not isinstance(config.keep_merged, int) or config.keep_merged < 0:
         raise ConfigError(f"keep_merged must be a non-negative integer, got {config.keep_merged!r}")
-    if not isinstance(config.max_attempts, int) or config.max_attempts < 1:
+    if isinstance(config.max_attempts, bool) or not isinstance(config.max_attempts, int) or config.max_attempts < 1:
         raise ConfigError(f"max_attempts must be a positive integer, got {config.max_attempts!r}")
     if not isinstance(config.preset, str) or not config.preset:
         raise ConfigError(f"preset must be a name, got {config.preset!r}")
@@ -249,8 +302,11 @@ def validate(config: WatchConfig) -> None:
     if not isinstance(config.backends, dict) or not all(isinstance(v, dict) for v in config.backends.values()):
         raise ConfigError("backends must be a table of [backends.NAME] tables")
     try:
-        re.compile(config.checkpoint_pattern)
+        pattern = re.compile(config.checkpoint_pattern)
     except (re.error, TypeError) as exc:
         raise ConfigError(f"checkpoint_pattern is not a valid regular expression: {exc}") from None
+    if "step" not in pattern.groupindex and pattern.groups == 0:
+        raise ConfigError(f"checkpoint_pattern must capture the step, as (?P<step>\\d+) or a first group: "
+                          f"{config.checkpoint_pattern!r} has no group")  # fmt: skip
     if config.sentinel is not None and (not isinstance(config.sentinel, str) or "/" in config.sentinel):
         raise ConfigError(f"sentinel must be a file name, got {config.sentinel!r}")

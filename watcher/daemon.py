@@ -58,7 +58,7 @@ class Daemon:
         self.journal = Journal(setup.journal_path)
         self.detector = Detector(
             self.output_dir,
-            step_of=self.config.step_of,
+            checked_step=self.config.checked_step,
             known_fingerprint=self._known_fingerprint,
             settle=setup.settle,
             sentinel=self.config.sentinel,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from watcher.completion import Verdict, check_checkpoint, snapshot
+from watcher.config import BadCheckpointName
 
 log = logging.getLogger("ckpt-watch")
 
@@ -43,14 +44,14 @@ class Detector:
     def __init__(
         self,
         output_dir: Path,
-        step_of: Callable[[str], int | None],
+        checked_step: Callable[[str], int | None],
         known_fingerprint: Callable[[str], str | None],
         settle: float,
         sentinel: str | None,
         clock: Callable[[], float] = time.time,
     ):
         self.output_dir = Path(output_dir)
-        self._step_of = step_of
+        self._checked_step = checked_step  # raises BadCheckpointName (see WatchConfig.checked_step)
         self._known = known_fingerprint  # the journal's fingerprint of the latest present generation
         self.settle = settle
         self.sentinel = sentinel
@@ -58,6 +59,7 @@ class Detector:
         self._settling: dict[str, _Settling] = {}
         self._last_reason: dict[str, str] = {}
         self._verified: dict[str, tuple[int, int]] = {}  # folder stat when it last matched the journal
+        self._rejected: set[str] = set()  # names already logged as unusable
 
     def candidates(self) -> list[str] | None:
         """Checkpoint folder names present in the output dir, one level deep; None if it cannot be listed
@@ -67,7 +69,24 @@ class Detector:
         except OSError as exc:
             log.warning("cannot list %s: %s", self.output_dir, exc)
             return None
-        return sorted(e.name for e in entries if self._step_of(e.name) is not None and _is_dir(e))
+        return sorted(e.name for e in entries if self._admits(e.name) and _is_dir(e))
+
+    def _admits(self, name: str) -> bool:
+        """Whether a listed name is a usable checkpoint name; a name the pattern admits but that cannot be one
+        (an absurd step, control characters) is logged once and ignored, so it never stops the others."""
+        try:
+            return self._checked_step(name) is not None
+        except BadCheckpointName as exc:
+            if name not in self._rejected:
+                self._rejected.add(name)
+                log.warning("ignoring %s", exc)
+            return False
+
+    def _step_of(self, name: str) -> int | None:
+        try:
+            return self._checked_step(name)
+        except BadCheckpointName:
+            return None
 
     def check(self, names: set[str] | list[str], thorough: bool = True) -> list[Ready]:
         """Look at these folders now. With `thorough=False`, a folder already matching the journal is skipped
