@@ -47,3 +47,17 @@ def test_compare_two_steps_of_a_real_run(copy_trainer_output, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "watcher", "compare", str(output), "10", "20", "--preset", "probe"],
                              capture_output=True, text=True, timeout=60)  # fmt: skip
     assert missing.returncode == 2 and "no successful probe result for step 20" in missing.stderr
+
+    # Lines that are JSON but not result records, anywhere in results.jsonl, are skipped with one warning.
+    jsonl = output / "ckpt-watch" / "results.jsonl"
+    lines = jsonl.read_bytes().splitlines(keepends=True)
+    jsonl.write_bytes(b"[]\n" + lines[0] + b"null\n123\n" + b"".join(lines[1:]) + b'{"step": "x"}\n')
+    again = subprocess.run([sys.executable, "-m", "watcher", "compare", str(output), "10", "30", "--preset", "probe",
+                            "--json"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert again.returncode == 0 and json.loads(again.stdout)["rows"] == json.loads(run.stdout)["rows"], again.stderr
+    assert "Traceback" not in again.stderr and again.stderr.count("skipped 4 line(s)") == 1, again.stderr
+    (tmp_path / "list.json").write_text("[]")
+    listed = subprocess.run([sys.executable, "-m", "watcher", "compare", str(tmp_path / "list.json"),
+                             str(output / "ckpt-watch" / "checkpoint-10" / "regular" / "probe.json")],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert listed.returncode == 2 and "not a result file" in listed.stderr and "Traceback" not in listed.stderr

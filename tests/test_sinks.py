@@ -1,6 +1,7 @@
 """The file sink: per-job JSON plus results.jsonl, idempotent across crashes."""
 
 import json
+import shutil
 
 from watcher.sinks import FileSink
 
@@ -51,3 +52,54 @@ def test_read_results_skips_a_torn_last_line(tmp_path):
         handle.write(b'{"result_id": "b", "ste')
     assert [r["result_id"] for r in read_results(tmp_path)] == ["a"]
     assert read_results(tmp_path / "nowhere") == []
+
+
+FOREIGN = b'[]\nnull\n123\n"a note"\n'  # valid JSON, but not result records
+
+
+def test_lines_that_are_not_result_records_are_skipped_with_one_warning(tmp_path, caplog):
+    from watcher.sinks import read_results
+
+    sink = FileSink(tmp_path)
+    sink.jsonl.write_bytes(FOREIGN)
+    sink.deliver([_record("a")])  # appended after them; they stay (someone else's lines)
+    with open(sink.jsonl, "ab") as handle:
+        handle.write(b"{}\nnot json at all\n[]")  # an unterminated `[]` last: whole JSON, so terminated
+    sink.deliver([_record("b", 20)])
+    sink.deliver([_record("b", 20)])  # idempotent as before
+    caplog.clear()
+    assert [r["result_id"] for r in read_results(tmp_path)] == ["a", "b"]
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "skipped 7 line(s)" in warnings[0].getMessage(), caplog.text
+    assert sink.jsonl.read_bytes().startswith(FOREIGN)
+
+
+def _scan_config(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('wandb = "off"\ntensorboard = "off"\n'
+                      '[presets.params]\n[[presets.params.evaluators]]\nbackend = "probes"\n')  # fmt: skip
+    return config
+
+
+def test_a_scan_appends_after_foreign_lines_and_fails_when_it_cannot_write(trainer_output, tmp_path):
+    """A `[]` line kept the files sink retrying forever while `--scan` exited 0."""
+    from helpers import ckpt_watch, results
+
+    output = tmp_path / "output"
+    output.mkdir()
+    shutil.copytree(trainer_output / "checkpoint-10", output / "checkpoint-10")
+    (output / "ckpt-watch").mkdir()
+    (output / "ckpt-watch" / "results.jsonl").write_bytes(FOREIGN)
+    config = _scan_config(tmp_path)
+    run = ckpt_watch(output, "--scan", "--config", config, "--preset", "params")
+    assert run.returncode == 0, run.stderr
+    assert [r["checkpoint"] for r in results(output)] == ["checkpoint-10"]
+    assert (output / "ckpt-watch" / "results.jsonl").read_bytes().startswith(FOREIGN)
+
+    # results.jsonl that cannot be written at all (here a folder): the backfill did not finish, exit 1.
+    blocked = tmp_path / "blocked"
+    shutil.copytree(trainer_output / "checkpoint-20", blocked / "checkpoint-20")
+    (blocked / "ckpt-watch" / "results.jsonl").mkdir(parents=True)
+    run = ckpt_watch(blocked, "--scan", "--config", config, "--preset", "params")
+    assert run.returncode == 1, run.stderr
+    assert "files" in run.stderr and "Traceback" not in run.stderr

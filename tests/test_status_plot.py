@@ -185,3 +185,15 @@ def test_pending_deliveries_follow_the_sinks_the_daemon_recorded(scanned):
     finally:
         with sqlite3.connect(db) as writer:
             writer.execute("UPDATE meta SET value = ? WHERE key = 'sinks'", (json.dumps(recorded),))
+
+
+def test_plot_skips_lines_that_are_not_result_records(scanned, tmp_path):
+    output = tmp_path / "output"
+    shutil.copytree(scanned / "ckpt-watch", output / "ckpt-watch")
+    jsonl = output / "ckpt-watch" / "results.jsonl"
+    lines = jsonl.read_bytes().splitlines(keepends=True)
+    jsonl.write_bytes(b"[]\n" + b"".join(lines[:2]) + b'null\n123\n{"status": "ok", "step": 5, "metrics": []}\n'
+                      + b"".join(lines[2:]))  # fmt: skip
+    run = ckpt_watch("plot", output, "-o", tmp_path / "p.png", "--metric", "mc/acc", timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr and run.stderr.count("skipped 4 line(s)") == 1, run.stderr

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from watcher.config import ConfigError
-from watcher.sinks import read_results
+from watcher.sinks import FileSink, read_results
+from watcher.sinks.files import is_result_record
 
 GROUPS = ("accuracy", "routing", "inference", "cost")
 _LOWER = ("perplexity", "bits_per_byte", "nll", "loss", "latency", "_mb", "gini", "coefficient_of_variation", "cv")
@@ -69,27 +70,32 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
 
 def load_record(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"result file not found: {path}") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise ConfigError(f"not a result file: {path} ({exc})") from None
+    if not is_result_record(record):
+        raise ConfigError(f"not a result file: {path} (not a result record)")
+    return record
 
 
-def find_record(results_dir: Path, step: int, variant: str, preset: str) -> dict[str, Any]:
-    """The newest successful result for this step, variant and preset in RESULTS_DIR/results.jsonl."""
+def find_records(results_dir: Path, steps: list[int], variant: str, preset: str) -> list[dict[str, Any]]:
+    """The newest successful result for each step (this variant and preset), from one read of
+    RESULTS_DIR/results.jsonl; the per-job file's full record where it is there."""
     if not (results_dir / "results.jsonl").is_file():
         raise ConfigError(f"no results in {results_dir} (results.jsonl is missing)")
-    found = None
+    newest = {}
     for record in read_results(results_dir):
-        if (record.get("step"), record.get("variant"), record.get("preset"), record.get("status")) == (
-            step, variant, preset, "ok"
-        ):  # fmt: skip
-            found = record
-    if found is None:
-        raise ConfigError(f"no successful {preset} result for step {step} ({variant}) in {results_dir}")
-    full = results_dir / found["checkpoint"] / variant / f"{preset}.json"
-    return load_record(full) if full.is_file() else found
+        if (record["variant"], record["preset"], record["status"]) == (variant, preset, "ok"):
+            newest[record["step"]] = record
+    found = []
+    for step in steps:
+        if step not in newest:
+            raise ConfigError(f"no successful {preset} result for step {step} ({variant}) in {results_dir}")
+        full = FileSink(results_dir).result_path(newest[step])
+        found.append(load_record(full) if full.is_file() else newest[step])
+    return found
 
 
 def main(argv: list[str]) -> int:
@@ -110,7 +116,7 @@ def main(argv: list[str]) -> int:
         if not all(s.isdigit() for s in steps):
             raise ConfigError(f"steps must be numbers, got {steps[0]!r} and {steps[1]!r}")
         results_dir = args.results_dir or Path(output_dir) / "ckpt-watch"
-        a, b = (find_record(results_dir, int(s), args.variant, args.preset) for s in steps)
+        a, b = find_records(results_dir, [int(s) for s in steps], args.variant, args.preset)
         labels = [f"step {s}" for s in steps]
     else:
         raise ConfigError("give two result files, or OUTPUT_DIR and two steps")

@@ -164,7 +164,10 @@ class Daemon:
         if failed:
             log.error("%d job(s) failed; see the logs under %s (use --retry-failed to run them again)",
                       len(failed), self.results_dir)  # fmt: skip
-        return 1 if failed else 0
+        # The files sink is local and always on: a backfill that could not write its results did not finish
+        # (W&B waiting for a live run, by contrast, is the normal `defer` case).
+        unwritten = finished_scan and pending.get("files", 0) > 0
+        return 1 if failed or unwritten else 0
 
     def request_stop(self, grace: float = 0.0) -> None:
         """Take no new job; a running one may finish within `grace` seconds. A second request stops it now."""

@@ -7,11 +7,14 @@ same files.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from watcher.atomic import write_json_atomic
+
+log = logging.getLogger("ckpt-watch")
 
 
 class FileSink:
@@ -46,12 +49,18 @@ class FileSink:
             if last is not None:
                 try:
                     previous = json.loads(last)
-                except ValueError:
-                    handle.truncate(last_start)
-                else:
+                except (ValueError, RecursionError):
+                    if not terminated:  # torn by a crash mid-append: cut off
+                        handle.truncate(last_start)
+                        previous = None
+                    else:  # a whole line that is not JSON (someone else's): kept, appended after
+                        previous = {}
+                if previous is not None:
+                    # A line that is JSON but not an object (`[]`, `null`) is someone else's too: kept.
+                    same = isinstance(previous, dict) and previous.get("result_id") == record["result_id"]
                     if not terminated:
-                        line = b"\n" + line if previous.get("result_id") != record["result_id"] else b"\n"
-                    elif previous.get("result_id") == record["result_id"]:
+                        line = b"\n" if same else b"\n" + line
+                    elif same:
                         return
             handle.write(line)  # "a" mode: always at the end
             handle.flush()
@@ -59,16 +68,40 @@ class FileSink:
 
 
 def read_results(results_dir: Path) -> list[dict[str, Any]]:
-    """Every record in RESULTS_DIR/results.jsonl, in order; a torn last line (a crash mid-append) is skipped."""
+    """Every result record in RESULTS_DIR/results.jsonl, in order. The file is a user's file too (edited, appended
+    to by scripts), so a line that is not a result record (`[]`, `null`, a note) is skipped with one warning per
+    read naming the lines; a torn last line (a crash mid-append, repaired by the next append) is skipped quietly."""
     path = results_dir / "results.jsonl"
-    records = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
+    records, skipped = [], []
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except FileNotFoundError:
+        return []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):  # also UnicodeDecodeError
+            record = None
+        if is_result_record(record):
+            records.append(record)
+        elif number < len(lines):  # the last piece has no newline after it: torn, not foreign
+            skipped.append(number)
+    if skipped:
+        shown = ", ".join(map(str, skipped[:5])) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        log.warning("%s: skipped %d line(s) that are not result records (line %s)", path, len(skipped), shown)
     return records
+
+
+def is_result_record(value: Any) -> bool:
+    """A JSON object with the fields every reader relies on (see Daemon._build_record)."""
+    return (
+        isinstance(value, dict)
+        and type(value.get("step")) is int
+        and all(isinstance(value.get(key), str) for key in ("checkpoint", "variant", "preset", "status"))
+        and isinstance(value.get("metrics", {}), dict)
+    )
 
 
 def _last_line(handle) -> tuple[bytes | None, int, bool]:
