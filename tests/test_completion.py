@@ -763,3 +763,25 @@ def test_fingerprint_subfolder_vanishing_mid_walk(copy_distributed, monkeypatch)
     fingerprint(folder)  # must not raise
     monkeypatch.undo()
     assert not (folder / "pytorch_ema_model_fsdp_0").exists()
+
+
+def test_fingerprint_ignores_metadata_only_changes_and_training_state(copy_trainer_output):
+    """`touch config.json` or deleting optimizer.pt re-ran the evaluation as a re-save; rewriting the weights
+    under the same names still is one. The activity digest (the settle window's) sees every write."""
+    folder = copy_trainer_output() / "checkpoint-10"
+    first = completion.snapshot(folder)
+    later = time.time() + 10
+    os.utime(folder / "config.json", (later, later))  # touch
+    (folder / "optimizer.pt").unlink()  # space saved after the run
+    (folder / "scheduler.pt").write_bytes((folder / "scheduler.pt").read_bytes() + b"x")
+    touched = completion.snapshot(folder)
+    assert touched.digest == first.digest
+    assert touched.activity != first.activity and touched.legacy_digest != first.legacy_digest
+    config = folder / "config.json"
+    config.write_text(config.read_text() + " ")  # a real edit changes the size
+    assert fingerprint(folder) != first.digest
+    config.write_text(config.read_text()[:-1])
+    assert fingerprint(folder) == first.digest
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # same bytes, written again: a re-save
+    assert fingerprint(folder) != first.digest

@@ -27,7 +27,7 @@ def output(trainer_output, tmp_path):
 
 def _detector(output, clock, known=None, settle=5.0):
     known = known if known is not None else {}
-    return Detector(output, WatchConfig().step_of, known.get, settle=settle, sentinel=None, clock=clock)
+    return Detector(output, WatchConfig().checked_step, known.get, settle=settle, sentinel=None, clock=clock)
 
 
 def _fresh_copy(trainer_output, output, name="checkpoint-10"):
@@ -65,11 +65,33 @@ def test_a_change_during_the_window_starts_it_again(trainer_output, output):
 
 
 def test_an_old_quiet_checkpoint_is_ready_at_once(trainer_output, output):
-    shutil.copytree(trainer_output / "checkpoint-20", output / "checkpoint-20")  # copy2 keeps the old mtimes
-    for path in (output / "checkpoint-20").iterdir():
-        os.utime(path, (time.time() - 60, time.time() - 60))
-    detector = _detector(output, Clock())
+    _fresh_copy(trainer_output, output, "checkpoint-20")
+    clock = Clock()
+    clock.now += 60  # the daemon starts a minute after the checkpoint's last write
+    detector = _detector(output, clock)
     assert [r.name for r in detector.check(detector.candidates())] == ["checkpoint-20"]
+
+
+def test_a_copy_that_keeps_old_mtimes_still_waits_for_the_settle_window(trainer_output, output):
+    """rsync -a, cp -p, shutil.copy2: files arrive with their old mtimes; the window follows ctimes too."""
+    clock = Clock()
+    folder = output / "checkpoint-20"
+    shutil.copytree(trainer_output / "checkpoint-20", folder)
+    old = time.time() - 3600
+    for path in folder.iterdir():
+        os.utime(path, (old, old))
+    detector = _detector(output, clock)
+    assert detector.check(detector.candidates()) == [] and detector.settling
+    clock.now += 3
+    # A write that leaves size and mtime as they were (a copy that preserves mtimes rewrites a file).
+    state = folder / "trainer_state.json"
+    state.write_text(state.read_text())
+    os.utime(state, (old, old))
+    assert detector.check(["checkpoint-20"]) == []
+    clock.now += 2.1  # 5.1 s after the first sight, 2.1 s after the write
+    assert detector.check(["checkpoint-20"]) == []
+    clock.now += 3
+    assert [r.name for r in detector.check(["checkpoint-20"])] == ["checkpoint-20"]
 
 
 def test_incomplete_and_known_checkpoints_are_not_ready(trainer_output, output):
@@ -95,10 +117,10 @@ def test_the_one_level_poll_skips_unchanged_known_folders_until_a_thorough_look(
     known = {"checkpoint-10": fingerprint(folder)}
     detector = _detector(output, clock, known=known, settle=0.0)
     assert detector.check(["checkpoint-10"], thorough=False) == []  # first look walks it and remembers
-    # Rewritten in place under the same names: the folder's own stat does not change.
-    state = folder / "trainer_state.json"
-    state.write_text(state.read_text())
-    os.utime(state, (time.time() + 5, time.time() + 5))
+    # The weights rewritten in place under the same names: the folder's own stat does not change.
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())
+    os.utime(weights, (time.time() + 5, time.time() + 5))
     assert detector.check(["checkpoint-10"], thorough=False) == []
     assert [r.name for r in detector.check(["checkpoint-10"], thorough=True)] == ["checkpoint-10"]
     # A new file changes the folder's mtime, so even the cheap poll walks it again.

@@ -103,3 +103,12 @@ def test_a_scan_appends_after_foreign_lines_and_fails_when_it_cannot_write(train
     run = ckpt_watch(blocked, "--scan", "--config", config, "--preset", "params")
     assert run.returncode == 1, run.stderr
     assert "files" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_each_generation_of_a_checkpoint_keeps_its_own_record_file(tmp_path):
+    """The per-job record of generation 1 was overwritten by a re-save's (results.jsonl kept both)."""
+    sink = FileSink(tmp_path)
+    sink.deliver([{**_record("a"), "generation": 1}, {**_record("b"), "generation": 2}, {**_record("c"), "generation": 3}])
+    folder = tmp_path / "checkpoint-10" / "regular"
+    assert sorted(p.name for p in folder.iterdir()) == ["smoke.g2.json", "smoke.g3.json", "smoke.json"]
+    assert [json.loads((folder / n).read_text())["result_id"] for n in ("smoke.json", "smoke.g2.json")] == ["a", "b"]

@@ -6,7 +6,7 @@ import shutil
 import signal
 import time
 
-from helpers import ckpt_watch, job_states, results, start_daemon, wait_for
+from helpers import ckpt_watch, job_states, journal_rows, results, start_daemon, wait_for
 from watcher.watch import NETWORK_FILESYSTEMS, filesystem_type
 
 
@@ -76,3 +76,60 @@ def test_folders_the_pattern_admits_but_that_cannot_be_checkpoints_fail_only_the
         assert len(warnings) == 2, run.stderr
         assert any(huge in line and "larger than" in line for line in warnings), warnings
         assert any("'checkpoint-30\\n'" in line and "control characters" in line for line in warnings), warnings
+
+
+def _generations(output, name):
+    return [g for (g,) in journal_rows(output, f"SELECT generation FROM checkpoints WHERE name = '{name}' ORDER BY 1")]
+
+
+def test_re_saves_under_inotify(trainer_output, tmp_path):
+    """`touch config.json` and deleting optimizer.pt are not re-saves; rewriting the weights is, and each
+    generation keeps its own record file. After a delete-and-recreate, an in-place rewrite was noticed only by the
+    next rescan (24.6 s; 0.4 s otherwise): the watch of the deleted folder was kept. The rescan is 300 s here, so
+    only inotify can notice it in time."""
+    output = tmp_path / "output"
+    output.mkdir()
+    config = tmp_path / "c.toml"
+    config.write_text('wandb = "off"\ntensorboard = "off"\nrescan_interval = 300\n' + PARAMS)
+    log = tmp_path / "daemon.log"
+    daemon = start_daemon(log, output, "--config", config, "--preset", "params", "--settle", "0.5")
+    folder = output / "checkpoint-10"
+    try:
+        wait_for(lambda: b"(inotify)" in log.read_bytes(), 60, what="the daemon to start watching")
+        shutil.copytree(trainer_output / "checkpoint-10", folder, copy_function=shutil.copyfile)
+        wait_for(lambda: len(results(output)) == 1, 60, what="the first result")
+
+        later = time.time() + 5
+        os.utime(folder / "config.json", (later, later))
+        (folder / "optimizer.pt").unlink()
+        # A barrier: checkpoint-20 is evaluated after any re-save of checkpoint-10 (policy all: step order).
+        shutil.copytree(trainer_output / "checkpoint-20", output / "checkpoint-20", copy_function=shutil.copyfile)
+        wait_for(lambda: len(results(output)) == 2, 60, what="checkpoint-20's result")
+        assert _generations(output, "checkpoint-10") == [1]
+
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes())
+        wait_for(lambda: len(results(output)) == 3, 60, what="the re-save's result")
+        records = [r for r in results(output) if r["checkpoint"] == "checkpoint-10"]
+        assert [r["generation"] for r in records] == [1, 2]
+        per_job = [json.loads((output / "ckpt-watch" / "checkpoint-10" / "regular" / n).read_text())["result_id"]
+                   for n in ("params.json", "params.g2.json")]  # fmt: skip
+        assert per_job == [r["result_id"] for r in records]
+
+        # Deleted and created again before the daemon looks (stopped meanwhile, so the order is certain).
+        daemon.send_signal(signal.SIGSTOP)
+        try:
+            shutil.rmtree(folder)
+            shutil.copytree(trainer_output / "checkpoint-10", folder, copy_function=shutil.copyfile)
+        finally:
+            daemon.send_signal(signal.SIGCONT)
+        wait_for(lambda: _generations(output, "checkpoint-10") == [1, 2, 3], 60, what="the recreated folder")
+        rewritten = time.monotonic()
+        (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+        wait_for(lambda: _generations(output, "checkpoint-10") == [1, 2, 3, 4], 60, what="the in-place rewrite")
+        noticed = time.monotonic() - rewritten
+        print(f"in-place rewrite after delete-and-recreate noticed after {noticed:.2f} s (settle 0.5 s)")
+        assert noticed < 15, noticed
+    finally:
+        daemon.send_signal(signal.SIGINT)
+        assert daemon.wait(timeout=60) == 0

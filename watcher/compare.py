@@ -3,9 +3,10 @@
     ckpt-watch compare A.json B.json [--json]
     ckpt-watch compare OUTPUT_DIR STEP_A STEP_B [--variant regular] [--preset smoke] [--results-dir DIR] [--json]
 
-A and B are per-job result files (RESULTS_DIR/<checkpoint>/<variant>/<preset>.json). Whether higher or lower
-is better comes from lm-eval's own `higher_is_better` in the raw output where it has one, else from the
-metric's name; metrics are grouped as accuracy, routing, inference and cost.
+A and B are per-job result files (RESULTS_DIR/<checkpoint>/<variant>/<preset>.json, <preset>.gN.json for a
+re-save's generation N). Whether higher or lower is better comes from lm-eval's own `higher_is_better` in the raw
+output where it has one, else from the metric's name; metrics are grouped as accuracy, routing, inference and
+cost.
 """
 
 from __future__ import annotations

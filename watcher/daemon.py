@@ -130,8 +130,9 @@ class Daemon:
                 self.reconcile()
                 continue
             changed = self._wait(self._timeout(next_reconcile))
-            if time.monotonic() >= next_reconcile:
-                thorough = time.monotonic() >= next_thorough
+            overflowed = self._feed is not None and self._feed.overflowed()  # events were lost: rescan now
+            if overflowed or time.monotonic() >= next_reconcile:
+                thorough = overflowed or time.monotonic() >= next_thorough
                 self.reconcile(thorough)
                 next_reconcile = time.monotonic() + self._reconcile_interval()
                 if thorough:

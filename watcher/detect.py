@@ -1,8 +1,10 @@
 """Detection: turn "something changed in the output dir" into "checkpoint-N is complete and settled".
 
-A folder becomes ready only when (1) its completion rule holds (see `watcher.completion`) and (2) its
-fingerprint (names, sizes, mtimes) stays unchanged across the settle window. A folder whose newest mtime is
-already older than the settle window (a backfill) is settled at once. The detector only reads; it never
+A folder becomes ready only when (1) its completion rule holds (see `watcher.completion`) and (2) nothing in it
+is written for the whole settle window: any write (a file's size, mtime or ctime) starts the window again. A
+folder whose newest change is already older than the settle window (a backfill) is settled at once. Whether a
+folder is new, a re-save or already journaled is decided by its fingerprint (see `completion.fingerprint`), which
+leaves out what does not change the model. The detector only reads; it never
 writes inside the output dir.
 """
 
@@ -35,7 +37,7 @@ class Ready:
 
 @dataclass
 class _Settling:
-    fingerprint: str
+    activity: str  # Snapshot.activity when the window (re)started
     since: float
     verdict: Verdict
 
@@ -130,7 +132,8 @@ class Detector:
             self._verified.pop(name, None)
             return None
         digest = state.digest
-        if digest == self._known(name):
+        known = self._known(name)
+        if known is not None and known in (digest, state.legacy_digest):
             self._settling.pop(name, None)
             self._verified[name] = (folder.st_ino, folder.st_mtime_ns)
             return None
@@ -145,12 +148,14 @@ class Detector:
         self._last_reason.pop(name, None)
         now = self._clock()
         current = self._settling.get(name)
-        if current is None or current.fingerprint != digest:
-            # First sight of this state. A folder untouched for longer than the window has settled already.
+        if current is None or current.activity != state.activity:
+            # First sight of this state, or any write since the last look (any file's size, mtime or ctime: a
+            # copy that keeps old mtimes still changes ctimes): the window starts again. A folder untouched for
+            # longer than the window has settled already.
             since = now
-            if current is None and now - state.newest_mtime >= self.settle:
+            if current is None and now - state.newest_change >= self.settle:
                 since = now - self.settle
-            current = self._settling[name] = _Settling(digest, since, verdict)
+            current = self._settling[name] = _Settling(state.activity, since, verdict)
         if now - current.since < self.settle:
             return None
         del self._settling[name]

@@ -3,8 +3,9 @@
 Two backends with one shape, like watchdog's own observers: `InotifyFeed` (watchdog, recursive, for local
 disks) and `PollingFeed` (no watching at all; the main loop re-lists the output dir one level deep every poll
 interval). Network filesystems (NFS, Lustre, GPFS, CIFS, FUSE, ...) deliver no inotify events for writes made
-on other hosts, so they get polling. Either way the main loop also runs a periodic reconciliation scan, because
-inotify silently drops events when its queue overflows.
+on other hosts, so they get polling. Either way the main loop also runs a periodic reconciliation scan; an
+inotify queue overflow (events dropped by the kernel) is reported by `overflowed()` so that the loop rescans at
+once instead of waiting for it.
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ class PollingFeed:
         self._wake.clear()
         return set()
 
+    def overflowed(self) -> bool:
+        return False  # nothing to drop: every poll lists the output dir
+
 
 class InotifyFeed:
     """watchdog observer; reports the checkpoint folder names under which something happened.
@@ -90,11 +94,17 @@ class InotifyFeed:
         self._root = os.path.realpath(output_dir)
         self._is_checkpoint = is_checkpoint
         self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self._watches: dict[str, object] = {}
+        self._watches: dict[str, object] = {}  # name -> watchdog's watch of that checkpoint folder
+        self._gone: set[str] = set()  # folders deleted (or moved away) since their watch was made
+        self._overflows = 0  # set by watchdog's thread, read by `overflowed` in the main loop
+        self._overflows_seen = 0
+        self._overflow_signal = _OverflowSignal(self)
         feed = self
 
         class _Handler(FileSystemEventHandler):
             def on_any_event(self, event):
+                if event.is_directory and event.event_type in ("deleted", "moved"):
+                    feed._note_gone(os.fsdecode(event.src_path))
                 for path in (event.src_path, getattr(event, "dest_path", "")):
                     if path:
                         feed._note(os.fsdecode(path))
@@ -108,7 +118,14 @@ class InotifyFeed:
         if self._is_checkpoint(top):
             self._queue.put(top)
 
+    def _note_gone(self, path: str) -> None:
+        """Called from watchdog's thread for a folder deleted or moved away."""
+        name = os.path.relpath(path, self._root)
+        if os.sep not in name and self._is_checkpoint(name):
+            self._gone.add(name)
+
     def start(self) -> None:
+        self._overflow_signal.install()
         self._observer.start()
         for entry in os.scandir(self._root):
             if self._is_checkpoint(entry.name):
@@ -118,6 +135,7 @@ class InotifyFeed:
         self._observer.stop()
         self.wake()
         self._observer.join(timeout=5)
+        self._overflow_signal.remove()
 
     def wake(self) -> None:
         """End the current `wait` early (safe to call from a signal handler)."""
@@ -137,11 +155,41 @@ class InotifyFeed:
             self._follow(name)
         return names
 
+    def overflowed(self) -> bool:
+        """True once after the kernel dropped events (its queue overflowed): the caller must rescan everything.
+        Logged once per daemon (a busy output dir may overflow again and again; each time it is rescanned)."""
+        count = self._overflows
+        if count == self._overflows_seen:
+            return False
+        if not self._overflows_seen:
+            log.warning("inotify dropped events (its queue overflowed; raise fs.inotify.max_queued_events, now %s, "
+                        "to avoid it); rescanning %s now", _max_queued_events(), self._root)  # fmt: skip
+        else:
+            log.debug("inotify queue overflowed again; rescanning")
+        self._overflows_seen = count
+        return True
+
+    def _overflowed(self) -> None:
+        """Called from watchdog's thread on an overflow."""
+        self._overflows += 1
+        self.wake()
+
     def _follow(self, name: str) -> None:
         """Watch a checkpoint folder recursively while it exists. The caller checks the folder after this, so
-        writes made before the watch was in place are not missed."""
+        writes made before the watch was in place are not missed.
+
+        A folder deleted and created again under the same name needs a new watch: watchdog's emitter for the old
+        one stopped itself at the deletion (IN_DELETE_SELF) but stays scheduled, and scheduling the same path
+        again would reuse it. Without this, writes inside the new folder were seen only by the next rescan (24.6 s
+        instead of 0.4 s). The deletion event says so; the inode cannot, as the new folder may reuse it."""
         path = os.path.join(self._root, name)
         exists = os.path.isdir(path)
+        if name in self._watches and (not exists or name in self._gone):
+            try:
+                self._observer.unschedule(self._watches.pop(name))
+            except (KeyError, OSError):
+                pass
+        self._gone.discard(name)
         if exists and name not in self._watches:
             try:
                 self._watches[name] = self._observer.schedule(self._handler, path, recursive=True)
@@ -149,8 +197,44 @@ class InotifyFeed:
                 pass
             except OSError as exc:  # watch limit reached: the reconciliation scan still sees this folder
                 log.warning("cannot watch %s (%s); relying on the periodic scan for it", path, exc)
-        elif not exists and name in self._watches:
-            try:
-                self._observer.unschedule(self._watches.pop(name))
-            except (KeyError, OSError):
-                pass
+
+
+class _OverflowSignal(logging.Filter):
+    """Tells the feed when the kernel's inotify queue overflowed.
+
+    watchdog (7.1.0, watchdog/observers/inotify_c.py, `InotifyFD.handle_event`) handles IN_Q_OVERFLOW by logging
+    "Inotify queue overflowed; filesystem events were lost" on its logger `watchdog.observers.inotify_c` and
+    re-adding its recursive watches; no event reaches the handlers, so that log record is the only sign of it
+    (watchdog before 7.1 dropped the overflow event, wd -1, without a trace). This filter on that logger turns the
+    record into a call to the feed and keeps watchdog's own records out of our log, as watcher/logs.py wants.
+    """
+
+    LOGGER = "watchdog.observers.inotify_c"
+    MESSAGE = "Inotify queue overflowed"
+
+    def __init__(self, feed: InotifyFeed):
+        super().__init__()
+        self._feed = feed
+
+    def install(self) -> None:
+        logger = logging.getLogger(self.LOGGER)
+        logger.addFilter(self)
+        logger.setLevel(logging.WARNING)  # its parent `watchdog` is silenced; this record must still be made
+
+    def remove(self) -> None:
+        logger = logging.getLogger(self.LOGGER)
+        logger.removeFilter(self)
+        logger.setLevel(logging.NOTSET)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith(self.MESSAGE):
+            self._feed._overflowed()
+        return False
+
+
+def _max_queued_events() -> str:
+    try:
+        with open("/proc/sys/fs/inotify/max_queued_events", encoding="ascii") as handle:
+            return handle.read().strip()
+    except OSError:
+        return "?"

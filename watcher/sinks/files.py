@@ -1,4 +1,5 @@
-"""The files sink: RESULTS_DIR/<checkpoint>/<variant>/<preset>.json per job, and results.jsonl.
+"""The files sink: RESULTS_DIR/<checkpoint>/<variant>/<preset>.json per job (<preset>.gN.json for a re-save's
+generation N), and results.jsonl.
 
 Idempotent, as the outbox needs (see watcher/sinks/__init__.py): delivering the same record twice leaves the
 same files.
@@ -18,7 +19,7 @@ log = logging.getLogger("ckpt-watch")
 
 
 class FileSink:
-    """RESULTS_DIR/<checkpoint>/<variant>/<preset>.json per job, plus one line per job in results.jsonl."""
+    """RESULTS_DIR/<checkpoint>/<variant>/<preset>[.gN].json per job, plus one line per job in results.jsonl."""
 
     name = "files"
 
@@ -27,7 +28,11 @@ class FileSink:
         self.jsonl = results_dir / "results.jsonl"
 
     def result_path(self, record: dict[str, Any]) -> Path:
-        return self.results_dir / record["checkpoint"] / record["variant"] / f"{record['preset']}.json"
+        """RESULTS_DIR/<checkpoint>/<variant>/<preset>.json for a checkpoint's first generation, and
+        <preset>.gN.json for its re-saves (generation N), so that no generation's record replaces another's."""
+        generation = record.get("generation")
+        suffix = f".g{generation}" if type(generation) is int and generation > 1 else ""
+        return self.results_dir / record["checkpoint"] / record["variant"] / f"{record['preset']}{suffix}.json"
 
     def deliver(self, records: list[dict[str, Any]]) -> None:
         for record in records:
