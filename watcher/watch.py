@@ -127,9 +127,15 @@ class InotifyFeed:
     def start(self) -> None:
         self._overflow_signal.install()
         self._observer.start()
-        for entry in os.scandir(self._root):
-            if self._is_checkpoint(entry.name):
-                self._follow(entry.name)
+        self._follow_all()
+
+    def _follow_all(self) -> None:
+        try:
+            present = {entry.name for entry in os.scandir(self._root) if self._is_checkpoint(entry.name)}
+        except OSError:
+            return  # the rescan that follows reports it
+        for name in present | set(self._watches):
+            self._follow(name)
 
     def stop(self) -> None:
         self._observer.stop()
@@ -167,6 +173,7 @@ class InotifyFeed:
         else:
             log.debug("inotify queue overflowed again; rescanning")
         self._overflows_seen = count
+        self._follow_all()  # folders created or deleted while events were lost
         return True
 
     def _overflowed(self) -> None:
