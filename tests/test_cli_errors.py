@@ -101,6 +101,10 @@ def test_a_second_daemon_on_the_same_results_dir_is_refused(tmp_path):
     ("poll = 0.01\n", "poll"),
     ("max_attempts = true\n", "max_attempts"),
     ('wandb_live = 3\n', "wandb_live"),
+    ('verbosity = "x"\n', "verbosity"),
+    ('scratch_dir = ""\n', "scratch_dir"),
+    ("[presets.smoke]\nevaluators = 5\n", "evaluators"),
+    ('[presets.smoke]\ntime_budget = nan\n[[presets.smoke.evaluators]]\nbackend = "probes"\n', "time_budget"),
 ])  # fmt: skip
 def test_a_bad_config_value_is_one_line_and_exit_2(tmp_path, text, fragment):
     config = tmp_path / "c.toml"

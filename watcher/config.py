@@ -217,7 +217,7 @@ def load_toml(path: Path) -> dict[str, Any]:
     # Only values of the right type are resolved here; anything else is left for `validate` to report.
     base = Path(path).parent
     for key in _PATH_FIELDS & data.keys():
-        if isinstance(data[key], str):
+        if isinstance(data[key], str) and data[key]:
             data[key] = (base / Path(data[key]).expanduser()).resolve()
     backends, presets = data.get("backends", {}), data.get("presets", {})
     tables = [*backends.values()] if isinstance(backends, dict) else []
@@ -273,6 +273,8 @@ def validate(config: WatchConfig) -> None:
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"{name} must be a path, got {value!r}")
             setattr(config, name, Path(value).expanduser())
+    if type(config.verbosity) is not int or config.verbosity not in (-1, 0, 1):
+        raise ConfigError(f"verbosity must be -1, 0 or 1, got {config.verbosity!r}")
     if config.log_format not in LOG_FORMATS:
         raise ConfigError(f"log_format must be one of {', '.join(LOG_FORMATS)}, got {config.log_format!r}")
     if config.policy not in POLICIES:

@@ -6,6 +6,7 @@ validated when the daemon starts, so a typo is a one-line error before any check
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -85,8 +86,11 @@ def _parse(name: str, table: Any, backend_settings: dict[str, Any]) -> Preset:
     unknown = set(table) - _PRESET_KEYS
     if unknown:
         raise ConfigError(f"unknown key '{sorted(unknown)[0]}' in preset {name!r}")
+    evaluators = table.get("evaluators", [])
+    if not isinstance(evaluators, list):
+        raise ConfigError(f"preset {name!r}: evaluators must be a list of [[{name}.evaluators]] tables")
     steps = []
-    for entry in table.get("evaluators", []):
+    for entry in evaluators:
         if not isinstance(entry, dict):
             raise ConfigError(f"preset {name!r}: each evaluator must be a table with a 'backend' key")
         backend = entry.get("backend")
@@ -103,6 +107,7 @@ def _parse(name: str, table: Any, backend_settings: dict[str, Any]) -> Preset:
     if not steps:
         raise ConfigError(f"preset {name!r} runs no evaluator: add at least one [[{name}.evaluators]] entry")
     budget = table.get("time_budget")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not math.isfinite(budget) or budget <= 0):  # fmt: skip
         raise ConfigError(f"preset {name!r}: time_budget must be a positive number of seconds, got {budget!r}")
     return Preset(name, str(table.get("description", "")), float(budget) if budget else None, tuple(steps))
