@@ -161,9 +161,10 @@ def test_a_checkpoint_deleted_mid_job_is_gone_not_failed(copy_trainer_output, co
 def test_a_resaved_checkpoint_is_a_new_generation_and_is_evaluated_again(copy_trainer_output, config_file):
     output = copy_trainer_output()
     assert ckpt_watch(output, "--scan", "--config", config_file, "--preset", "params").returncode == 0
-    state = output / "checkpoint-20" / "trainer_state.json"
-    state.write_text(state.read_text())  # the run restarted from step 10 and saved checkpoint-20 again
-    os.utime(state, (time.time() - 60, time.time() - 60))
+    # The run restarted from step 10 and saved checkpoint-20 again: new weights (here the same bytes), new state.
+    for name in ("model.safetensors", "trainer_state.json"):
+        path = output / "checkpoint-20" / name
+        path.write_bytes(path.read_bytes())
     again = ckpt_watch(output, "--scan", "--config", config_file, "--preset", "params")
     assert again.returncode == 0, again.stderr
     records = results(output)

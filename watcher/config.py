@@ -77,20 +77,24 @@ class WatchConfig:
 
     poll: float | None = None
     """Poll the output dir every this many seconds instead of using inotify. Default: inotify on local disks,
-    polling every 10 s on network filesystems (NFS, Lustre, GPFS, CIFS, FUSE), where inotify sees nothing."""
+    polling every 10 s on network filesystems (NFS, Lustre, GPFS, CIFS, FUSE), where inotify sees nothing. At least
+    0.1 s."""
 
     settle: float | None = None
-    """Seconds a complete checkpoint's file list, sizes and mtimes must stay unchanged before it becomes a job.
-    Default: 1 s on local disks, 30 s on network filesystems (attribute caches lag there)."""
+    """Seconds nothing in a complete checkpoint may be written (any file's size, mtime or ctime) before it becomes a
+    job. Default: 1 s on local disks, 30 s on network filesystems (attribute caches lag there)."""
 
     sentinel: str | None = None
     """If set, a checkpoint is complete exactly when this file exists in it; no other rule applies."""
 
     checkpoint_pattern: str = DEFAULT_CHECKPOINT_PATTERN
-    """Regular expression for checkpoint folder names; its group `step` (or first group) is the training step."""
+    """Regular expression for checkpoint folder names; its group `step` (or first group) is the training step, and
+    it must have one. A name it admits whose step is not ASCII digits within SQLite's 64-bit range, or that has
+    control characters, is logged once and ignored."""
 
     rescan_interval: float = 30.0
-    """Seconds between reconciliation scans under inotify, which silently drops events when its queue overflows."""
+    """Seconds between reconciliation scans under inotify (at least 1 s); an inotify queue overflow triggers one at
+    once."""
 
     job_timeout: float = 6 * 3600.0
     """Seconds a job may run before it is stopped and marked failed (a preset's own budget, if set, wins)."""
