@@ -20,12 +20,17 @@ from typing import Iterable
 
 from merge.safetensors_source import SafetensorsSource, has_safetensors
 from merge.source import FLOATING, MergeError, TensorSpec, WeightSource
+from merge.torchtitan_source import TorchtitanSource, looks_like_torchtitan
 from merge.writer import DEFAULT_SHARD_BYTES, Progress, write_weights
 
 log = logging.getLogger("ckpt-watch")
 
 WEIGHT_DIRS = {"regular": "pytorch_model_fsdp_0", "ema": "pytorch_ema_model_fsdp_0"}
 RANK_SHARD_GLOB = "model_world_size_*_rank_*.pt"
+# veRL's FSDP checkpoint manager: global_step_N/actor/model_world_size_W_rank_R.pt (and critic/), with the
+# model's config and tokenizer in actor/huggingface/ (verl/utils/checkpoint/fsdp_checkpoint_manager.py).
+VERL_ACTOR_DIR = "actor"
+VERL_HF_DIRS = ("huggingface", "actor/huggingface")
 # What a model folder needs besides weights: config, generation config, tokenizer and processor files.
 MODEL_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -61,6 +66,8 @@ def open_weights(checkpoint: Path, variant: str = "regular") -> WeightSource:
         raise MergeError(f"unknown weight variant {variant!r}; use regular or ema")
     if has_safetensors(checkpoint):
         return SafetensorsSource(checkpoint)
+    if (checkpoint / VERL_ACTOR_DIR).is_dir() and not (checkpoint / WEIGHT_DIRS["regular"]).is_dir():
+        return _open_folder(checkpoint / VERL_ACTOR_DIR)  # veRL: the actor is the model being trained
     sharded = checkpoint / WEIGHT_DIRS["regular"]
     return _open_folder(sharded if sharded.is_dir() else checkpoint)
 
@@ -197,6 +204,8 @@ def _write_model(
         raise MergeError(f"output folder {out} already exists and is not empty")
     config_home = _find_config(checkpoints[0], base_model)
     config = json.loads((config_home / "config.json").read_text(encoding="utf-8"))
+    if looks_like_torchtitan(source.specs()):
+        source = TorchtitanSource(source, config)  # torchtitan's names -> Hugging Face's, with its own adapter
     names = _output_names(source.specs(), config)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -204,7 +213,7 @@ def _write_model(
     staging.mkdir()
     try:
         write_weights(staging, source, names, dtype, max_shard_bytes, progress)
-        _copy_model_files(checkpoints[0], base_model, staging, dtype)
+        _copy_model_files(checkpoints[0], base_model, staging, written_dtype(source.specs(), names, dtype))
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(staging, out)
@@ -215,10 +224,25 @@ def _write_model(
 
 
 def _model_folders(checkpoint: Path, base_model: Path | None) -> Iterable[Path]:
-    """Where config and tokenizer files come from: the checkpoint first, then --base-model."""
+    """Where config and tokenizer files come from: the checkpoint first (veRL keeps them in its actor's
+    `huggingface/` subfolder), then --base-model."""
     yield checkpoint
+    for sub in VERL_HF_DIRS:
+        if (checkpoint / sub).is_dir():
+            yield checkpoint / sub
     if base_model is not None:
         yield Path(base_model)
+
+
+def written_dtype(specs: dict[str, TensorSpec], names: list[str], cast: str | None) -> str | None:
+    """The floating-point dtype most of the written weight bytes have (None when no tensor is floating)."""
+    if cast:
+        return cast
+    totals: dict[str, int] = {}
+    for name in names:
+        if specs[name].dtype in FLOATING:
+            totals[specs[name].dtype] = totals.get(specs[name].dtype, 0) + specs[name].nbytes
+    return max(totals, key=totals.__getitem__) if totals else None
 
 
 def _find_config(checkpoint: Path, base_model: Path | None) -> Path:
@@ -245,15 +269,25 @@ def _is_causal_lm(config: dict) -> bool:
     return any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
 
 
-def _copy_model_files(checkpoint: Path, base_model: Path | None, staging: Path, dtype: str | None) -> None:
+def copy_model_files(folders: list[Path], out: Path, missing_only: bool = False) -> None:
+    """Copy config, tokenizer and processor files into `out`, each from the first of `folders` that has it
+    (`missing_only`: only those `out` does not have yet)."""
     for name in MODEL_FILES:
-        for folder in _model_folders(checkpoint, base_model):
+        if missing_only and (out / name).exists():
+            continue
+        for folder in folders:
             if (folder / name).is_file():
-                shutil.copy2(folder / name, staging / name)
+                shutil.copy2(folder / name, out / name)
                 break
-    if dtype:
+
+
+def _copy_model_files(checkpoint: Path, base_model: Path | None, staging: Path, written_dtype: str | None) -> None:
+    copy_model_files(list(_model_folders(checkpoint, base_model)), staging)
+    if written_dtype:
+        # The config says what the weights are: a bf16 export merged with a float32 base config stays bf16.
         config = json.loads((staging / "config.json").read_text(encoding="utf-8"))
-        config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype
+        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]:
+            config[key] = written_dtype
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if not any((staging / name).is_file() for name in TOKENIZER_FILES):
         log.warning("no tokenizer files in %s%s: the merged weights are complete, but evaluators need a tokenizer",

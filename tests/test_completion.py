@@ -55,6 +55,8 @@ def sharded_hf(trainer_output, tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("sharded") / "checkpoint-30"
     model = AutoModelForCausalLM.from_pretrained(source)
     model.save_pretrained(dest, max_shard_size="150KB")
+    for tokenizer_file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(source / tokenizer_file, dest / tokenizer_file)
     shutil.copy2(source / "trainer_state.json", dest / "trainer_state.json")
     assert len(list(dest.glob("model-*-of-*.safetensors"))) >= 2
     return dest
@@ -227,7 +229,8 @@ def test_sharded_pytorch_model_bin(sharded_hf, tmp_path):
         renamed[shard] = name
     index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
-    shutil.copy2(sharded_hf / "trainer_state.json", folder)
+    for model_file in ("config.json", "tokenizer.json", "tokenizer_config.json", "trainer_state.json"):
+        shutil.copy2(sharded_hf / model_file, folder)
     assert check_checkpoint(folder, 30) == Verdict(True, "hf", "", ("regular",))
     last = folder / sorted(renamed.values())[-1]
     truncate(last, remove=50)
@@ -290,8 +293,14 @@ def test_slow_writer_in_trainer_order(trainer_output, tmp_path):
 # DCP: torchtitan step-N/ and accelerate pytorch_model_fsdp_0/ (+ EMA)
 
 
-def test_torchtitan_complete(distributed):
-    assert check_checkpoint(distributed["torchtitan"], STEP) == Verdict(True, "dcp", "", ("regular",))
+def test_torchtitan_complete(distributed, tiny_model_dir):
+    # torchtitan writes no config.json: base_model supplies it, and without one the folder can never be used.
+    assert check_checkpoint(distributed["torchtitan"], STEP, base_model=tiny_model_dir) == Verdict(
+        True, "dcp", "", ("regular",)
+    )
+    verdict = check_checkpoint(distributed["torchtitan"], STEP)
+    assert not verdict.complete and verdict.final, verdict
+    assert "set base_model" in verdict.reason and "torchtitan" in verdict.reason, verdict
 
 
 def test_hf_fsdp_complete_with_ema(distributed):
@@ -441,14 +450,17 @@ def test_rank_shards_rank_out_of_range(copy_distributed):
     incomplete(check_checkpoint(folder, STEP), "model_world_size_2_rank_2.pt", "out of range")
 
 
-def test_rank_shards_directly_in_the_folder(copy_distributed, tmp_path):
-    """veRL style: the .pt files sit in the step folder itself, no trainer_state.json."""
+def test_rank_shards_directly_in_the_folder(copy_distributed, tmp_path, tiny_model_dir):
+    """The .pt files sit in the step folder itself, no trainer_state.json."""
     source = copy_distributed("rank-shards")
     folder = tmp_path / "global_step_20"
     shutil.copytree(source / "pytorch_model_fsdp_0", folder)
-    assert check_checkpoint(folder, STEP) == Verdict(True, "rank-shards", "", ("regular",))
+    # Its writer may still put config.json down: without base_model, that is a wait (not a failure).
+    waiting = check_checkpoint(folder, STEP)
+    assert not waiting.complete and not waiting.final and "config.json not written yet" in waiting.reason, waiting
+    assert check_checkpoint(folder, STEP, base_model=tiny_model_dir) == Verdict(True, "rank-shards", "", ("regular",))
     (folder / f"model_world_size_{WORLD_SIZE}_rank_0.pt").unlink()
-    assert check_checkpoint(folder, STEP).reason == "model_world_size_2_rank_0.pt missing"
+    assert check_checkpoint(folder, STEP, base_model=tiny_model_dir).reason == "model_world_size_2_rank_0.pt missing"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -659,14 +671,14 @@ def test_check_never_writes(trainer_output, distributed, copy_distributed, tmp_p
     assert [tree_snapshot(root) for root in roots] == before
 
 
-def test_daemon_modules_do_not_import_torch(distributed):
+def test_daemon_modules_do_not_import_torch(distributed, tiny_model_dir):
     """The daemon imports these modules; importing and using them must not drag torch in."""
     code = (
         "import sys; from pathlib import Path\n"
         "from watcher.completion import check_checkpoint, fingerprint\n"
         "from merge.dcp_metadata import read_dcp_metadata\n"
         f"for p in {[str(p) for p in distributed.values()]!r}:\n"
-        f"    assert check_checkpoint(Path(p), {STEP}).complete, p\n"
+        f"    assert check_checkpoint(Path(p), {STEP}, base_model=Path({str(tiny_model_dir)!r})).complete, p\n"
         "    fingerprint(Path(p))\n"
         "leaked = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
         "assert not leaked, leaked\n"
@@ -785,3 +797,23 @@ def test_fingerprint_ignores_metadata_only_changes_and_training_state(copy_train
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes())  # same bytes, written again: a re-save
     assert fingerprint(folder) != first.digest
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model files: config.json and the tokenizer (issue 10 item 10, issue 18 item 3)
+
+
+def test_missing_config_or_tokenizer_that_can_still_arrive_is_a_wait(trainer_output, tmp_path, tiny_model_dir):
+    folder = tmp_path / "checkpoint-30"
+    shutil.copytree(trainer_output / "checkpoint-30", folder)
+    (folder / "config.json").unlink()  # trainer_state.json is there: a slow writer wrote it early
+    waiting = check_checkpoint(folder, 30)
+    assert not waiting.complete and not waiting.final and "config.json not written yet" in waiting.reason
+    assert check_checkpoint(folder, 30, base_model=tiny_model_dir).complete  # base_model supplies it
+    shutil.copy2(trainer_output / "checkpoint-30" / "config.json", folder)
+    (folder / "tokenizer.json").unlink()  # tokenizer_config.json written, tokenizer.json not yet
+    partial = check_checkpoint(folder, 30, base_model=tiny_model_dir)
+    assert not partial.complete and not partial.final and "tokenizer files partly written" in partial.reason
+    (folder / "tokenizer_config.json").unlink()
+    assert "no tokenizer files yet" in check_checkpoint(folder, 30).reason
+    assert check_checkpoint(folder, 30, base_model=tiny_model_dir).complete

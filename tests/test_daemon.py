@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 from helpers import ckpt_watch, job_states, journal_rows, results, start_daemon, wait_for, worker_processes
 
 # A probe reads only safetensors headers: for tests of the daemon's mechanics, where lm-eval is not what is
@@ -78,20 +79,25 @@ def test_scan_reports_a_failing_job_with_exit_1_and_keeps_the_others(copy_traine
     output = copy_trainer_output()
     config = tmp_path / "c.toml"
     config.write_text("max_attempts = 2\nretry_backoff = 0.1\n" + CONFIG)
-    (output / "checkpoint-20" / "config.json").unlink()  # weights without a config: this one job cannot run
+    # One tensor renamed: its weights would not all load, so this one job cannot run (see test_load_check.py).
+    weights = output / "checkpoint-20" / "model.safetensors"
+    original = weights.read_bytes()
+    state = load_file(weights)
+    state["model.norm.renamed"] = state.pop("model.norm.weight")
+    save_file(state, weights, metadata={"format": "pt"})
     run = ckpt_watch(output, "--scan", "--config", config, "--preset", "params")
     assert run.returncode == 1, run.stderr
     by_step = {r["step"]: r for r in results(output)}
     assert by_step[10]["status"] == "ok" and by_step[30]["status"] == "ok"
-    assert by_step[20]["status"] == "failed" and "config.json" in by_step[20]["error"]
-    assert by_step[20]["attempt"] == 1  # a checkpoint without config.json will not get one by retrying
+    assert by_step[20]["status"] == "failed" and "missing (first: model.norm.weight)" in by_step[20]["error"]
+    assert by_step[20]["attempt"] == 1  # retrying would not make the weights load
     assert by_step[10]["metrics"]["params/total"] > 0
     assert "Traceback" not in run.stderr
 
     # Failed jobs stay failed (a second scan does nothing and still says 1) until --retry-failed.
     again = ckpt_watch(output, "--scan", "--config", config, "--preset", "params")
     assert again.returncode == 1 and len(results(output)) == 3
-    shutil.copy(output / "checkpoint-10" / "config.json", output / "checkpoint-20" / "config.json")
+    weights.write_bytes(original)
     retried = ckpt_watch(output, "--scan", "--config", config, "--preset", "params", "--retry-failed")
     assert retried.returncode == 0, retried.stderr
     assert [(r["step"], r["status"]) for r in results(output)][-1] == (20, "ok")

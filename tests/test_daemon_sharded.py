@@ -25,7 +25,7 @@ def test_the_daemon_merges_and_evaluates_regular_and_ema(tmp_path_factory, tiny_
     assert all(r["status"] == "ok" and r["step"] == 20 and r["layout"] == "hf-fsdp-dcp" for r in records.values())
     assert records["regular"]["timings"]["prepare_s"] > 0
     stages = records["regular"]["stages"]  # walltime and memory per stage
-    assert sorted(stages) == ["0-probes", "1-lm_eval", "prepare"]
+    assert sorted(stages) == ["0-probes", "1-lm_eval", "prepare", "verify"]
     assert all(s["walltime_s"] >= 0 and s["peak_rss_mb"] > 0 for s in stages.values())
     # The merge streams without torch (tens of MB); lm-eval loads torch and the model.
     assert stages["prepare"]["peak_rss_mb"] < 200 < stages["1-lm_eval"]["peak_rss_mb"]

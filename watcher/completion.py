@@ -25,12 +25,26 @@ so the watcher must judge a folder by what is on disk. The rules, in order:
    * "dcp": the folder itself is a DCP checkpoint (torchtitan `step-N/`). `.metadata` is written
      last, by atomic rename, after every rank's data; it must parse (safely, see merge.dcp_metadata)
      and each file it references must hold at least max(offset + length) bytes.
-   * "rank-shards": `model_world_size_W_rank_R.pt` per rank (veRL, LMMs-Engine), in the folder or in
-     `pytorch_model_fsdp_0/` (+ the EMA twin): ranks 0..W-1 all present, all agreeing on W, each a
-     whole zip.
+   * "hf-export": torchtitan's Hugging Face export (`last_save_in_hf`): torch's HuggingFaceStorageWriter puts
+     each rank's safetensors into `sharded/`, consolidates them next to it and writes the index last; the
+     index must parse and every file it lists must be whole.
+   * "rank-shards": `model_world_size_W_rank_R.pt` per rank, in the folder or in `pytorch_model_fsdp_0/`
+     (+ the EMA twin): ranks 0..W-1 all present, all agreeing on W, each a whole zip.
+   * "lmms-engine": rank shards in `pytorch_model_fsdp_0/` next to LMMs-Engine's `optimizer/`, `extra_state/`
+     and `dataloader_state/` folders: every rank's file in each of them whole (and the EMA twin's, when it
+     has any), and `config.json`, LMMs-Engine's last write, present and parsable.
+   * "verl": veRL's `global_step_N/` with `actor/` (and `critic/`) rank shards, each role's ranks all whole,
+     and `data.pt`, veRL's last write, whole. The actor is the model evaluated.
 
    `trainer_state.json` is the HF Trainer's last write, so "hf" and "hf-fsdp-dcp" require it; in every
    layout, if present it must parse and its `global_step` must equal the N in the folder name.
+
+3. Model files. A model needs `config.json` (from the folder, veRL's `actor/huggingface/`, or `base_model`)
+   and, for "hf" folders evaluated in place, a tokenizer (the folder's or `base_model`'s). One the producer
+   writes itself but has not written yet is a wait, never a failure (a slow writer may write config.json or
+   the tokenizer seconds after the weights, even after trainer_state.json; a partly written tokenizer is a
+   wait too). One the producer never writes (torchtitan writes no config.json) must come from `base_model`;
+   without it the Verdict is `final`: incomplete for good, said once in the log and listed for --scan.
 
 The check only stats and reads (headers, JSON, zip directories), never writes, never imports torch,
 and never raises for a folder that is half-written or vanishing underneath it: any such surprise is
@@ -62,10 +76,28 @@ TRAINER_STATE = "trainer_state.json"
 FSDP_MODEL_DIR = "pytorch_model_fsdp_0"
 FSDP_EMA_DIR = "pytorch_ema_model_fsdp_0"
 FOLDER_GONE = "folder is gone"
+CONFIG = "config.json"
+# torch.distributed.checkpoint's HuggingFaceStorageWriter (torchtitan's `last_save_in_hf` export) saves each rank's
+# safetensors into sharded/, then consolidates them next to it and writes model.safetensors.index.json last.
+HF_EXPORT_SHARDS_DIR = "sharded"
+# LMMs-Engine 0.1.4 (lmms_engine/train/fsdp2/fsdp2_trainer.py, save_checkpoints): after a barrier every rank
+# torch.saves, in this order, pytorch_model_fsdp_0/model_world_size_W_rank_R.pt, the EMA twin (when the EMA is
+# initialised), optimizer/optimizer_*, extra_state/extra_state_*, dataloader_state/dataloader_state_*; then rank 0
+# saves the processor/tokenizer and, last, config.json. All these folders are created before the first write.
+LMMS_STATE_DIRS = {"optimizer": "optimizer", "extra_state": "extra_state", "dataloader_state": "dataloader_state"}
+# veRL (verl/trainer/ppo/ray_trainer.py _save_checkpoint, verl/utils/checkpoint/fsdp_checkpoint_manager.py):
+# global_step_N/actor/ gets every rank's model_/optim_/extra_state_world_size_W_rank_R.pt, then rank 0 writes
+# actor/huggingface/ (config, tokenizer) and actor/fsdp_config.json; the same for critic/; data.pt comes last.
+VERL_ROLES = ("actor", "critic")
+VERL_LAST = "data.pt"
+VERL_HF_DIR = "huggingface"
 
-LAYOUTS = ("sentinel", "hf", "hf-fsdp-dcp", "dcp", "rank-shards", "unknown")
+LAYOUTS = ("sentinel", "hf", "hf-fsdp-dcp", "dcp", "hf-export", "rank-shards", "lmms-engine", "verl", "unknown")
 
 _RANK_SHARD = re.compile(r"model_world_size_(\d+)_rank_(\d+)\.pt")
+# A tokenizer needs one of these; the other tokenizer files (tokenizer_config.json, ...) come with it.
+TOKENIZER_MAIN_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt")
 _HF_SINGLE_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
 _HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _HF_SHARD = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")
@@ -78,16 +110,26 @@ class Verdict:
     layout: str  # one of LAYOUTS
     reason: str  # one human-readable line saying why it is incomplete; "" when complete
     variants: tuple[str, ...]  # ("regular",) or ("regular", "ema"); () if unknown
+    # Incomplete for a reason that waiting will not change (the producer is done, a setting is missing): said once
+    # in the log and listed by --scan, instead of waited for in silence.
+    final: bool = False
 
 
 class _Incomplete(Exception):
     """Raised by the rule helpers with the reason; caught in check_checkpoint."""
 
 
-def check_checkpoint(folder: Path, step: int, sentinel: str | None = None) -> Verdict:
-    """Judge whether `folder` (a checkpoint for step `step`) is completely written. Never raises."""
+class _Unusable(_Incomplete):
+    """Incomplete for good: the producer has finished this folder, but something it never writes is missing."""
+
+
+def check_checkpoint(folder: Path, step: int, sentinel: str | None = None, base_model: Path | None = None) -> Verdict:
+    """Judge whether `folder` (a checkpoint for step `step`) is completely written. Never raises.
+
+    `base_model`: a Hugging Face folder that supplies `config.json` and tokenizer files the checkpoint lacks.
+    """
     folder = Path(folder)
-    layout, variants = "unknown", ()
+    layout, variants, final = "unknown", (), False
     try:
         if not folder.is_dir():
             return Verdict(False, "unknown", FOLDER_GONE, ())
@@ -106,14 +148,15 @@ def check_checkpoint(folder: Path, step: int, sentinel: str | None = None) -> Ve
         else:
             layout = detected
             _RULES[layout](folder, names, step)
+            _check_model_files(folder, names, layout, base_model)
         return Verdict(True, layout, "", variants)
     except _Incomplete as err:
-        reason = str(err)
+        reason, final = str(err), isinstance(err, _Unusable)
     except (OSError, ValueError) as err:  # something changed under our feet between two reads
         reason = _describe(err, folder)
     if not _is_dir(folder):
-        reason = FOLDER_GONE
-    return Verdict(False, layout, reason, variants)
+        reason, final = FOLDER_GONE, False
+    return Verdict(False, layout, reason, variants, final)
 
 
 @dataclass(frozen=True)
@@ -210,10 +253,16 @@ def _detect_layout(folder: Path, names: set[str]) -> str:
         return "dcp"
     if any(_RANK_SHARD.fullmatch(n) for n in names):
         return "rank-shards"
+    if "actor" in names and _is_dir(folder / "actor"):
+        return "verl"
     for sub in (FSDP_MODEL_DIR, FSDP_EMA_DIR):
         if sub in names:
+            if any(d in names for d in LMMS_STATE_DIRS):
+                return "lmms-engine"
             # An empty subfolder (just created) is taken for DCP, accelerate's default.
             return "rank-shards" if _rank_shard_names(_listdir(folder / sub)) else "hf-fsdp-dcp"
+    if HF_EXPORT_SHARDS_DIR in names and TRAINER_STATE not in names and _is_dir(folder / HF_EXPORT_SHARDS_DIR):
+        return "hf-export"
     if TRAINER_STATE in names or _hf_weight_names(names):
         return "hf"
     return "unknown"
@@ -221,7 +270,9 @@ def _detect_layout(folder: Path, names: set[str]) -> str:
 
 def _variants(folder: Path, names: set[str], layout: str) -> tuple[str, ...]:
     if FSDP_EMA_DIR in names and (folder / FSDP_EMA_DIR).is_dir():
-        return ("regular", "ema")
+        # LMMs-Engine creates the EMA folder even when its EMA is not initialised yet, and then writes nothing.
+        if not (layout == "lmms-engine" and CONFIG in names and not _rank_shard_names(_listdir(folder / FSDP_EMA_DIR))):
+            return ("regular", "ema")
     return () if layout == "unknown" else ("regular",)
 
 
@@ -249,6 +300,40 @@ def _rule_rank_shards(folder: Path, names: set[str], step: int) -> None:
     _check_trainer_state(folder, step, required=False)
 
 
+def _rule_hf_export(folder: Path, names: set[str], step: int) -> None:
+    if _HF_INDEX_FILES[0] not in names:
+        raise _Incomplete(f"{_HF_INDEX_FILES[0]} missing (torch's Hugging Face writer writes it last)")
+    _check_hf_weights(folder, names)
+
+
+def _rule_lmms_engine(folder: Path, names: set[str], step: int) -> None:
+    model_shards = _rank_shard_names(_listdir(folder / FSDP_MODEL_DIR)) if FSDP_MODEL_DIR in names else {}
+    if not model_shards:
+        raise _Incomplete(f"{FSDP_MODEL_DIR}/model_world_size_*_rank_*.pt not written yet")
+    world = _check_rank_shards(folder / FSDP_MODEL_DIR, set(model_shards), f"{FSDP_MODEL_DIR}/")
+    if FSDP_EMA_DIR in names:
+        ema_names = _listdir(folder / FSDP_EMA_DIR)
+        if _rank_shard_names(ema_names):
+            _check_rank_shards(folder / FSDP_EMA_DIR, ema_names, f"{FSDP_EMA_DIR}/", world)
+    for sub, stem in LMMS_STATE_DIRS.items():
+        if sub in names:
+            _check_rank_files(folder / sub, stem, world, f"{sub}/")
+    _check_config_written(folder, "LMMs-Engine writes it last")
+    _check_trainer_state(folder, step, required=False)
+
+
+def _rule_verl(folder: Path, names: set[str], step: int) -> None:
+    for role in VERL_ROLES:
+        if role in names:
+            role_names = _listdir(folder / role)
+            if not _rank_shard_names(role_names):
+                raise _Incomplete(f"{role}/model_world_size_*_rank_*.pt not written yet")
+            _check_rank_shards(folder / role, role_names, f"{role}/")
+    if VERL_LAST not in names:
+        raise _Incomplete(f"{VERL_LAST} missing (veRL writes it last)")
+    _check_zip(folder / VERL_LAST, VERL_LAST)
+
+
 def _rule_unknown(folder: Path, names: set[str], step: int) -> None:
     raise _Incomplete(
         "no recognised weights yet (model.safetensors, pytorch_model.bin, an index, adapter_model.*, "
@@ -260,9 +345,62 @@ _RULES = {
     "hf": _rule_hf,
     "hf-fsdp-dcp": _rule_hf_fsdp,
     "dcp": _rule_dcp,
+    "hf-export": _rule_hf_export,
     "rank-shards": _rule_rank_shards,
+    "lmms-engine": _rule_lmms_engine,
+    "verl": _rule_verl,
     "unknown": _rule_unknown,
 }
+
+
+# ---------------------------------------------------------------------------------------------------
+# config.json and tokenizer: what a model folder needs besides weights.
+#
+# A file the producer writes itself but has not written yet is a wait, never a failure: a slow writer may put
+# config.json or the tokenizer down seconds after the weights (and even after trainer_state.json). A file the
+# producer never writes (torchtitan writes no config.json) must come from `base_model`; without it the folder is
+# unusable for good, which is said once instead of waited for.
+
+# Whether config.json can still arrive once the layout rule holds. veRL writes actor/huggingface/ before data.pt,
+# its last write, so by then it is too late; torchtitan never writes one.
+_CONFIG_MAY_ARRIVE = {"hf": True, "hf-fsdp-dcp": True, "rank-shards": True, "lmms-engine": True, "verl": False,
+                      "dcp": False, "hf-export": False}  # fmt: skip
+
+
+def _check_model_files(folder: Path, names: set[str], layout: str, base_model: Path | None) -> None:
+    homes = [folder]
+    if layout == "verl":
+        homes.append(folder / "actor" / VERL_HF_DIR)
+    if not any(_is_file(home / CONFIG) for home in homes) and not (base_model and _is_file(Path(base_model) / CONFIG)):
+        if _CONFIG_MAY_ARRIVE.get(layout, True):
+            raise _Incomplete(f"{CONFIG} not written yet (or set base_model to a folder that has one)")
+        raise _Unusable(f"no {CONFIG} ({_producer(layout)} does not write one here): set base_model to a Hugging "
+                        "Face folder of the same model")  # fmt: skip
+    if layout != "hf":
+        return  # merged layouts take the tokenizer from base_model at merge time (a warning if there is none)
+    has_side = any(n in names for n in TOKENIZER_SIDE_FILES)
+    has_main = any(n in names for n in TOKENIZER_MAIN_FILES)
+    if has_side and not has_main:
+        raise _Incomplete(f"tokenizer files partly written ({', '.join(sorted(n for n in TOKENIZER_SIDE_FILES if n in names))}"
+                          " but no tokenizer.json / tokenizer.model / vocab file yet)")  # fmt: skip
+    if not has_main and not (base_model and any(_is_file(Path(base_model) / n) for n in TOKENIZER_MAIN_FILES)):
+        raise _Incomplete("no tokenizer files yet (tokenizer.json, tokenizer.model, ...; set base_model if the trainer "
+                          "saves none)")  # fmt: skip
+
+
+def _check_config_written(folder: Path, why: str) -> None:
+    try:
+        raw = (folder / CONFIG).read_bytes()
+    except FileNotFoundError:
+        raise _Incomplete(f"{CONFIG} missing ({why})") from None
+    try:
+        json.loads(raw)
+    except (ValueError, RecursionError):
+        raise _Incomplete(f"{CONFIG}: not valid JSON ({len(raw)} bytes; half-written?)") from None
+
+
+def _producer(layout: str) -> str:
+    return {"dcp": "torchtitan", "hf-export": "torchtitan's Hugging Face export", "verl": "veRL"}.get(layout, layout)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -468,19 +606,24 @@ def _rank_shard_names(names: set[str]) -> dict[str, tuple[int, int]]:
     return found
 
 
-def _check_rank_shards(directory: Path, names: set[str], label: str) -> None:
+def _check_rank_shards(directory: Path, names: set[str], label: str, world: int | None = None) -> int:
+    """All of ranks 0..W-1's model shards whole (W from the names, or `world` when given); returns W."""
     shards = _rank_shard_names(names)
     worlds = sorted({world for world, _ in shards.values()})
-    if len(worlds) != 1:
+    if len(worlds) != 1 or (world is not None and worlds != [world]):
         raise _Incomplete(f"{label}model_world_size_*_rank_*.pt disagree on the world size: {worlds}")
     world = worlds[0]
     stray = sorted(name for name, (_, rank) in shards.items() if rank >= world)
     if stray:
         raise _Incomplete(f"{label}{stray[0]}: rank out of range for world size {world}")
+    _check_rank_files(directory, "model", world, label)
+    return world
+
+
+def _check_rank_files(directory: Path, stem: str, world: int, label: str) -> None:
+    """`{stem}_world_size_{world}_rank_{R}.pt` present and a whole zip for every rank R."""
     for rank in range(world):
-        name = f"model_world_size_{world}_rank_{rank}.pt"
-        if name not in shards:
-            raise _Incomplete(f"{label}{name} missing")
+        name = f"{stem}_world_size_{world}_rank_{rank}.pt"
         _check_zip(directory / name, f"{label}{name}")
 
 
@@ -495,6 +638,13 @@ def is_default_sentinel_name(name: str) -> bool:
 
 def _listdir(directory: Path) -> set[str]:
     return set(os.listdir(directory))
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _is_dir(path: Path) -> bool:

@@ -31,7 +31,8 @@ class BadCheckpointName(ValueError):
 MAX_STEP = 2**63 - 1  # SQLite's INTEGER
 
 
-DEFAULT_CHECKPOINT_PATTERN = r"^(?:checkpoint|step)-(?P<step>\d+)$"
+# HF Trainer and LMMs-Engine: checkpoint-N; torchtitan: step-N; veRL: global_step_N.
+DEFAULT_CHECKPOINT_PATTERN = r"^(?:checkpoint-|step-|global_step_)(?P<step>\d+)$"
 POLICIES = ("all", "latest")
 LOG_FORMATS = ("auto", "plain", "json")
 VARIANTS = ("regular", "ema")

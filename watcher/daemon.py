@@ -62,6 +62,7 @@ class Daemon:
             known_fingerprint=self._known_fingerprint,
             settle=setup.settle,
             sentinel=self.config.sentinel,
+            base_model=lambda: self.config.base_model,
         )
         self.outbox = Outbox(self.journal, setup.sinks)
         self.journal.set_meta("sinks", [sink.name for sink in setup.sinks])

@@ -22,6 +22,10 @@ from watcher.config import BadCheckpointName
 
 log = logging.getLogger("ckpt-watch")
 
+# An incomplete folder with no write for this long is reported (once) as stuck: no writer pauses that long
+# between two files of one checkpoint, so it is a crashed save or a file the producer never writes.
+STALLED_AFTER = 120.0
+
 
 @dataclass(frozen=True)
 class Ready:
@@ -51,6 +55,7 @@ class Detector:
         settle: float,
         sentinel: str | None,
         clock: Callable[[], float] = time.time,
+        base_model: Callable[[], Path | None] = lambda: None,
     ):
         self.output_dir = Path(output_dir)
         self._checked_step = checked_step  # raises BadCheckpointName (see WatchConfig.checked_step)
@@ -62,6 +67,11 @@ class Detector:
         self._last_reason: dict[str, str] = {}
         self._verified: dict[str, tuple[int, int]] = {}  # folder stat when it last matched the journal
         self._rejected: set[str] = set()  # names already logged as unusable
+        self._base_model = base_model  # the config's base_model now (it may change on reload)
+        # Folders the pattern matches that are not being evaluated, and why (for --scan's summary): incomplete
+        # for good (the Verdict is final), or incomplete with no write for STALLED_AFTER seconds (a crashed
+        # writer, or a file the producer will never write). Each is logged once, at warning level.
+        self.stuck: dict[str, str] = {}
 
     def candidates(self) -> list[str] | None:
         """Checkpoint folder names present in the output dir, one level deep; None if it cannot be listed
@@ -130,6 +140,7 @@ class Detector:
         except FileNotFoundError:
             self._settling.pop(name, None)
             self._verified.pop(name, None)
+            self.stuck.pop(name, None)
             return None
         digest = state.digest
         known = self._known(name)
@@ -138,14 +149,13 @@ class Detector:
             self._verified[name] = (folder.st_ino, folder.st_mtime_ns)
             return None
         self._verified.pop(name, None)
-        verdict = check_checkpoint(path, step, self.sentinel)
+        verdict = check_checkpoint(path, step, self.sentinel, self._base_model())
         if not verdict.complete:
             self._settling.pop(name, None)
-            if self._last_reason.get(name) != verdict.reason:
-                self._last_reason[name] = verdict.reason
-                log.debug("%s not complete yet: %s", name, verdict.reason)
+            self._note_incomplete(name, verdict, state.newest_change)
             return None
         self._last_reason.pop(name, None)
+        self.stuck.pop(name, None)
         now = self._clock()
         current = self._settling.get(name)
         if current is None or current.activity != state.activity:
@@ -160,6 +170,23 @@ class Detector:
             return None
         del self._settling[name]
         return Ready(name, step, path, digest, verdict, current.since)
+
+    def _note_incomplete(self, name: str, verdict: Verdict, newest_change: float) -> None:
+        quiet = self._clock() - newest_change
+        if verdict.final:
+            stuck = f"will not be evaluated: {verdict.reason}"
+        elif quiet >= max(STALLED_AFTER, 4 * self.settle):
+            stuck = f"incomplete and untouched for {quiet:.0f} s: {verdict.reason}"
+        else:
+            stuck = None
+        if stuck is None:
+            self.stuck.pop(name, None)
+            if self._last_reason.get(name) != verdict.reason:
+                log.debug("%s not complete yet: %s", name, verdict.reason)
+        elif self._last_reason.get(name) != verdict.reason or name not in self.stuck:
+            log.warning("%s %s", name, stuck)
+            self.stuck[name] = stuck
+        self._last_reason[name] = verdict.reason
 
 
 def _is_dir(entry: os.DirEntry) -> bool:

@@ -47,7 +47,7 @@ def _report_stage(stage: str, **progress: Any) -> None:
 
 def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     from watcher.evaluators import get_evaluator
-    from watcher.prepare import prepare_model
+    from watcher.prepare import prepare_model, verify_loadable
 
     workdir = Path(spec["workdir"])
     workdir.mkdir(parents=True, exist_ok=True)
@@ -61,6 +61,9 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
                                       progress=lambda done, total: _report_stage("preparing", done=done, total=total))
     timings["prepare_s"] = round(time.time() - start, 3)
     stages["prepare"] = _stage_usage(start)
+    start = time.time()
+    verify_loadable(model_dir, spec["checkpoint_name"])  # before any evaluator: every weight must load
+    stages["verify"] = _stage_usage(start)
 
     steps = spec["preset"]["evaluators"]
     if not steps:

@@ -28,12 +28,15 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).with_name("save_distributed.py")
 LAYOUTS = ("torchtitan", "hf-fsdp", "rank-shards")
+# Producers' own layouts, built only on request (not by the session builders): see save_distributed.py.
+PRODUCER_LAYOUTS = ("lmms-engine", "verl")
 DTYPES = ("float32", "bfloat16")
 WORLD_SIZE = 2  # the default number of ranks
 
 __all__ = [
     "DTYPES",
     "LAYOUTS",
+    "PRODUCER_LAYOUTS",
     "WORLD_SIZE",
     "DistributedCheckpointError",
     "checkpoint_folder_name",
@@ -50,6 +53,8 @@ class DistributedCheckpointError(RuntimeError):
 
 
 def checkpoint_folder_name(layout: str, step: int) -> str:
+    if layout == "verl":
+        return f"global_step_{step}"
     return f"step-{step}" if layout == "torchtitan" else f"checkpoint-{step}"
 
 
@@ -63,9 +68,9 @@ def _run_torchrun(
     world_size: int = WORLD_SIZE,
 ) -> None:
     """One torchrun; several dtypes (a tuple) go to dest/<dtype>/, several layouts to .../<layout>/."""
-    unknown = set(layouts) - set(LAYOUTS)
+    unknown = set(layouts) - set(LAYOUTS) - set(PRODUCER_LAYOUTS)
     if unknown:
-        raise ValueError(f"unknown layout(s) {sorted(unknown)}; choose from {LAYOUTS}")
+        raise ValueError(f"unknown layout(s) {sorted(unknown)}; choose from {LAYOUTS + PRODUCER_LAYOUTS}")
     dtypes = (dtype,) if isinstance(dtype, str) else tuple(dtype)
     if not dtypes or set(dtypes) - set(DTYPES):
         raise ValueError(f"unknown dtype(s) {dtypes!r}; choose from {DTYPES}")

@@ -27,6 +27,15 @@ Layouts (repeat `--layout` to write several from one job; each then goes to OUT/
   ``torch.save``s its own DTensor state dict (veRL / LMMs-Engine style), the EMA twin dir, ``config.json``
   and finally ``trainer_state.json``.
 
+* ``lmms-engine`` -> ``checkpoint-N/``: what LMMs-Engine 0.1.4's ``save_checkpoints`` writes
+  (lmms_engine/train/fsdp2/fsdp2_trainer.py), in its order: every rank's ``pytorch_model_fsdp_0/``,
+  ``pytorch_ema_model_fsdp_0/``, ``optimizer/``, ``extra_state/`` and ``dataloader_state/`` files
+  (``<kind>_world_size_W_rank_R.pt``), then rank 0's tokenizer and, last, ``config.json``.
+* ``verl``        -> ``global_step_N/``: what veRL's FSDP checkpoint manager and PPO trainer write
+  (verl/utils/checkpoint/fsdp_checkpoint_manager.py, verl/trainer/ppo/ray_trainer.py): ``actor/`` with
+  every rank's ``model_/optim_/extra_state_world_size_W_rank_R.pt``, rank 0's ``actor/huggingface/``
+  (config, tokenizer) and ``actor/fsdp_config.json``; the same for ``critic/``; ``data.pt`` last.
+
 Next to each checkpoint folder, rank 0 writes ``reference.pt`` (the full, unsharded model state dict,
 HF key names) and ``reference_ema.pt`` (the EMA weights), so merge tests can check exact reassembly.
 
@@ -55,7 +64,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from watcher.tiny import build_model, build_tokenizer
 
-LAYOUTS = ("torchtitan", "hf-fsdp", "rank-shards")
+LAYOUTS = ("torchtitan", "hf-fsdp", "rank-shards", "lmms-engine", "verl")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 EMA_FACTOR = 0.5  # EMA weights = weights * 0.5: different from the regular ones, trivially checkable
 
@@ -147,7 +156,50 @@ def shard_model(model, mesh, shard_dim1: bool) -> None:
     fully_shard(model, mesh=mesh)  # the embedding / tied lm_head / final norm: Shard(0), 259 rows uneven
 
 
-SAVERS = {"torchtitan": save_torchtitan, "hf-fsdp": save_hf_fsdp, "rank-shards": save_rank_shards}
+def save_lmms_engine(out: Path, step: int, model, optimizer, rank: int) -> Path:
+    folder = out / f"checkpoint-{step}"
+    world = dist.get_world_size()
+    subs = ("pytorch_model_fsdp_0", "pytorch_ema_model_fsdp_0", "optimizer", "extra_state", "dataloader_state")
+    for sub in subs:
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    model_sd = model.state_dict()
+    torch.save(model_sd, folder / "pytorch_model_fsdp_0" / f"model_world_size_{world}_rank_{rank}.pt")
+    torch.save(_ema_state_dict(model_sd), folder / "pytorch_ema_model_fsdp_0" / f"model_world_size_{world}_rank_{rank}.pt")
+    torch.save(optimizer.state_dict(), folder / "optimizer" / f"optimizer_world_size_{world}_rank_{rank}.pt")
+    extra = {"lr_scheduler_state": {"last_epoch": step}, "rng": torch.get_rng_state(), "total_tokens": 1234 * step}
+    torch.save(extra, folder / "extra_state" / f"extra_state_world_size_{world}_rank_{rank}.pt")
+    torch.save({"epoch": 0, "rank": rank}, folder / "dataloader_state" / f"dataloader_state_world_size_{world}_rank_{rank}.pt")
+    if rank == 0:
+        build_tokenizer().save_pretrained(folder)
+        model.config.save_pretrained(folder)  # LMMs-Engine's last write
+    dist.barrier()
+    return folder
+
+
+def save_verl(out: Path, step: int, model, optimizer, rank: int) -> Path:
+    folder = out / f"global_step_{step}"
+    world = dist.get_world_size()
+    for role in ("actor", "critic"):
+        role_dir = folder / role
+        role_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        torch.save(model.state_dict(), role_dir / f"model_world_size_{world}_rank_{rank}.pt")
+        torch.save(optimizer.state_dict(), role_dir / f"optim_world_size_{world}_rank_{rank}.pt")
+        torch.save({"lr_scheduler": {"last_epoch": step}, "rng": torch.get_rng_state()},
+                   role_dir / f"extra_state_world_size_{world}_rank_{rank}.pt")  # fmt: skip
+        if rank == 0:
+            model.config.save_pretrained(role_dir / "huggingface")
+            build_tokenizer().save_pretrained(role_dir / "huggingface")
+            (role_dir / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": world}))
+        dist.barrier()
+    if rank == 0:
+        torch.save({"dataloader": {"epoch": 0}}, folder / "data.pt")  # veRL's last write
+    return folder
+
+
+SAVERS = {"torchtitan": save_torchtitan, "hf-fsdp": save_hf_fsdp, "rank-shards": save_rank_shards,
+          "lmms-engine": save_lmms_engine, "verl": save_verl}  # fmt: skip
 
 
 def main() -> None:
