@@ -268,6 +268,8 @@ class Daemon:
 
     def schedule(self) -> None:
         pending = self.journal.jobs(self.preset.name, ["pending"])
+        if self.config.policy == "latest" and pending and self._newer_settling(pending):
+            return  # a newer checkpoint is seconds from admission and would overtake whatever starts now
         decision = decide(pending, self.config.policy, time.time())
         if decision.skip:
             newest = max(j.checkpoint.step for j in pending)
@@ -275,6 +277,10 @@ class Daemon:
             log.info("policy latest: skipping %s", ", ".join(sorted({j.checkpoint.name for j in decision.skip})))
         if decision.run is not None:
             self.start(decision.run)
+
+    def _newer_settling(self, pending: list[Job]) -> bool:
+        newest = max(j.checkpoint.step for j in pending)
+        return any(step > newest for step in self.detector.settling_steps())
 
     def start(self, job: Job) -> None:
         if not job.checkpoint.path.is_dir():

@@ -127,6 +127,10 @@ class Detector:
     def settling(self) -> bool:
         return bool(self._settling)
 
+    def settling_steps(self) -> list[int]:
+        """Steps of complete checkpoints still inside their settle window (about to be admitted)."""
+        return [step for step in map(self._step_of, self._settling) if step is not None]
+
     def _check_one(self, name: str, thorough: bool = True) -> Ready | None:
         step = self._step_of(name)
         if step is None:
