@@ -68,7 +68,7 @@ def test_bad_config_value(tmp_path):
 def test_empty_output_dir_scan_is_nothing_to_do(tmp_path):
     result = _run(str(tmp_path), "--scan", "-q")
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "ckpt-watch" / "journal.sqlite").exists()
+    assert "nothing to do" in result.stderr and not list(tmp_path.iterdir())  # no journal in a folder named by mistake
 
 
 def test_a_typo_in_a_preset_is_caught_at_start(tmp_path):
@@ -80,6 +80,7 @@ def test_a_typo_in_a_preset_is_caught_at_start(tmp_path):
 def test_a_second_daemon_on_the_same_results_dir_is_refused(tmp_path):
     import fcntl
 
+    (tmp_path / "checkpoint-1").mkdir()  # something to scan (with nothing, a scan takes no lock)
     lock_path = tmp_path / "ckpt-watch" / "ckpt-watch.lock"
     lock_path.parent.mkdir()
     with open(lock_path, "w") as held:

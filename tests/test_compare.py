@@ -22,7 +22,7 @@ def test_direction_comes_from_lm_eval_when_it_declares_one():
     rows = compare({"metrics": {"t/acc": 0.5, "t/acc_stderr": 0.1, "params/total": 5}},
                    {"metrics": {"t/acc": 0.75, "params/total": 5, "ppl/perplexity": 3.0}})  # fmt: skip
     assert [(r["group"], r["metric"], r["better"]) for r in rows] == [
-        ("accuracy", "ppl/perplexity", None), ("accuracy", "t/acc", "B"), ("cost", "params/total", None)]  # fmt: skip
+        ("accuracy", "t/acc", "B"), ("perplexity", "ppl/perplexity", None), ("cost", "params/total", None)]  # fmt: skip
 
 
 def test_compare_two_steps_of_a_real_run(copy_trainer_output, tmp_path):

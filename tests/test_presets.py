@@ -38,7 +38,9 @@ def test_the_presets_command_lists_what_each_preset_runs(tmp_path):
     listed = _presets("--config", config)
     assert listed.returncode == 0, listed.stderr
     assert "smoke (time budget" in listed.stdout and "ckpt_watch_smoke_mc" in listed.stdout
-    assert "mine [from config]: params only" in listed.stdout
+    assert "mine [from config] (no time budget; needs network: no): params only" in listed.stdout
+    assert "smoke (time budget 1800 s; needs network: no)" in listed.stdout  # the bundled offline tasks
+    assert "1min (time budget 240 s; needs network: yes, or a warm datasets cache)" in listed.stdout  # hellaswag
     config.write_text('[presets.mine]\n[[presets.mine.evaluators]]\nbackend = "nonesuch"\n')
     broken = _presets("--config", config)
     assert broken.returncode == 2 and broken.stderr.count("\n") == 1 and "unknown backend 'nonesuch'" in broken.stderr

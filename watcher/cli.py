@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def load_config(args: argparse.Namespace) -> WatchConfig:
+def load_config(args: argparse.Namespace, missing_ok: bool = False) -> WatchConfig:
+    """The configuration from the config file and the flags. `missing_ok`: an output dir that does not exist
+    yet is accepted (the daemon waits for training to create it)."""
     file_values = load_toml(args.config) if args.config else {}
     verbosity = 1 if args.verbose else (-1 if args.quiet else None)
     # Flags a command does not have (`sync` has no --device) count as not given.
@@ -103,20 +105,27 @@ def load_config(args: argparse.Namespace) -> WatchConfig:
     config = build_config(file_values, {**{name: getattr(args, name, None) for name in flags}, "verbosity": verbosity})
     if config.output_dir is None:
         raise ConfigError("no output dir: give OUTPUT_DIR or set output_dir in the config file")
-    if not Path(config.output_dir).is_dir():
+    if not missing_ok and not Path(config.output_dir).is_dir():
         raise ConfigError(f"output dir not found: {config.output_dir}")
     config.output_dir = Path(config.output_dir).resolve()
     return config
 
 
 def watch_main(argv: list[str]) -> int:
-    from watcher.daemon import Daemon
-    from watcher.setup import resolve_setup
+    from watcher.daemon import Daemon, wait_for_output_dir
+    from watcher.setup import check_watch_target, has_checkpoint_folders, resolve_setup
     from watcher.devices import check_available, parse_device
     from watcher.presets import get_preset
 
     args = watch_parser().parse_args(argv)
-
+    first = load_config(args, missing_ok=not args.scan)  # --scan of a missing dir is an error; a daemon waits
+    log_format = resolve_log_format(first.log_format)
+    if log_format != "live":
+        setup_logging(first.verbosity, log_format)
+    if not first.output_dir.is_dir():
+        check_watch_target(first)  # a path inside a checkpoint is wrong whether or not it exists yet
+        if not wait_for_output_dir(first.output_dir, live=log_format == "live"):
+            return EXIT_OK  # stopped (SIGTERM, Ctrl-C) while waiting
     def build_setup():
         """The whole set-up from the flags and the config file: at start, and again at each SIGHUP."""
         config = load_config(args)
@@ -127,10 +136,13 @@ def watch_main(argv: list[str]) -> int:
         setup.reload = build_setup
         return setup
 
-    setup = build_setup()
-    log_format = resolve_log_format(setup.config.log_format)
+    setup = build_setup()  # checks everything, creates nothing
+    if args.scan and not has_checkpoint_folders(setup.config) and not setup.journal_path.exists():
+        # Nothing to evaluate and no earlier results to deliver: create nothing in a folder named by mistake.
+        print(f"ckpt-watch: nothing to do: no checkpoint folders (checkpoint-N, step-N) in {setup.config.output_dir}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_OK
     if log_format != "live":
-        setup_logging(setup.config.verbosity, log_format)
         return Daemon(setup).run(scan=args.scan)
     from watcher.live_view import LiveView
 

@@ -5,8 +5,9 @@
 
 A and B are per-job result files (RESULTS_DIR/<checkpoint>/<variant>/<preset>.json, <preset>.gN.json for a
 re-save's generation N). Whether higher or lower is better comes from lm-eval's own `higher_is_better` in the raw
-output where it has one, else from the metric's name; metrics are grouped as accuracy, routing, inference and
-cost.
+output where it has one, else from the metric's name. Where both results carry the metric's standard error
+(`task/metric_stderr`), a difference within NOISE_STDERRS combined standard errors is not called better: the
+column says "~" (within noise). Metrics are grouped as accuracy, perplexity, routing, inference and cost.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from watcher.config import ConfigError
 from watcher.sinks import FileSink, read_results
 from watcher.sinks.files import is_result_record
 
-GROUPS = ("accuracy", "routing", "inference", "cost")
+GROUPS = ("accuracy", "perplexity", "routing", "inference", "cost")
+NOISE_STDERRS = 2.0  # a difference within 2 combined standard errors (about 95%) is noise
+# Names of language-modelling metrics (lower is better), grouped apart from accuracy.
+_PERPLEXITY = ("perplexity", "bits_per_byte", "nll", "loss")
 _LOWER = ("perplexity", "bits_per_byte", "nll", "loss", "latency", "_mb", "gini", "coefficient_of_variation", "cv")
 _HIGHER = ("acc", "exact_match", "f1", "bleu", "rouge", "mcc", "tokens_per_s", "utilisation", "utilization", "score")
 
@@ -33,6 +37,8 @@ def group_of(metric: str) -> str:
         return "inference"
     if head in ("params", "flops"):
         return "cost"
+    if any(key in metric.rpartition("/")[2] for key in _PERPLEXITY):
+        return "perplexity"
     return "accuracy"
 
 
@@ -60,13 +66,25 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
         va, vb = a.get("metrics", {}).get(metric), b.get("metrics", {}).get(metric)
         direction = higher_is_better(metric, a) if metric in a.get("metrics", {}) else higher_is_better(metric, b)
         better = None
+        noise = _noise(metric, a, b)
         if va is not None and vb is not None and direction is not None and va != vb:
-            better = "B" if (vb > va) == direction else "A"
+            better = "~" if noise is not None and abs(vb - va) <= noise else ("B" if (vb > va) == direction else "A")
         rows.append({"group": group_of(metric), "metric": metric, "a": va, "b": vb,
                      "difference": vb - va if va is not None and vb is not None else None,
-                     "higher_is_better": direction, "better": better})  # fmt: skip
+                     "noise": noise, "higher_is_better": direction, "better": better})  # fmt: skip
     rows.sort(key=lambda r: (GROUPS.index(r["group"]), r["metric"]))
     return rows
+
+
+def _noise(metric: str, a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """NOISE_STDERRS x the combined standard error of the difference, when both results have the stderr."""
+    task, _, name = metric.rpartition("/")
+    base, at, filter_name = name.partition("@")
+    key = f"{task}/{base}_stderr{at}{filter_name}" if task else f"{base}_stderr{at}{filter_name}"
+    errors = [record.get("metrics", {}).get(key) for record in (a, b)]
+    if any(not isinstance(e, (int, float)) for e in errors):
+        return None
+    return NOISE_STDERRS * (errors[0] ** 2 + errors[1] ** 2) ** 0.5
 
 
 def load_record(path: Path) -> dict[str, Any]:
@@ -102,23 +120,33 @@ def find_records(results_dir: Path, steps: list[int], variant: str, preset: str)
 def main(argv: list[str]) -> int:
     from watcher.cli import _Parser
 
-    parser = _Parser(prog="ckpt-watch compare", description=__doc__.splitlines()[0])
-    parser.add_argument("things", nargs="+", metavar="A B | OUTPUT_DIR STEP_A STEP_B")
-    parser.add_argument("--variant", default="regular", choices=("regular", "ema"))
-    parser.add_argument("--preset", default="smoke")
+    parser = _Parser(prog="ckpt-watch compare", description=__doc__.splitlines()[0],
+                     epilog="e.g. ckpt-watch compare ./output 500 1000, or ckpt-watch compare A.json B.json")  # fmt: skip
+    parser.add_argument("things", nargs="+", metavar="A B | OUTPUT_DIR STEP_A STEP_B",
+                        help="two result files, or the training run's output_dir and two steps")  # fmt: skip
+    parser.add_argument("--variant", default="regular", choices=("regular", "ema"),
+                        help="which weights' results, with OUTPUT_DIR STEP STEP (default: regular)")  # fmt: skip
+    parser.add_argument("--preset", help="which preset's results, with OUTPUT_DIR STEP STEP (default: the "
+                                         "config's preset, else smoke)")  # fmt: skip
+    parser.add_argument("--config", type=Path, help="the daemon's config file (its results dir and preset)")
     parser.add_argument("--results-dir", type=Path, help="default: OUTPUT_DIR/ckpt-watch")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
-    if len(args.things) == 2:
+    first_is_dir = Path(args.things[0]).is_dir()
+    if len(args.things) == 2 and not first_is_dir:
         a, b = (load_record(Path(p)) for p in args.things)
         labels = [Path(p).as_posix() for p in args.things]
-    elif len(args.things) == 3 and Path(args.things[0]).is_dir():
+    elif len(args.things) == 3 and first_is_dir:
         output_dir, *steps = args.things
         if not all(s.isdigit() for s in steps):
             raise ConfigError(f"steps must be numbers, got {steps[0]!r} and {steps[1]!r}")
-        results_dir = args.results_dir or Path(output_dir) / "ckpt-watch"
-        a, b = find_records(results_dir, [int(s) for s in steps], args.variant, args.preset)
+        results_dir, preset = _results_dir_and_preset(Path(output_dir), args)
+        a, b = find_records(results_dir, [int(s) for s in steps], args.variant, preset)
         labels = [f"step {s}" for s in steps]
+    elif first_is_dir:
+        given = " ".join(args.things[1:]) or "none"
+        raise ConfigError(f"{args.things[0]} is an output dir: give it two steps to compare, e.g. "
+                          f"`ckpt-watch compare {args.things[0]} 500 1000` (steps given: {given})")  # fmt: skip
     else:
         raise ConfigError("give two result files, or OUTPUT_DIR and two steps")
     rows = compare(a, b)
@@ -128,6 +156,16 @@ def main(argv: list[str]) -> int:
         _print_table(rows, labels)
     sys.stdout.flush()
     return 0
+
+
+def _results_dir_and_preset(output_dir: Path, args: Any) -> tuple[Path, str]:
+    """The results dir and preset from the flags, else the config file, else the defaults."""
+    from watcher.config import build_config, load_toml
+
+    file_values = load_toml(args.config) if args.config else {}
+    config = build_config(file_values, {"output_dir": output_dir, "results_dir": args.results_dir,
+                                        "preset": args.preset})  # fmt: skip
+    return config.resolved_results_dir(), config.preset
 
 
 def _print_table(rows: list[dict[str, Any]], labels: list[str]) -> None:
@@ -140,4 +178,8 @@ def _print_table(rows: list[dict[str, Any]], labels: list[str]) -> None:
     for row in rows:
         cells = [f"{row[k]:.4g}" if row[k] is not None else "-" for k in ("a", "b", "difference")]
         table.add_row(row["group"], row["metric"], *cells, row["better"] or "")
-    Console(width=max(120, Console().width)).print(table)
+    console = Console(width=max(120, Console().width))
+    console.print(table)
+    if any(row["better"] == "~" for row in rows):
+        console.print(f"~: the difference is within {NOISE_STDERRS:g} standard errors (the results' own *_stderr): "
+                      "no clear winner", highlight=False)  # fmt: skip

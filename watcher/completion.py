@@ -248,6 +248,20 @@ def _digest(lines: list[str]) -> str:
 # Layout detection (names only, no reads) and the per-layout rules.
 
 
+def checkpoint_files_in(folder: Path) -> list[str]:
+    """The names in `folder` that only a checkpoint holds (weights, DCP metadata, the Trainer's state, our
+    sentinel), by name alone; [] for an ordinary folder or one that cannot be listed."""
+    try:
+        names = _listdir(folder)
+    except OSError:
+        return []
+    if DEFAULT_SENTINEL in names or _detect_layout(folder, names) != "unknown":
+        found = [n for n in names if n in (DEFAULT_SENTINEL, TRAINER_STATE, METADATA_FILE, FSDP_MODEL_DIR, FSDP_EMA_DIR)
+                 or n.endswith(".distcp") or _RANK_SHARD.fullmatch(n)]  # fmt: skip
+        return sorted(found + _hf_weight_names(names))
+    return []
+
+
 def _detect_layout(folder: Path, names: set[str]) -> str:
     if METADATA_FILE in names or any(n.endswith(".distcp") for n in names):
         return "dcp"

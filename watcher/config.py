@@ -233,6 +233,10 @@ def load_toml(path: Path) -> dict[str, Any]:
         if isinstance(table, dict):
             for key in _OPTION_PATHS & table.keys():
                 table[key] = _relative_to(base, table[key])
+            if "command" in table:  # the command backend's argument list: its script paths, not its options
+                from watcher.evaluators.command import resolve_command_paths
+
+                table["command"] = resolve_command_paths(base, table["command"])
     return data
 
 

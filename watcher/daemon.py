@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import time
 import uuid
 from collections import deque
@@ -76,6 +77,9 @@ class Daemon:
         self.view = view
         self._next_view = 0.0
         self._recent: deque[dict[str, Any]] | None = None  # the latest results, for the view (loaded lazily)
+        self._finished_this_session = 0  # jobs that ended (ok or failed for good) since start: the scan summary
+        # What the live view says while no job runs (the demo: "training is running ..."); None: the default.
+        self.idle_text: Callable[[], str] | None = None
 
     # --- the main loop ---------------------------------------------------------------------------------------
 
@@ -98,8 +102,8 @@ class Daemon:
 
         if not scan:
             self._feed = self._start_feed()
-        self.reconcile()
         self._announce(scan)
+        self.reconcile()
         self.notifier.ready(self.status_line())
         next_reconcile = time.monotonic() + self._reconcile_interval()
         next_thorough = time.monotonic() + THOROUGH_RESCAN
@@ -169,7 +173,17 @@ class Daemon:
         # The files sink is local and always on: a backfill that could not write its results did not finish
         # (W&B waiting for a live run, by contrast, is the normal `defer` case).
         unwritten = finished_scan and pending.get("files", 0) > 0
+        if finished_scan:
+            self._scan_summary(failed, pending)
         return 1 if failed or unwritten else 0
+
+    def _scan_summary(self, failed: list[Job], pending: dict[str, int]) -> None:
+        """The last line of a finished --scan: what it did and where to look."""
+        evaluated = self._finished_this_session
+        deliveries = ", ".join(f"{name} {n}" for name, n in pending.items()) or "none"
+        log.info("scan done: %d job(s) evaluated, %d failed, pending deliveries: %s; results in %s "
+                 "(`ckpt-watch status %s`)", evaluated, len(failed), deliveries, self.results_dir,
+                 self.output_dir)  # fmt: skip
 
     def request_stop(self, grace: float = 0.0) -> None:
         """Take no new job; a running one may finish within `grace` seconds. A second request stops it now."""
@@ -371,15 +385,24 @@ class Daemon:
         record = self._build_record(job, running, outcome, attempt)
         if not self.journal.finish(job.id, record):
             return
+        self._finished_this_session += 1
         if self._recent is not None:
             self._recent.append(record)
         if ok:
-            shown = [k for k in record["metrics"] if not k.endswith("_stderr")][:5]
-            headline = ", ".join(f"{k}={record['metrics'][k]:.4g}" for k in shown)
+            headline = self._headline_text(record["metrics"])
             log.info("%s done in %.1f s: %s", self._describe(job), record["walltime_s"], headline)
         else:
             log.error("%s failed after %d attempt(s): %s", self._describe(job), attempt, record["error"])
         self.deliver_pending()
+
+    @staticmethod
+    def _headline_text(metrics: dict[str, float]) -> str:
+        """The headline metrics (watcher/status_command.py's rule), else the first few by name."""
+        from watcher.status_command import headline_metrics
+
+        shown = headline_metrics(metrics) or sorted(k for k in metrics if not k.endswith("_stderr"))[:5]
+        more = len([k for k in metrics if not k.endswith("_stderr")]) - len(shown)
+        return ", ".join(f"{k}={metrics[k]:.4g}" for k in shown) + (f" (+{more} more)" if more > 0 else "")
 
     def snapshot(self) -> Snapshot:
         """What the live view shows, as plain data (see watcher/live_view.py)."""
@@ -418,7 +441,9 @@ class Daemon:
             results=rows,
             headlines=headlines,
             undelivered={sink.name: self.journal.undelivered_count(sink.name) for sink in self.outbox.sinks},
+            undelivered_why={sink.name: self.outbox.waiting_reason(sink.name) for sink in self.outbox.sinks},
             stopping=self._stop_requested,
+            idle_text=self.idle_text() if self.idle_text is not None and self.running is None else None,
         )
 
     def _update_view(self, force: bool = False) -> None:
@@ -540,6 +565,37 @@ class Daemon:
     @staticmethod
     def _describe(job: Job) -> str:
         return f"{job.checkpoint.name}/{job.variant}/{job.preset}"
+
+
+def wait_for_output_dir(output_dir: Path, live: bool = False, interval: float = 1.0) -> bool:
+    """Wait until the training run creates `output_dir` (a service is enabled before training starts).
+
+    Tells systemd READY while waiting (nothing is wrong) and keeps pinging its watchdog. Returns False when
+    stopped by SIGINT/SIGTERM first. Creates nothing: the folder is the trainer's to make.
+    """
+    message = f"waiting for {output_dir} to appear (training has not created it yet)"
+    if live:  # logging is not set up before the live view starts
+        print(f"ckpt-watch: {message}", file=sys.stderr, flush=True)
+    else:
+        log.info("%s", message)
+    notifier = Notifier()
+    notifier.ready(message)
+    stopped: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stopped.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
+    try:
+        while not stopped and not output_dir.is_dir():
+            notifier.watchdog()
+            time.sleep(interval)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopped:
+        notifier.stopping()
+        log.info("received %s while waiting for %s: stopping", signal.Signals(stopped[0]).name, output_dir)
+        return False
+    log.info("%s appeared", output_dir)
+    return True
 
 
 def _iso(timestamp: float) -> str:

@@ -1,14 +1,16 @@
 """`ckpt-watch demo`: the whole pipeline on an embedded default, with nothing to download.
 
 A tiny causal LM is trained by the real `transformers.Trainer` on the CPU in a child process, saving a
-checkpoint every few seconds into a temporary output dir, while the daemon watches that dir with the offline
-`smoke` preset (shown in the live view at a terminal, as plain log lines otherwise). When training has ended and every
-checkpoint is evaluated, the results table is printed.
+checkpoint every few seconds into an output dir, while the daemon watches that dir with the offline `smoke`
+preset (shown in the live view at a terminal, as plain log lines otherwise). When training has ended and every
+checkpoint is evaluated, the results table is printed, then the commands that look at the run further. The run
+is kept (in a new temporary folder unless --output-dir names one), so those commands have something to read.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -19,6 +21,9 @@ from watcher.cli import EXIT_FAILED, EXIT_OK, _Parser, resolve_log_format, setup
 from watcher.config import LOG_FORMATS, WatchConfig, build_config
 from watcher.sinks import read_results
 
+# The eval events go here whether or not the trainer logs TensorBoard (that needs the tensorboard package).
+TENSORBOARD_DIR = "runs/ckpt-watch-eval"
+
 
 def main(argv: list[str]) -> int:
     parser = _Parser(prog="ckpt-watch demo", description=__doc__.splitlines()[0])
@@ -26,7 +31,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
     parser.add_argument("--save-steps", type=int, default=10, help="steps between checkpoints (default: 10)")
     parser.add_argument("--step-delay", type=float, default=0.15, help="seconds slept per step (default: 0.15)")
-    parser.add_argument("--output-dir", type=Path, help="keep the run here instead of a temporary dir")
+    parser.add_argument("--output-dir", type=Path,
+                        help="the training run's folder, kept afterwards (default: a new ckpt-watch-demo-* folder "
+                             "in the temporary directory, also kept)")  # fmt: skip
     parser.add_argument("--log-format", choices=LOG_FORMATS, default="auto",
                         help="auto (default: the live view at a terminal, else plain), plain, json")  # fmt: skip
     args = parser.parse_args(argv)
@@ -35,9 +42,10 @@ def main(argv: list[str]) -> int:
         setup_logging(0, args.log_format)
     if args.output_dir is not None:
         args.output_dir.mkdir(parents=True, exist_ok=True)
-        return run_demo(args, args.output_dir.resolve())
-    with tempfile.TemporaryDirectory(prefix="ckpt-watch-demo-") as tmp:
-        return run_demo(args, Path(tmp))
+        output_dir = args.output_dir.resolve()
+    else:
+        output_dir = Path(tempfile.mkdtemp(prefix="ckpt-watch-demo-"))
+    return run_demo(args, output_dir)
 
 
 def run_demo(args: argparse.Namespace, output_dir: Path) -> int:
@@ -47,21 +55,29 @@ def run_demo(args: argparse.Namespace, output_dir: Path) -> int:
 
     # No W&B in the demo: its tiny training run logs to none.
     config: WatchConfig = build_config({}, {"output_dir": output_dir, "device": args.device, "preset": "smoke",
-                                            "wandb": "off"})  # fmt: skip
+                                            "wandb": "off", "tensorboard": TENSORBOARD_DIR})  # fmt: skip
     device = parse_device(config.device)
     setup = resolve_setup(config, get_preset("smoke"), device, check_available(device))
     print(f"ckpt-watch demo: training a tiny model into {output_dir}; the daemon evaluates each checkpoint\n",
           flush=True)  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # The trainer's own curves in TensorBoard too, when the package that writes them is installed.
+    report_to = ["--report-to", "tensorboard"] if _tensorboard_installed() else []
     train_log = open(output_dir / "train.log", "wb")
     trainer = subprocess.Popen(
         [sys.executable, "-m", "watcher.tiny", str(output_dir), "--steps", str(args.steps),
-         "--save-steps", str(args.save_steps), "--step-delay", str(args.step_delay)],
+         "--save-steps", str(args.save_steps), "--step-delay", str(args.step_delay), *report_to],
         stdout=train_log, stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
+
+    def idle_text() -> str | None:
+        if trainer.poll() is None:
+            return f"training is running ({output_dir / 'train.log'}); waiting for its next checkpoint"
+        return None
+
     try:
         log_format = getattr(args, "log_format", "plain")
-        status = _run_daemon(setup, log_format, finish_when=lambda: trainer.poll() is not None)
+        status = _run_daemon(setup, log_format, finish_when=lambda: trainer.poll() is not None, idle_text=idle_text)
     finally:
         if trainer.poll() is None:
             trainer.terminate()
@@ -73,20 +89,41 @@ def run_demo(args: argparse.Namespace, output_dir: Path) -> int:
         return EXIT_FAILED
     records = read_results(setup.results_dir)
     print_results(records)
+    print(next_steps(output_dir, sorted({r["step"] for r in records if r["status"] == "ok"})), flush=True)
     failed = any(r["status"] != "ok" for r in records)
     return EXIT_FAILED if failed or status else EXIT_OK
 
 
-def _run_daemon(setup, log_format: str, finish_when) -> int:
+def _tensorboard_installed() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
+def next_steps(output_dir: Path, steps: list[int]) -> str:
+    """Where the run is and the commands that look at its results."""
+    lines = [f"\nThe run is kept in {output_dir} (delete it when done). Look at its results:",
+             f"  ckpt-watch status {output_dir}",
+             f"  ckpt-watch plot {output_dir} -o {output_dir / 'metrics.png'}"]  # fmt: skip
+    if len(steps) >= 2:
+        lines.append(f"  ckpt-watch compare {output_dir} {steps[0]} {steps[-1]}")
+    trainer_curves = "" if _tensorboard_installed() else " (pip install tensorboard for the trainer's curves too)"
+    lines.append(f"  tensorboard --logdir {output_dir / 'runs'}   # eval events in {output_dir / TENSORBOARD_DIR}"
+                 f"{trainer_curves}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _run_daemon(setup, log_format: str, finish_when, idle_text) -> int:
     from watcher.daemon import Daemon
 
     if log_format != "live":
-        return Daemon(setup).run(finish_when=finish_when)
+        daemon = Daemon(setup)
+        return daemon.run(finish_when=finish_when)
     from watcher.live_view import LiveView
 
     with LiveView() as view:
         setup_logging(0, "live", console=view.console)
-        return Daemon(setup, view=view).run(finish_when=finish_when)
+        daemon = Daemon(setup, view=view)
+        daemon.idle_text = idle_text
+        return daemon.run(finish_when=finish_when)
 
 
 def print_results(records: list[dict]) -> None:

@@ -57,7 +57,9 @@ class Snapshot:
     results: list[ResultRow] = field(default_factory=list)  # the latest few, oldest first
     headlines: list[str] = field(default_factory=list)  # metric columns of the results table
     undelivered: dict[str, int] = field(default_factory=dict)  # results a sink has not yet taken, per sink
+    undelivered_why: dict[str, str] = field(default_factory=dict)  # per sink: why they wait ("" if not known)
     stopping: bool = False
+    idle_text: str | None = None  # what to say while no job runs (default: waiting for a checkpoint)
 
 
 class LiveView:
@@ -86,6 +88,7 @@ class LiveView:
 def render(snapshot: Snapshot | None, now: float | None = None):
     from rich.console import Group
     from rich.progress_bar import ProgressBar
+    from rich.spinner import Spinner
     from rich.table import Table
     from rich.text import Text
 
@@ -103,26 +106,38 @@ def render(snapshot: Snapshot | None, now: float | None = None):
         line = Table.grid(padding=(0, 1))
         for _ in range(5):
             line.add_column(no_wrap=True)
+        # Only a measured fraction is drawn as a bar; rich's "unknown total" bar pulses across its whole width,
+        # which at a glance reads as a full bar at the start of a job.
         if job.stage == "preparing" and job.total:
             bar = ProgressBar(total=job.total, completed=min(job.done or 0, job.total), width=30)
             detail = f"merging {human_bytes(job.done or 0)} of {human_bytes(job.total)}"
         elif job.stage == "evaluating" and job.steps:
-            bar = ProgressBar(total=None, width=30, animation_time=now)  # no request counts: it pulses
+            bar = ProgressBar(total=job.steps, completed=max(0, (job.step or 1) - 1), width=30)  # steps finished
             detail = f"step {job.step} of {job.steps}: {job.backend}"
         else:
-            bar = ProgressBar(total=None, width=30, animation_time=now)
+            bar = Spinner("dots", style="yellow")
             detail = ""
         line.add_row(Text(f"{job.checkpoint}/{job.variant}", style="bold"), Text(job.stage, style="yellow"), bar,
                      detail, f"{job.elapsed(now):.0f} s")  # fmt: skip
         head.add_row("running", line)
     else:
-        head.add_row("running", Text("stopping" if snapshot.stopping else "nothing (idle)", style="dim"))
+        if snapshot.stopping:
+            idle = "stopping"
+        elif snapshot.idle_text:
+            idle = snapshot.idle_text
+        else:
+            idle = "nothing (idle): waiting for the " + ("next checkpoint" if snapshot.results else "first checkpoint")
+        head.add_row("running", Text(idle, style="dim"))
     queued = ", ".join(f"{name}/{variant}" for name, variant in snapshot.queue[:6])
     more = f" and {len(snapshot.queue) - 6} more" if len(snapshot.queue) > 6 else ""
     head.add_row("queue", f"{len(snapshot.queue)}" + (f": {queued}{more}" if queued else ""))
     waiting = {name: n for name, n in snapshot.undelivered.items() if n}
     if waiting:
-        head.add_row("undelivered", ", ".join(f"{name} {n}" for name, n in waiting.items()))
+        parts = [f"{name} {n} result(s)" + (f" ({snapshot.undelivered_why[name]})" if snapshot.undelivered_why.get(name)
+                                             else "") for name, n in waiting.items()]  # fmt: skip
+        head.add_row("undelivered", Text.assemble(
+            "; ".join(parts), (" - they stay in the journal until delivered; `ckpt-watch sync OUTPUT_DIR` "
+                               "delivers them now", "dim")))  # fmt: skip
 
     results = Table(title="latest results", title_justify="left", expand=False)
     results.add_column("step", justify="right")

@@ -33,15 +33,23 @@ def _size(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     from watcher.cli import _Parser
 
-    p = _Parser(prog="ckpt-watch merge", description=__doc__.splitlines()[0])
-    p.add_argument("checkpoints", nargs="+", type=Path, metavar="CKPT_DIR")
+    p = _Parser(prog="ckpt-watch merge", description=__doc__.splitlines()[0],
+                epilog="CKPT_DIR is one checkpoint folder (output/checkpoint-500, torchtitan's step-1000), as the "
+                       "trainer wrote it: a PyTorch Distributed Checkpoint (accelerate/HF Trainer FSDP "
+                       "pytorch_model_fsdp_0/, torchtitan), per-rank model_world_size_W_rank_R.pt files "
+                       "(LMMs-Engine, veRL) or consolidated safetensors. Exit status: 0 merged, 1 cannot be "
+                       "merged (nothing is left behind), 2 usage error.")  # fmt: skip
+    p.add_argument("checkpoints", nargs="+", type=Path, metavar="CKPT_DIR",
+                   help="the checkpoint folder to merge (several, with --average)")  # fmt: skip
     p.add_argument("-o", "--output", type=Path, required=True, help="the model folder to create")
     p.add_argument("--average", action="store_true", help="average the given checkpoints tensor by tensor")
     p.add_argument("--variant", choices=("regular", "ema", "all"), default="regular",
                    help="which weights; `all` writes OUT/regular and OUT/ema")  # fmt: skip
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="cast floating-point weights (default: keep)")
     p.add_argument("--base-model", type=Path, help="config and tokenizer files when the checkpoint lacks them")
-    p.add_argument("--shard-size", type=_size, default="5GB", help="maximum bytes per safetensors file (5GB)")
+    p.add_argument("--shard-size", type=_size, default="5GB", metavar="SIZE",
+                   help="largest safetensors file written: a number of bytes or with a unit, KB MB GB (powers of "
+                        "1000) or KiB MiB GiB (powers of 1024), e.g. 500MB, 2GiB (default: 5GB)")  # fmt: skip
     return p
 
 

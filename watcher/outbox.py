@@ -118,6 +118,13 @@ class Outbox:
                 log.info("%s: delivered %d pending result(s) again", name, len(ids))
             self._state[name] = _SinkState()
 
+    def waiting_reason(self, name: str) -> str:
+        """Why a sink's results are still pending, as its last failed delivery said ("" if none failed yet)."""
+        if name in self._running:
+            return "delivering now"
+        state = self._state.get(name)
+        return state.last_reason if state is not None else ""
+
     def next_attempt_in(self) -> float | None:
         """Seconds until a sink that failed should be tried again (None: no sink is waiting)."""
         waiting = [s.next_attempt for s in self._state.values() if s.failures]

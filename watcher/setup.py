@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from watcher.completion import checkpoint_files_in
 from watcher.config import ConfigError, WatchConfig
 from watcher.devices import DeviceSpec
 from watcher.presets import Preset
@@ -46,6 +47,7 @@ class Setup:
 
 def resolve_setup(config: WatchConfig, preset: Preset, device: DeviceSpec, gpu_entries: list[str]) -> Setup:
     output_dir = Path(config.output_dir)
+    check_watch_target(config)
     results_dir, journal_path = resolve_setup_paths(config)
     network = is_network_filesystem(output_dir)
     settle = config.settle if config.settle is not None else (NETWORK_SETTLE if network else LOCAL_SETTLE)
@@ -62,6 +64,60 @@ def resolve_setup(config: WatchConfig, preset: Preset, device: DeviceSpec, gpu_e
         poll=poll,
         sinks=make_sinks(config, results_dir),
     )
+
+
+def check_watch_target(config: WatchConfig) -> None:
+    """Refuse a folder that is not a training run's output_dir before anything is created in it.
+
+    The journal, lock and results would otherwise land inside a trainer's checkpoint (which ckpt-watch promises
+    never to write into) or in whatever folder was named by mistake. Refused, with the likely right folder named:
+    a checkpoint itself (its name matches checkpoint_pattern, or it holds checkpoint files and no checkpoint
+    folders), a folder inside one, and a folder holding no checkpoint whose subfolders hold some (the run's
+    parent). An empty folder is accepted: a daemon may start before training saves anything.
+    """
+    target = Path(config.output_dir)
+    for depth, folder in enumerate((target, *target.parents)):
+        # By its files only the target and its parent: a stray model file far up (in ~) says nothing.
+        reason = _checkpoint_reason(folder, config, by_files=depth < 2)
+        if reason is None:
+            continue
+        inside = "" if folder == target else f" is inside the checkpoint {folder}, which"
+        where = folder.parent if _checkpoint_children(folder.parent, config) else None
+        hint = f"watch the folder that holds it: ckpt-watch {where}" if where else (
+            "watch the training run's output_dir, the folder that holds its checkpoint folders")
+        raise ConfigError(f"{target}{inside} looks like a checkpoint ({reason}), not a training run's output dir; "
+                          f"{hint}")  # fmt: skip
+    if not _checkpoint_children(target, config):
+        holders = [child for child in _subfolders(target) if _checkpoint_children(child, config)]
+        if holders:
+            named = " or ".join(f"ckpt-watch {child}" for child in holders[:3])
+            raise ConfigError(f"{target} holds no checkpoint folder, but {holders[0].name}/ does: did you mean "
+                              f"{named}?")  # fmt: skip
+
+
+def _checkpoint_reason(folder: Path, config: WatchConfig, by_files: bool) -> str | None:
+    """Why `folder` looks like a checkpoint, or None."""
+    if config.step_of(folder.name) is not None:
+        return f"its name matches checkpoint_pattern {config.checkpoint_pattern}"
+    files = checkpoint_files_in(folder) if by_files else []
+    if files and not _checkpoint_children(folder, config):  # a run's output_dir may hold a final saved model too
+        return f"it holds {', '.join(files[:3])}"
+    return None
+
+
+def _checkpoint_children(folder: Path, config: WatchConfig) -> list[str]:
+    return [child.name for child in _subfolders(folder) if config.step_of(child.name) is not None]
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        return sorted(entry for entry in folder.iterdir() if entry.is_dir())
+    except OSError:  # missing (a daemon waiting for it) or unreadable: nothing to say about it here
+        return []
+
+
+def has_checkpoint_folders(config: WatchConfig) -> bool:
+    return bool(_checkpoint_children(Path(config.output_dir), config))
 
 
 def resolve_setup_paths(config: WatchConfig) -> tuple[Path, Path]:

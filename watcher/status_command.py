@@ -7,7 +7,7 @@ state while the daemon writes) and lists each job with its state, attempts, star
 time, its error if it failed, the sinks its result is still waiting for, and a few headline metrics.
 
 Headline metrics (also `ckpt-watch plot`'s default), chosen from the metric names the results have:
-  - per task of the accuracy group (see `ckpt-watch compare`), one metric: the first present of
+  - per task of the accuracy and perplexity groups (see `ckpt-watch compare`), one metric: the first present of
     acc, exact_match, f1, perplexity, word_perplexity (filter suffixes `@...` ignored), else the first, by name,
     whose better direction is known (higher before lower); `_stderr` metrics never; at most 4 tasks, by name;
   - then routing/cv (MoE load imbalance) and params/active, when present.
@@ -37,7 +37,7 @@ def headline_metrics(names: Iterable[str]) -> list[str]:
     names = set(names)
     by_task: dict[str, list[str]] = {}
     for name in sorted(names):
-        if group_of(name) != "accuracy" or name.endswith("_stderr") or higher_is_better(name, {}) is None:
+        if group_of(name) not in ("accuracy", "perplexity") or name.endswith("_stderr") or higher_is_better(name, {}) is None:
             continue
         by_task.setdefault(name.rpartition("/")[0], []).append(name)
 

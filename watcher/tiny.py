@@ -113,6 +113,7 @@ def train_tiny(
     callbacks: Sequence = (),
     save_total_limit: int | None = None,
     block_size: int = 64,
+    report_to: Sequence[str] = (),
 ) -> Path:
     """Train the tiny model with `transformers.Trainer`, saving `checkpoint-N` folders into output_dir.
 
@@ -133,7 +134,7 @@ def train_tiny(
         per_device_train_batch_size=4,
         learning_rate=3e-3,
         logging_steps=max(1, save_steps),
-        report_to=[],
+        report_to=list(report_to),
         use_cpu=True,
         seed=seed,
         disable_tqdm=True,
@@ -168,9 +169,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--save-steps", type=int, default=10)
     parser.add_argument("--step-delay", type=float, default=0.0, help="seconds to sleep after each step")
+    parser.add_argument("--report-to", action="append", default=[], help="a Trainer integration, e.g. tensorboard")
     args = parser.parse_args(argv)
     callbacks = [_slow_down(args.step_delay)] if args.step_delay > 0 else []
-    train_tiny(args.output_dir, max_steps=args.steps, save_steps=args.save_steps, callbacks=callbacks)
+    train_tiny(args.output_dir, max_steps=args.steps, save_steps=args.save_steps, callbacks=callbacks,
+               report_to=args.report_to)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,52 @@ from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext
 
 PLACEHOLDERS = ("model_dir", "step", "variant", "checkpoint", "device", "workdir")
 _OPTIONS = {"command", "timeout"}
+# An argument ending like this names a script: relative to the config file, and checked at start-up.
+SCRIPT_SUFFIXES = (".py", ".sh", ".bash", ".pl", ".rb", ".jl", ".r", ".R", ".lua", ".js")
+OUTPUT_EXCERPT = 300  # characters of a failed command's output quoted in its error
+# What a program (or its interpreter: python, bash) prints when a file it was told to open does not exist.
+_FILE_NOT_FOUND = ("No such file or directory", "can't open file")
+
+
+def resolve_command_paths(base: Path, command: Any) -> Any:
+    """A config file's `command` list with its relative paths made absolute against the file's folder `base`.
+
+    A path is an argument with a "/" or a script suffix (my_eval.py) or that names something existing next to the
+    config; options ("-m", "--step"), placeholders and bare program names ("python", found on PATH) stay as
+    they are. Anything that is not a list of strings is left for `check_options` to report.
+    """
+    if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
+        return command
+    resolved = []
+    for index, argument in enumerate(command):
+        looks_like_path = "/" in argument or argument.endswith(SCRIPT_SUFFIXES) or (base / argument).exists()
+        if index == 0 and "/" not in argument:
+            looks_like_path = (base / argument).exists()  # "python" is a program on PATH unless it is right here
+        if argument and looks_like_path and "{" not in argument and not argument.startswith("-"):
+            path = Path(argument).expanduser()
+            argument = str(path if path.is_absolute() else (base / path).resolve())
+        resolved.append(argument)
+    return resolved
+
+
+def _missing_files(command: list[str]) -> str | None:
+    """The first program or script of `command` that does not exist, as an error message, or None."""
+    program = command[0]
+    if "{" not in program:
+        if "/" in program and not Path(program).is_file():
+            return f"command not found: {program}"
+        if "/" not in program and shutil.which(program) is None:
+            return f"command not found: {program} (not on PATH)"
+    for argument in command[1:]:
+        if Path(argument).is_absolute() and argument.endswith(SCRIPT_SUFFIXES) and not Path(argument).exists():
+            return f"command: script not found: {argument} (relative paths are relative to the config file)"
+    return None
+
+
+def excerpt(text: str, limit: int = OUTPUT_EXCERPT) -> str:
+    """The start of a program's output on one line (an error message is one line), at most `limit` characters."""
+    flat = " | ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 class CommandBackend:
@@ -48,6 +94,9 @@ class CommandBackend:
                 if field is not None and field not in PLACEHOLDERS:
                     raise EvaluatorError(f"command: unknown placeholder {{{field}}}; known: "
                                          + ", ".join(f"{{{p}}}" for p in PLACEHOLDERS))  # fmt: skip
+        missing = _missing_files(command)
+        if missing:
+            raise EvaluatorError(missing)
         timeout = options.get("timeout")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
             raise EvaluatorError(f"command option 'timeout' must be a positive number of seconds, got {timeout!r}")
@@ -66,13 +115,19 @@ class CommandBackend:
             raise EvaluatorError(f"command not found: {argv[0]}") from None
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"command timed out after {options['timeout']:g} s: {argv[0]}") from None
-        print(done.stderr, end="", flush=True)  # into the job's log
+        # Both streams into the job's log (this process's stdout is that log), so a failure can be read there.
+        print(f"[ckpt-watch] command: {argv}\n[ckpt-watch] its stdout:\n{done.stdout}", end="", flush=True)
+        print(f"\n[ckpt-watch] its stderr:\n{done.stderr}", end="\n", flush=True)
         if done.returncode != 0:
-            tail = done.stderr.strip().splitlines()[-1:] or [""]
-            raise RuntimeError(f"command exited with status {done.returncode}: {tail[0][:300]}")
+            tail = done.stderr.strip().splitlines()[-1:] or [excerpt(done.stdout)]
+            message = f"command exited with status {done.returncode}: {tail[0][:OUTPUT_EXCERPT]}"
+            if any(marker in done.stderr for marker in _FILE_NOT_FOUND):
+                raise EvaluatorError(message)  # a missing file stays missing: retrying would fail the same way
+            raise RuntimeError(message)
         output = _last_json_object(done.stdout)
         if output is None:
-            raise EvaluatorError(f"command printed no JSON object on stdout: {argv[0]}")
+            printed = excerpt(done.stdout) or "nothing"
+            raise EvaluatorError(f"command printed no JSON object on stdout: {argv[0]}; it printed: {printed}")
         declared = output.pop("versions", None)
         versions = {str(k): str(v) for k, v in declared.items()} if isinstance(declared, dict) else {}
         versions["command"] = shutil.which(argv[0]) or argv[0]  # which program ran, e.g. a venv's python
