@@ -99,6 +99,11 @@ def training_text() -> str:
     return resources.files("watcher").joinpath("data/smoke/train.txt").read_text(encoding="utf-8")
 
 
+def training_dataset(tokenizer, block_size: int = 64) -> list[dict]:
+    """The bundled training text as a list of {"input_ids", "labels"} blocks: a dataset `Trainer` takes as is."""
+    return _token_blocks(tokenizer, training_text(), block_size)
+
+
 def _token_blocks(tokenizer, text: str, block: int) -> list[dict]:
     ids = tokenizer(text)["input_ids"]
     blocks = [ids[i : i + block] for i in range(0, len(ids) - block + 1, block)] or [ids]
@@ -124,7 +129,7 @@ def train_tiny(
 
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed=seed)
-    dataset = _token_blocks(tokenizer, training_text(), block_size)
+    dataset = training_dataset(tokenizer, block_size)
     args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=max_steps,
