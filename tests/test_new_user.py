@@ -244,6 +244,18 @@ def test_the_live_view_says_what_it_waits_for_and_never_shows_a_full_bar_at_a_jo
     assert "wandb 1 result(s) (the training run is still running)" in text and "ckpt-watch sync" in text
 
 
+def test_status_explains_results_waiting_for_delivery(tmp_path, capsys):
+    from watcher.status_command import ROW_KEYS, print_table
+
+    row = dict.fromkeys(ROW_KEYS)
+    row.update(checkpoint="checkpoint-10", step=10, generation=1, checkpoint_gone=False, variant="regular",
+               preset="smoke", state="done", attempts=1, walltime_s=1.0, pending_sinks=["wandb"], metrics={})
+    print_table([row], tmp_path)
+    shown = capsys.readouterr().out
+    assert "results waiting for delivery: wandb 1" in shown
+    assert "training run has finished" in shown and "ckpt-watch sync" in shown, shown
+
+
 # --- 8. compare --------------------------------------------------------------------------------------------------
 
 

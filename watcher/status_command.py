@@ -251,6 +251,17 @@ def print_table(rows: list[dict[str, Any]], results_dir: Path) -> None:
     if pending:
         summary += "; results waiting for delivery: " + ", ".join(f"{s} {n}" for s, n in sorted(pending.items()))
     console.print(summary, highlight=False)
+    if pending:
+        console.print(waiting_explained(pending), highlight=False, markup=False, soft_wrap=True)
+
+
+def waiting_explained(pending: dict[str, int]) -> str:
+    """What "waiting for delivery" means, for someone who has not read the README's W&B section."""
+    why = ["they are safe in the journal and the daemon delivers them by itself"]
+    if "wandb" in pending:
+        why.append("W&B results wait until the training run has finished (wandb_live = defer) or while W&B is "
+                   "unreachable")  # fmt: skip
+    return "(" + "; ".join(why) + "; `ckpt-watch sync OUTPUT_DIR` delivers them now, when no daemon runs)"
 
 
 def _number(value: float | None) -> str:
