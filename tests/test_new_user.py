@@ -121,6 +121,14 @@ def test_relative_script_paths_garbage_output_and_missing_files(copy_trainer_out
     assert "scan done: 3 job(s) evaluated, 2 failed" in summary and str(output / "ckpt-watch") in summary, summary
 
 
+def test_which_command_arguments_are_paths_relative_to_the_config():
+    from watcher.evaluators.command import resolve_command_paths
+
+    given = ["python", "my_eval.py", "{model_dir}", "--step", "{step}", "data/x.jsonl", "-m", "pkg", "/abs/s.py"]
+    assert resolve_command_paths(Path("/cfg"), given) == [
+        "python", "/cfg/my_eval.py", "{model_dir}", "--step", "{step}", "/cfg/data/x.jsonl", "-m", "pkg", "/abs/s.py"]
+
+
 def test_a_missing_script_is_a_config_error_at_start(tmp_path):
     config = tmp_path / "watch.toml"
     config.write_text('[presets.mine]\n[[presets.mine.evaluators]]\nbackend = "command"\n'

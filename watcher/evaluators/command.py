@@ -38,17 +38,17 @@ _FILE_NOT_FOUND = ("No such file or directory", "can't open file")
 def resolve_command_paths(base: Path, command: Any) -> Any:
     """A config file's `command` list with its relative paths made absolute against the file's folder `base`.
 
-    A path is an argument with a "/" or a script suffix (my_eval.py) or that names something existing next to the
-    config; options ("-m", "--step"), placeholders and bare program names ("python", found on PATH) stay as
-    they are. Anything that is not a list of strings is left for `check_options` to report.
+    A path is an argument with a "/" or a script suffix (my_eval.py) or that names a file next to the config;
+    options ("-m", "--step"), placeholders, module names (`-m my_package`) and bare program names ("python",
+    found on PATH) stay as they are. Anything that is not a list of strings is left for `check_options` to report.
     """
     if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
         return command
     resolved = []
     for index, argument in enumerate(command):
-        looks_like_path = "/" in argument or argument.endswith(SCRIPT_SUFFIXES) or (base / argument).exists()
+        looks_like_path = "/" in argument or argument.endswith(SCRIPT_SUFFIXES) or (base / argument).is_file()
         if index == 0 and "/" not in argument:
-            looks_like_path = (base / argument).exists()  # "python" is a program on PATH unless it is right here
+            looks_like_path = (base / argument).is_file()  # "python" is a program on PATH unless it is right here
         if argument and looks_like_path and "{" not in argument and not argument.startswith("-"):
             path = Path(argument).expanduser()
             argument = str(path if path.is_absolute() else (base / path).resolve())
