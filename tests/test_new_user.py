@@ -243,10 +243,13 @@ def test_the_live_view_says_what_it_waits_for_and_never_shows_a_full_bar_at_a_jo
     assert "training is running" in _text(render(training))
     done = ResultRow(step=10, checkpoint="checkpoint-10", variant="regular", preset="smoke", status="ok", walltime_s=1)
     assert "waiting for the next checkpoint" in _text(render(Snapshot(**base, results=[done])))
-    for job in (RunningView("checkpoint-10", "regular", "preparing", time.time()),
-                RunningView("checkpoint-10", "regular", "evaluating", time.time(), step=1, steps=2, backend="probes")):
+    # A bar only for a measured fraction, never rich's pulsing "unknown" bar (drawn across its whole width), and
+    # none for a single evaluator step (0 % until it is done): a spinner says "busy" instead.
+    for job, expect_bar in ((RunningView("checkpoint-10", "regular", "preparing", time.time()), False),
+                            (RunningView("c", "regular", "evaluating", time.time(), step=1, steps=1, backend="x"), False),
+                            (RunningView("c", "regular", "evaluating", time.time(), step=1, steps=2, backend="x"), True)):
         bars = [p for p in _parts(render(Snapshot(**base, running=job))) if isinstance(p, ProgressBar)]
-        assert all(bar.total is not None and bar.completed < bar.total for bar in bars), job
+        assert len(bars) == expect_bar and all(b.total is not None and b.completed < b.total for b in bars), job
     waiting = Snapshot(**base, undelivered={"wandb": 1}, undelivered_why={"wandb": "the training run is still running"})
     text = _text(render(waiting))
     assert "wandb 1 result(s) (the training run is still running)" in text and "ckpt-watch sync" in text

@@ -112,7 +112,9 @@ def render(snapshot: Snapshot | None, now: float | None = None):
             bar = ProgressBar(total=job.total, completed=min(job.done or 0, job.total), width=30)
             detail = f"merging {human_bytes(job.done or 0)} of {human_bytes(job.total)}"
         elif job.stage == "evaluating" and job.steps:
-            bar = ProgressBar(total=job.steps, completed=max(0, (job.step or 1) - 1), width=30)  # steps finished
+            # Evaluator steps finished, as a bar only when there are several: one step is 0 % until it is done.
+            done = max(0, (job.step or 1) - 1)
+            bar = ProgressBar(total=job.steps, completed=done, width=30) if job.steps > 1 else Spinner("dots")
             detail = f"step {job.step} of {job.steps}: {job.backend}"
         else:
             bar = Spinner("dots", style="yellow")
