@@ -179,6 +179,9 @@ def test_a_daemon_stopped_while_waiting_exits_0(tmp_path):
         daemon = subprocess.Popen([sys.executable, "-m", "watcher", str(tmp_path / "later"), "--log-format", "plain"],
                                   stdout=handle, stderr=subprocess.STDOUT)  # fmt: skip
     wait_for(lambda: "waiting for" in log.read_text(), 60, what="the waiting line")
+    daemon.send_signal(signal.SIGHUP)  # `systemctl reload` while waiting: not the end of it
+    time.sleep(1)
+    assert daemon.poll() is None, log.read_text()
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(30) == 0, log.read_text()
     assert not (tmp_path / "later").exists()

@@ -583,6 +583,8 @@ def wait_for_output_dir(output_dir: Path, live: bool = False, interval: float = 
     stopped: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, frame: stopped.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
+    # A reload (SIGHUP) would otherwise end the process; the config file is read afresh once the dir appears.
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda signum, frame: notifier.ready(message))
     try:
         while not stopped and not output_dir.is_dir():
             notifier.watchdog()
