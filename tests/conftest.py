@@ -86,3 +86,25 @@ def wandb_run(tmp_path_factory) -> tuple[Path, Path]:
         finally:
             wandb.finish()  # WandbCallback leaves the run open; no other test may see it
     return out, wandb_dir
+
+
+@pytest.fixture(scope="session")
+def wandb_server():
+    """The wire-level stand-in W&B server (tests/wandb_standin.py), one for the session; tests use run ids of
+    their own. A request it did not understand fails the session (see `wandb_online`)."""
+    from wandb_standin import Server
+
+    with Server() as server:
+        yield server
+
+
+@pytest.fixture
+def wandb_online(wandb_server, monkeypatch, tmp_path):
+    """The real `wandb` client (this process and its children) talking to the stand-in server."""
+    for key, value in {"WANDB_BASE_URL": wandb_server.url, "WANDB_API_KEY": "k" * 40, "WANDB_MODE": "online",
+                       "HOME": str(tmp_path), "WANDB_SILENT": "true", "WANDB_INIT_TIMEOUT": "30"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    for key in ("WANDB_DIR", "WANDB_RUN_ID", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_SERVICE"):
+        monkeypatch.delenv(key, raising=False)
+    yield wandb_server
+    assert not wandb_server.unknown, f"requests the stand-in W&B server did not understand: {wandb_server.unknown}"

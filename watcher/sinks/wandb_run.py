@@ -18,7 +18,10 @@ A training run that is still being written (`wandb_live`):
           W&B API says the run is no longer running. If none of these can tell, results wait for
           `ckpt-watch sync`, which a person runs once training has ended.
   shared  attach to the live run as a non-primary writer (W&B's shared mode: `mode="shared"`,
-          `x_primary=False`, `x_label="ckpt-watch"`); the trainer must run in shared mode too.
+          `x_primary=False`, `x_label="ckpt-watch"`, `x_update_finish_state=False` so that the run stays
+          running); the trainer must run in shared mode too. W&B calls a second writer on a live run
+          unsupported (wandb/wandb#12269: the server overwrote a run's earliest rows); a warning says so.
+Every writer leaves out system metrics, console capture and metadata (`writer_settings`).
 Offline runs (the training run is offline, or WANDB_MODE=offline) are written as offline runs of the same id
 under RESULTS_DIR/wandb/, which never touches the trainer's files; `wandb sync` uploads them into the run.
 
@@ -48,6 +51,7 @@ log = logging.getLogger("ckpt-watch")
 LIVE_MODES = ("defer", "shared")
 DELIVERY_TIMEOUT = 600.0  # seconds for one delivery (init, rows, finish), then the child is killed
 WAIT = 60.0  # seconds before asking again while no run is found or the training run is live
+API_TIMEOUT = 20.0  # seconds for one question to the W&B public API (is the run running? which rows has it?)
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,7 @@ def training_is_live(target: WandbTarget) -> tuple[bool | None, str]:
         try:
             import wandb
 
-            state = wandb.Api(timeout=20).run(target.path).state
+            state = wandb.Api(timeout=API_TIMEOUT).run(target.path).state
         except Exception as exc:  # noqa: BLE001 - no answer is "unknown", not an error
             state, why = None, f"the W&B API could not say ({type(exc).__name__})"
         else:
@@ -143,6 +147,11 @@ class WandbSink:
         self.output_dir, self.results_dir = Path(output_dir), Path(results_dir)
         self.force = force  # `ckpt-watch sync`: a person says training is over unless we know it is not
         self._said_no_run = False
+        if live_mode == "shared" and setting != "off":
+            log.warning("wandb_live = \"shared\": ckpt-watch writes into the training run while it trains, as a "
+                        "second writer. W&B calls this unsupported: a second shared-mode writer has made the server "
+                        "overwrite a run's earliest history rows (wandb/wandb#12269). Prefer \"defer\" (the default) "
+                        "unless you need the curves during training.")  # fmt: skip
 
     def deliver(self, records: list[dict[str, Any]]) -> None:
         rows = [row for record in sorted(records, key=lambda r: (r["step"], r.get("variant", "")))
@@ -235,19 +244,33 @@ def _describe(log: Path) -> LocalRun | None:
         return None
 
 
+def writer_settings(shared: bool) -> dict[str, Any]:
+    """wandb.Settings for every ckpt-watch writer: it adds rows to someone else's run, nothing else.
+
+    No system metrics, console capture, metadata, requirements or code (they would land in the trainer's run
+    next to, or over, the trainer's own). In shared mode also `x_update_finish_state=False`: wandb 0.31 has a
+    writer finish the run by default, and the trainer's live run must stay running until the trainer ends it
+    (prime-rl sets the same flags for its evaluator, PrimeIntellect-ai/prime-rl#3256).
+    """
+    settings: dict[str, Any] = {"silent": True, "console": "off", "x_disable_stats": True, "x_disable_meta": True,
+                                "x_disable_machine_info": True, "x_save_requirements": False, "save_code": False}  # fmt: skip
+    # W&B's own WANDB_INIT_TIMEOUT wins; the default 90 s is short for resuming a long run on a busy server.
+    if not os.environ.get("WANDB_INIT_TIMEOUT"):
+        settings["init_timeout"] = 180
+    if shared:
+        settings.update(mode="shared", x_primary=False, x_label="ckpt-watch", x_update_finish_state=False)
+    return settings
+
+
 def _deliver(spec: dict[str, Any]) -> None:
     """In the child: resume (or, shared, attach to) the run, declare the metrics, log the rows, finish."""
     import wandb
 
     target = spec["target"]
-    # W&B's own WANDB_INIT_TIMEOUT wins; the default 90 s is short for resuming a long run on a busy server.
-    settings: dict[str, Any] = {"silent": True, **({} if os.environ.get("WANDB_INIT_TIMEOUT") else {"init_timeout": 180})}
-    if spec["shared"]:
-        settings.update(mode="shared", x_primary=False, x_label="ckpt-watch")
     run = wandb.init(
         id=target["id"], project=target["project"], entity=target["entity"], dir=spec["dir"],
         resume=None if spec["shared"] else "must" if not target["offline"] else "allow",
-        mode="offline" if target["offline"] else None, settings=wandb.Settings(**settings),
+        mode="offline" if target["offline"] else None, settings=wandb.Settings(**writer_settings(spec["shared"])),
     )  # fmt: skip
     for definition in spec["definitions"]:
         run.define_metric(**definition)
