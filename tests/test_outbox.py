@@ -69,3 +69,60 @@ def test_pending_results_survive_a_restart(tmp_path):
     assert Outbox(reopened, [sink]).deliver_pending() == {"wandb": 0}
     assert sink.batches == [["r10"]]
     reopened.close()
+
+
+class CheckedSink(FlakySink):
+    """A sink whose target holds `held` already (as W&B or TensorBoard would answer after a crash)."""
+
+    def __init__(self, name, failures, held=(), check_error=None):
+        super().__init__(name, failures)
+        self.held, self.check_error, self.asked = set(held), check_error, []
+
+    def holds(self, records):
+        self.asked.append([r["result_id"] for r in records])
+        if self.check_error:
+            raise self.check_error
+        return {r["result_id"] for r in records} & self.held
+
+
+def test_a_batch_left_in_flight_is_checked_against_the_target_before_it_is_sent_again(journal, caplog):
+    caplog.set_level("INFO", logger="ckpt-watch")
+    for step in (10, 20, 30):
+        _commit(journal, step)
+    journal.mark_in_flight(["r10", "r20"], "wandb")  # a previous daemon handed these over, then was killed
+    down = CheckedSink("wandb", [], held={"r10"}, check_error=SinkUnavailable("W&B unreachable"))
+    assert Outbox(journal, [down]).deliver_pending() == {"wandb": 3}
+    assert down.asked == [["r10", "r20"]] and down.batches == []  # cannot ask: nothing is sent blind
+    sink = CheckedSink("wandb", [], held={"r10"})
+    assert Outbox(journal, [sink]).deliver_pending() == {"wandb": 0}
+    assert sink.asked == [["r10", "r20", "r30"]]  # the round that could not ask had handed r30 over too
+    assert sink.batches == [["r20", "r30"]]  # r10 is there already: not sent again
+    assert journal.undelivered("wandb") == [] and journal.in_flight("wandb") == set()
+    assert "1 result(s) were already there" in caplog.text
+
+
+def test_held_results_count_as_delivered_even_when_the_rest_fails(journal):
+    for step in (10, 20):
+        _commit(journal, step)
+    journal.mark_in_flight(["r10", "r20"], "tensorboard")
+    sink = CheckedSink("tensorboard", [OSError("disk full")], held={"r10"})
+    assert Outbox(journal, [sink]).deliver_pending() == {"tensorboard": 2}  # counted before the round's outcome
+    assert [r["result_id"] for r in journal.undelivered("tensorboard")] == ["r20"]
+    assert journal.in_flight("tensorboard") == {"r20"}  # still in flight: checked again next time
+
+
+def test_a_journal_of_an_older_version_gains_the_in_flight_table(tmp_path):
+    import sqlite3
+
+    from watcher.journal import _SCHEMA
+
+    path = tmp_path / "journal.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(_SCHEMA.split("-- A batch handed to a sink")[0] + _SCHEMA.split("PRIMARY KEY (result_id, sink)\n);", 2)[2])
+    old.close()
+    assert "in_flight" not in {r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master")}
+    journal = Journal(path)
+    _commit(journal, 10)
+    sink = FlakySink("wandb", [])
+    assert Outbox(journal, [sink]).deliver_pending() == {"wandb": 0} and sink.batches == [["r10"]]
+    journal.close()

@@ -184,3 +184,33 @@ def test_the_sink_imports_neither_torch_nor_tensorboard(tmp_path):
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     assert _read(tmp_path) == _expected([_record(100)])
+
+
+def test_holds_is_what_the_event_files_have_at_that_step_and_value(tmp_path):
+    sink = TensorBoardSink(tmp_path)
+    sink.deliver([_record(100), _record(200)])
+    sink.close()
+    other = dict(_record(200), result_id="200-again", metrics={"arc/acc": 0.9, "arc/acc_norm": 1 / 3})
+    failed = dict(_record(300, status="failed"), result_id="300-failed")  # no points: nothing to send
+    asked = [_record(100), other, _record(300), failed, _record(100, "ema")]
+    assert TensorBoardSink(tmp_path).holds(asked) == {"100-regular", "300-failed"}
+
+
+def test_a_crash_in_the_middle_of_a_rewrite_neither_loses_nor_repeats_points(tmp_path):
+    sink = TensorBoardSink(tmp_path)
+    sink.deliver([_record(100), _record(200)])
+    sink.close()
+    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    sink = TensorBoardSink(tmp_path)
+    sink.deliver([_record(150)])  # below 200: a rewrite into one `.full` file, then the old file goes
+    sink.close()
+    for path, data in before.items():  # as if killed after the full file got its name, before the deletion
+        path.write_bytes(data)
+    (tmp_path / ".being-written.0000000000000001.ckpt-watch").write_bytes(b"half a rewrite")  # an older crash
+    assert [step for step, _, row in tb.read_points(tmp_path) if "eval/arc/acc" in row] == [100, 150, 200]
+    sink = TensorBoardSink(tmp_path)
+    sink.deliver([_record(300)])  # the next daemon deletes what the crash left
+    sink.close()
+    assert _read(tmp_path) == _expected([_record(s) for s in (100, 150, 200, 300)])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".being-written")]
+    assert len(_events(tmp_path)) == 2  # the full file and the new one

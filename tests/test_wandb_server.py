@@ -92,6 +92,8 @@ def test_defer_resumes_the_finished_run_after_an_outage(wandb_online, tmp_path, 
     user_config = lambda config: {k: v for k, v in config.items() if k != "_wandb"}  # noqa: E731
     assert user_config(run.config) == user_config(config_before)  # nothing of ours in the run's config
     assert (run.events, run.logs) == (events_before, logs_before)  # no system metrics, no console lines of ours
+    # After a crash, the outbox asks what the run has (the W&B API's history) before sending again.
+    assert sink.holds([record(6), record(2), record(4), record(8)]) == {"6-regular", "2-regular", "4-regular"}
 
 
 def test_shared_mode_leaves_the_live_run_running(wandb_online, tmp_path):

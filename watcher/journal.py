@@ -65,6 +65,16 @@ CREATE TABLE IF NOT EXISTS deliveries (
     delivered_at REAL NOT NULL,
     PRIMARY KEY (result_id, sink)
 );
+-- A batch handed to a sink and not yet acknowledged: noted before the sink sees it, gone with the delivery's
+-- note. A row left here by a crash means "the target may hold this already": the outbox asks the sink what
+-- its target holds before sending again (at-most-once per result and sink). Journals of older versions
+-- gain the table when opened (CREATE TABLE IF NOT EXISTS), with nothing in flight.
+CREATE TABLE IF NOT EXISTS in_flight (
+    result_id    TEXT NOT NULL REFERENCES results(result_id),
+    sink         TEXT NOT NULL,
+    sent_at      REAL NOT NULL,
+    PRIMARY KEY (result_id, sink)
+);
 CREATE TABLE IF NOT EXISTS meta (
     key          TEXT PRIMARY KEY,
     value        TEXT NOT NULL         -- JSON
@@ -316,13 +326,30 @@ class Journal:
         self.mark_delivered_many([result_id], sink)
 
     def mark_delivered_many(self, result_ids: list[str], sink: str) -> None:
-        """One transaction for a whole batch: a sink took all of them or none."""
+        """One transaction for a whole batch: a sink took all of them or none. They are no longer in flight."""
         now = time.time()
         with self._tx():
             self._db.executemany(
                 "INSERT OR IGNORE INTO deliveries (result_id, sink, delivered_at) VALUES (?, ?, ?)",
                 [(result_id, sink, now) for result_id in result_ids],
             )
+            self._db.executemany(
+                "DELETE FROM in_flight WHERE result_id = ? AND sink = ?", [(result_id, sink) for result_id in result_ids]
+            )
+
+    def mark_in_flight(self, result_ids: list[str], sink: str) -> None:
+        """Committed before a sink is handed these results (see the in_flight table)."""
+        now = time.time()
+        with self._tx():
+            self._db.executemany(
+                "INSERT OR IGNORE INTO in_flight (result_id, sink, sent_at) VALUES (?, ?, ?)",
+                [(result_id, sink, now) for result_id in result_ids],
+            )
+
+    def in_flight(self, sink: str) -> set[str]:
+        """Results handed to `sink` by an attempt that never reported back (a crash, a failure mid-batch)."""
+        rows = self._db.execute("SELECT result_id FROM in_flight WHERE sink = ?", (sink,))
+        return {r["result_id"] for r in rows}
 
 
 class _Transaction:

@@ -1,7 +1,17 @@
 """The outbox: deliver every committed result to every sink, retrying a sink that is down with backoff.
 
 Results are committed to the journal before any sink sees them; a delivery is recorded per sink only after the
-sink took the whole batch. So W&B being unreachable, unauthenticated or waiting for a live training run to end
+sink took the whole batch.
+
+At most once per (result, sink), even across kill -9: a batch is noted in the journal as *in flight* before the
+sink sees it. A result still in flight when a sink is next asked to take it (the daemon was killed between the
+sink's write and the journal's note, or an attempt failed half-way) is first checked against what the target
+already holds (`sink.holds`: our own offline `.wandb` files, the W&B run's history through the public API,
+our TensorBoard event files); only what the target lacks is sent, and what it holds is marked delivered. A sink
+without `holds` (the files sink) is idempotent and simply takes the batch again. A check that cannot be made
+(W&B unreachable) leaves the results pending: they are never sent blind.
+
+W&B being unreachable, unauthenticated or waiting for a live training run to end
 (`SinkUnavailable`) only delays that sink: its results stay pending, in the journal, across restarts, and the
 other sinks go on. `ckpt-watch sync` runs one round at once and reports what is still pending.
 
@@ -38,8 +48,9 @@ class _Delivery:
     """A delivery running in a background thread: the result ids it carries and how it ended."""
 
     ids: list[str]
-    thread: threading.Thread
+    thread: threading.Thread | None = None  # None: delivered in the caller's thread
     error: BaseException | None = None
+    held: set[str] = field(default_factory=set)  # of `ids`, those the target already had (not sent again)
 
 
 @dataclass
@@ -64,48 +75,46 @@ class Outbox:
             due = records and (force or now >= state.next_attempt) and sink.name not in self._running
             if due and slow and not include_slow:
                 due = False
-            if due and slow and background:
-                self._start(sink, records)
-            elif due:
-                try:
-                    sink.deliver(records)
-                except BaseException as exc:  # noqa: BLE001 - a broken sink must not stop the daemon or lose results
-                    self._ended(sink.name, [r["result_id"] for r in records], exc)
+            if due:
+                ids = [r["result_id"] for r in records]
+                suspect = self.journal.in_flight(sink.name).intersection(ids)
+                self.journal.mark_in_flight(ids, sink.name)
+                delivery = _Delivery(ids)
+                if slow and background:
+                    delivery.thread = threading.Thread(target=_send, args=(sink, records, suspect, delivery),
+                                                       name=f"deliver-{sink.name}", daemon=True)  # fmt: skip
+                    self._running[sink.name] = delivery
+                    delivery.thread.start()
                 else:
-                    self._ended(sink.name, [r["result_id"] for r in records], None)
-                    records = []
+                    _send(sink, records, suspect, delivery)
+                    self._ended(sink.name, delivery)
+                    if delivery.error is None:
+                        records = []
             pending[sink.name] = len(records)
         return pending
 
     def poll(self) -> None:
         """Record the outcome of background deliveries that have ended (in the journal, from this thread)."""
         for name, delivery in list(self._running.items()):
-            if not delivery.thread.is_alive():
+            if delivery.thread is None or not delivery.thread.is_alive():
                 del self._running[name]
-                self._ended(name, delivery.ids, delivery.error)
+                self._ended(name, delivery)
 
     def wait(self, timeout: float | None = None) -> None:
         """Let background deliveries end (up to `timeout` seconds in all), then record them."""
         end = None if timeout is None else time.monotonic() + timeout
         for delivery in list(self._running.values()):
-            delivery.thread.join(None if end is None else max(0.0, end - time.monotonic()))
+            if delivery.thread is not None:
+                delivery.thread.join(None if end is None else max(0.0, end - time.monotonic()))
         self.poll()
 
-    def _start(self, sink: Sink, records: list[dict]) -> None:
-        delivery = _Delivery([r["result_id"] for r in records], threading.Thread(target=lambda: None))
-
-        def run() -> None:
-            try:
-                sink.deliver(records)
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread by poll()
-                delivery.error = exc
-
-        delivery.thread = threading.Thread(target=run, name=f"deliver-{sink.name}", daemon=True)
-        self._running[sink.name] = delivery
-        delivery.thread.start()
-
-    def _ended(self, name: str, ids: list[str], error: BaseException | None) -> None:
+    def _ended(self, name: str, delivery: _Delivery) -> None:
         state = self._state.setdefault(name, _SinkState())
+        error, ids = delivery.error, delivery.ids
+        if delivery.held:  # the target had these already: delivered, whatever happened to the rest
+            self.journal.mark_delivered_many(sorted(delivery.held), name)
+            log.info("%s: %d result(s) were already there (sent before ckpt-watch stopped); not sent again",
+                     name, len(delivery.held))  # fmt: skip
         if isinstance(error, SinkUnavailable):
             self._failed(name, state, str(error), error.retry_after, logging.WARNING)
         elif isinstance(error, (KeyboardInterrupt, SystemExit)):
@@ -152,3 +161,18 @@ class Outbox:
         if reason != state.last_reason:  # the same reason every few minutes is noise; a new one is news
             log.log(level, "%s: results stay pending (%s); trying again in %.0f s", name, reason, delay)
             state.last_reason = reason
+
+
+def _send(sink: Sink, records: list[dict], suspect: set[str], delivery: _Delivery) -> None:
+    """Hand `records` to `sink`, less those among `suspect` (in flight before) that its target already holds.
+
+    Runs in the caller's thread or a background one; touches no journal (the main thread records the outcome).
+    """
+    try:
+        if suspect and hasattr(sink, "holds"):
+            delivery.held = set(sink.holds([r for r in records if r["result_id"] in suspect])) & suspect
+        rest = [r for r in records if r["result_id"] not in delivery.held]
+        if rest:
+            sink.deliver(rest)
+    except BaseException as exc:  # noqa: BLE001 - a broken sink must not stop the daemon or lose results
+        delivery.error = exc

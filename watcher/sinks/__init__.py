@@ -3,9 +3,10 @@
 The contract is small: a sink has a `name` (its key in the journal's deliveries table) and
 `deliver(records)`, which delivers a batch of result records (the journal's commit order) or raises. The
 journal commits every result first; the daemon then hands each sink the records it has not acknowledged (the
-outbox) and marks them delivered only when `deliver` returned. A crash in between means the batch is delivered
-again at the next start, so a sink must tolerate a repeat (the files sink is idempotent; W&B and TensorBoard
-may show a point twice after such a crash, never lose one).
+outbox), noting them in flight first, and marks them delivered only when `deliver` returned. A crash in between
+leaves them in flight: at the next attempt the outbox asks the sink's optional `holds(records)` which of them
+its target already has and sends only the others (watcher/outbox.py). A sink without `holds` must tolerate a
+repeat (the files sink is idempotent).
 
 `SinkUnavailable` says "not now": W&B unreachable, or a training run still being written in `defer` mode. The
 daemon keeps the records pending and retries with backoff (`retry_after`, when the sink knows better).
@@ -17,7 +18,7 @@ from typing import Any, Protocol
 
 from watcher.sinks.files import FileSink, read_results
 
-__all__ = ["FileSink", "Sink", "SinkUnavailable", "read_results"]
+__all__ = ["CheckedSink", "FileSink", "Sink", "SinkUnavailable", "read_results"]
 
 
 class SinkUnavailable(RuntimeError):
@@ -37,4 +38,12 @@ class Sink(Protocol):
 
     def close(self) -> None:
         """Release what the sink holds (open runs, writers); called when the daemon stops."""
+        ...
+
+
+class CheckedSink(Sink, Protocol):
+    """A sink whose target can be asked what it already holds (W&B, TensorBoard): at-most-once delivery."""
+
+    def holds(self, records: list[dict[str, Any]]) -> set[str]:
+        """The result ids among `records` that the target already has (raise when it cannot be asked)."""
         ...

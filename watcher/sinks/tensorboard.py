@@ -27,8 +27,9 @@ the files back with TensorBoard's own loaders.
 Durability: `deliver` writes the whole batch with one write, fsyncs the file (and the folder after creating
 the file), then returns. On an OSError the file is cut back to its last delivered length (so a retried batch
 leaves no half record or duplicate behind), the file is dropped, the error raised (the outbox logs it and
-retries), and the next delivery starts a new event file. A crash between the fsync and the journal's note can
-only repeat points, which TensorBoard tolerates (the contract in watcher/sinks/__init__.py).
+retries), and the next delivery starts a new event file. A crash between the fsync and the journal's note
+leaves the batch in flight in the journal; before sending it again the outbox asks `holds`, which reads our
+event files back, so a point is never written twice (watcher/outbox.py).
 
 One event file per daemon run, kept open across deliveries; a restart starts a new file in the same folder,
 and TensorBoard reads all of a run's files in name order (the name starts with the creation time, in µs).
@@ -38,7 +39,9 @@ takes a point at step s after points at higher steps of the same tag for a resta
 those (the Python loader keeps them). Results do come out of order: a job retried after a later checkpoint's
 succeeded, jobs on several devices finishing out of order. So each batch is written in step order, and a point
 below a step already written for its tag makes the sink write one new file with every point of the folder in
-step order, then delete its older files (`_rewrite`; only files named `*.ckpt-watch`, ours). A TensorBoard
+step order, then delete its older files (`_rewrite`; only files named `*.ckpt-watch`, ours). That file is
+written whole under a name TensorBoard does not read, then renamed to `*.full.ckpt-watch`; a crash before the
+older files are deleted leaves them superseded by it: never read again, and deleted by the next daemon. A TensorBoard
 already running replaces what it read, since the new file starts at the lowest step. Such a rewrite costs a
 read and a write of all points so far (a few thousand small records at most).
 """
@@ -59,6 +62,8 @@ from watcher.sinks.naming import metric_row
 
 EVAL_RUN = "ckpt-watch-eval"  # the folder, and so the run's name in TensorBoard
 FILE_TAG = ".ckpt-watch"  # ends the names of our event files: they tell ours from the trainer's
+_TEMP_PREFIX = ".being-written."  # a rewrite's file until it is whole (a leftover of a crash is deleted)
+FULL_TAG = ".full"  # before FILE_TAG: a rewrite's file, which holds every point of the older files
 _FILE_VERSION = b"brain.Event:2"  # 2: the Python loader purges out-of-order steps only for older versions
 
 
@@ -81,6 +86,7 @@ class TensorBoardSink:
         if not batch:
             return
         if self._points is None:
+            _drop_superseded(self.log_dir)
             self._points = read_points(self.log_dir)
             self._last = _last_steps(self._points)
         if any(step < self._last.get(tag, step) for step, _, row in batch for tag in row):
@@ -90,6 +96,13 @@ class TensorBoardSink:
             self._open()
         self._append(b"".join(_record(_event(wall, step, summary=row)) for step, wall, row in batch))
         self._remember(batch)
+
+    def holds(self, records: list[dict[str, Any]]) -> set[str]:
+        """The results whose every point is in our event files already, at its step with its value (read from
+        disk: after a crash that is the only truth). A result without points holds trivially."""
+        on_disk = {(step, tag): value for step, _, row in read_points(self.log_dir) for tag, value in row.items()}
+        return {record["result_id"] for record in records
+                if all(on_disk.get((int(record["step"]), tag)) == _f32(value) for tag, value in metric_row(record).items())}  # fmt: skip
 
     def close(self) -> None:
         if self._fd is not None:
@@ -119,8 +132,19 @@ class TensorBoardSink:
         points = sorted([*self._points, *batch], key=lambda point: point[0])
         old = [p for p in _event_files(self.log_dir) if p.name.endswith(FILE_TAG)]
         self.close()
-        self._open()
-        self._append(b"".join(_record(_event(wall, step, summary=row)) for step, wall, row in points))
+        # Written whole under a temporary name, then renamed: a `.full` file always holds every point, so a
+        # crash before the old files are gone leaves them superseded (`_our_files`), never points lost or doubled.
+        final = self._open(full=True)
+        try:
+            self._append(b"".join(_record(_event(wall, step, summary=row)) for step, wall, row in points))
+            os.rename(self._path, final)
+        except OSError:
+            self._abandon()
+            assert self._path is not None
+            self._path.unlink(missing_ok=True)
+            raise
+        self._path = final
+        fsync_dir(self.log_dir)
         for path in old:
             if path != self._path:
                 path.unlink(missing_ok=True)
@@ -139,11 +163,15 @@ class TensorBoardSink:
             raise
         self._size += len(data)
 
-    def _open(self) -> None:
+    def _open(self, full: bool = False) -> Path:
+        """A new event file, and its final name. `full`: it will hold every point of the folder (a rewrite,
+        superseding older files) and is opened under a temporary name that TensorBoard does not read."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         while True:  # never reuse a name: names sort in creation order, which is TensorBoard's reading order
             stamp = _next_stamp()
-            path = self.log_dir / f"events.out.tfevents.{stamp:016d}.{socket.gethostname()}.{os.getpid()}{FILE_TAG}"
+            kind = FULL_TAG if full else ""
+            final = self.log_dir / f"events.out.tfevents.{stamp:016d}.{socket.gethostname()}.{os.getpid()}{kind}{FILE_TAG}"
+            path = self.log_dir / f"{_TEMP_PREFIX}{stamp:016d}{FILE_TAG}" if full else final  # no "tfevents": unread
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
             except FileExistsError:
@@ -152,6 +180,7 @@ class TensorBoardSink:
         self._fd, self._path, self._size = fd, path, 0
         self._append(_record(_event(time.time(), 0, file_version=_FILE_VERSION)))
         fsync_dir(self.log_dir)
+        return final
 
     def _abandon(self) -> None:
         """After a failed write: cut the file back to what was delivered, close it; the next delivery starts anew."""
@@ -171,6 +200,11 @@ _Point = tuple[int, float, dict[str, float]]  # (step, wall time, {tag: value})
 _last_stamp = 0
 
 
+def _f32(value: float) -> float:
+    """`value` as a float32 simple_value stores it (how a point reads back)."""
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
 def _next_stamp() -> int:
     """Microseconds since the epoch, increasing within this process (file names sort in creation order)."""
     global _last_stamp
@@ -186,13 +220,33 @@ def _last_steps(points: list[_Point]) -> dict[str, int]:
     return last
 
 
+def _our_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(current, superseded): our event files in name (= creation) order, split at the newest rewrite's file.
+
+    A rewrite writes its full file (whole before it gets its name) before deleting the older ones; a crash in
+    between leaves both, and the older ones are then superseded: all their points are in the full file.
+    """
+    ours = sorted(p for p in _event_files(folder) if p.name.endswith(FILE_TAG))
+    fulls = [i for i, p in enumerate(ours) if p.name.endswith(FULL_TAG + FILE_TAG)]
+    cut = fulls[-1] if fulls else 0
+    return ours[cut:], ours[:cut]
+
+
+def _drop_superseded(folder: Path) -> None:
+    """Delete what a crashed rewrite left: the files it superseded, and its own file if it was not whole."""
+    leftovers = list(folder.glob(f"{_TEMP_PREFIX}*{FILE_TAG}")) if folder.is_dir() else []
+    for path in _our_files(folder)[1] + leftovers:
+        path.unlink(missing_ok=True)
+
+
 def read_points(folder: Path) -> list[_Point]:
     """The points in the event files we wrote in `folder` (name order), as (step, wall time, {tag: value}).
 
-    Reads only our own encoding (see `_event`); a torn or corrupt record ends its file's reading.
+    Reads only our own encoding (see `_event`); a torn or corrupt record ends its file's reading. Files that
+    a rewrite superseded (it crashed before deleting them) are left out.
     """
     points = []
-    for path in sorted(p for p in _event_files(folder) if p.name.endswith(FILE_TAG)):
+    for path in _our_files(folder)[0]:
         for payload in _records(path.read_bytes()):
             try:
                 point = _parse_event(payload)
@@ -440,6 +494,15 @@ class AutoTensorBoardSink:
         self._sink: TensorBoardSink | None = None
 
     def deliver(self, records: list[dict[str, Any]]) -> None:
+        sink = self._resolve()
+        if sink is not None:
+            sink.deliver(records)
+
+    def holds(self, records: list[dict[str, Any]]) -> set[str]:
+        sink = self._resolve()
+        return sink.holds(records) if sink is not None else set()
+
+    def _resolve(self) -> TensorBoardSink | None:
         if self._sink is None:
             from watcher.integrations.run_record import read_run_record
 
@@ -448,10 +511,9 @@ class AutoTensorBoardSink:
                 folder = resolve_tensorboard_dir(self.setting, self.output_dir, Path(logging_dir) if logging_dir else None)
             except ValueError as exc:
                 raise SinkUnavailable(str(exc), retry_after=300) from None
-            if folder is None:
-                return
-            self._sink = TensorBoardSink(folder)
-        self._sink.deliver(records)
+            if folder is not None:
+                self._sink = TensorBoardSink(folder)
+        return self._sink
 
     def close(self) -> None:
         if self._sink is not None:

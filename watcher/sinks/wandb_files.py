@@ -10,6 +10,7 @@ it), so this small one is written here; the protobuf classes come from the insta
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 import zlib
@@ -94,6 +95,25 @@ def describe_run(log: Path) -> LocalRun:
         elif kind == "exit":
             exited = True
     return LocalRun(match["id"], project, entity, log.parent.name.startswith("offline-run-"), exited, log)
+
+
+def history_rows(log: Path) -> Iterator[dict[str, object]]:
+    """The history rows of a `.wandb` log (what `run.log` wrote), keys as logged, values as JSON decodes them.
+    Rows of a writer killed mid-run are those that reached the file: reading stops at a torn or damaged tail."""
+    records = read_records(log)
+    while True:
+        try:
+            record = next(records)
+        except (StopIteration, WandbLogError):
+            return
+        if record.WhichOneof("record_type") == "history":
+            row = {}
+            for item in record.history.item:
+                try:
+                    row[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+                except ValueError:
+                    continue
+            yield row
 
 
 def find_local_runs(wandb_dir: Path) -> list[LocalRun]:

@@ -179,6 +179,22 @@ class WandbSink:
         self._run_child({"target": asdict(target), "rows": rows, "shared": shared,
                          "dir": str(self.results_dir), "definitions": metric_definitions()})  # fmt: skip
 
+    def holds(self, records: list[dict[str, Any]]) -> set[str]:
+        """The results whose row the training run already has (see `RunHistory`); raises SinkUnavailable when
+        W&B cannot be asked (the results then stay pending: never sent blind)."""
+        rows = {record["result_id"]: wandb_row(record) for record in records}
+        target = find_target(self.setting, self.output_dir)
+        if target is None or target.project is None:
+            return set()  # `deliver` says why; nothing of ours can be there
+        history = RunHistory(target, self.results_dir)
+        try:
+            return {result_id for result_id, row in rows.items() if not row or history.has(row)}
+        except SinkUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a question W&B cannot answer now: ask again later
+            raise SinkUnavailable(f"cannot check which rows the W&B run {target.path} has ({type(exc).__name__}: "
+                                  f"{str(exc)[:200]}); results stay pending", retry_after=WAIT) from None  # fmt: skip
+
     def close(self) -> None:
         pass
 
@@ -199,6 +215,49 @@ class WandbSink:
         if done.returncode != 0:
             lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
             raise SinkUnavailable(f"W&B: {lines[-1][:300] if lines else f'exit status {done.returncode}'}")
+
+
+@dataclass
+class RunHistory:
+    """The history rows a W&B run already has, from where ckpt-watch wrote them: our own offline runs
+    (RESULTS_DIR/wandb/offline-run-*/run-<id>.wandb) for an offline target, the W&B public API for an online
+    one. A small interface so that the outbox's "does the target hold this already?" stays one question."""
+
+    target: WandbTarget
+    results_dir: Path
+    _rows: list[dict[str, Any]] | None = None
+
+    def rows(self) -> list[dict[str, Any]]:
+        if self._rows is None:
+            self._rows = self._offline_rows() if self.target.offline else self._online_rows()
+        return self._rows
+
+    def has(self, row: dict[str, Any]) -> bool:
+        """A row with the same train/global_step and every value of `row` (float-exact: JSON round-trips)."""
+        return any(all(_same_value(seen.get(key), value) for key, value in row.items()) for seen in self.rows())
+
+    def _offline_rows(self) -> list[dict[str, Any]]:
+        from watcher.sinks.wandb_files import WandbLogError, history_rows
+
+        found: list[dict[str, Any]] = []
+        for log_file in sorted((self.results_dir / "wandb").glob(f"offline-run-*/run-{self.target.id}.wandb")):
+            try:
+                found.extend(history_rows(log_file))
+            except (OSError, WandbLogError):
+                continue  # not a W&B log (bad header): it holds no rows `wandb sync` could upload
+        return found
+
+    def _online_rows(self) -> list[dict[str, Any]]:
+        import wandb
+
+        run = wandb.Api(timeout=API_TIMEOUT).run(self.target.path)
+        return list(run.scan_history())
+
+
+def _same_value(seen: Any, value: Any) -> bool:
+    if isinstance(seen, bool) or isinstance(value, bool) or not isinstance(seen, (int, float)):
+        return False
+    return float(seen) == float(value)
 
 
 def wandb_row(record: dict[str, Any]) -> dict[str, float | int]:
