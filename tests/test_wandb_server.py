@@ -17,7 +17,7 @@ import pytest
 from watcher.sinks import SinkUnavailable
 from watcher.sinks.naming import STEP_KEY
 from watcher.sinks import wandb_run
-from watcher.sinks.wandb_run import WandbSink
+from watcher.sinks.wandb_run import WandbSink, upload_note
 
 TRAINER = """
 import os, sys, time, wandb
@@ -119,25 +119,34 @@ def test_shared_mode_leaves_the_live_run_running(wandb_online, tmp_path):
 
 
 def test_wandb_sync_of_the_trainers_and_ckpt_watchs_offline_runs_in_either_order(wandb_online, tmp_path, monkeypatch):
+    """Offline trainer, offline ckpt-watch (two deliveries: two offline runs); then the `wandb sync` command that
+    `ckpt-watch sync`/`status` print (the trainer's run first), and the reverse order by hand."""
     server = wandb_online
     monkeypatch.setenv("WANDB_MODE", "offline")
     process, _ = trainer(tmp_path, "off1", mode="offline")
     assert process.wait(timeout=120) == 0
-    sink = WandbSink("p/off1", "defer", tmp_path / "output", tmp_path / "results")
+    sink = WandbSink("auto", "defer", tmp_path / "trainer", tmp_path / "results")  # finds the trainer's wandb/ run
     sink.deliver([record(4), record(2)])
     sink.deliver([record(6)])  # a later delivery
     monkeypatch.setenv("WANDB_MODE", "online")
     trainer_dirs = sorted(str(p) for p in (tmp_path / "trainer" / "wandb").glob("offline-run-*"))
     our_dirs = sorted(str(p) for p in (tmp_path / "results" / "wandb").glob("offline-run-*"))
-    for project, order in (("trainer-first", (trainer_dirs, our_dirs)), ("ours-first", (our_dirs, trainer_dirs))):
-        for dirs in order:
-            done = subprocess.run(["wandb", "sync", "--include-synced", "-p", project, *dirs], capture_output=True,
-                                  text=True, timeout=120, env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})  # fmt: skip
+    note = upload_note("auto", tmp_path / "trainer", tmp_path / "results")
+    command = note.splitlines()[-1].split()
+    assert command == ["wandb", "sync", *trainer_dirs, *our_dirs], note
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    again = ["wandb", "sync", "--include-synced", "-p", "ours-first"]  # the same folders into another project
+    orders = {"p": [command],  # exactly as printed: one command, into the run's own project
+              "ours-first": [[*again, *our_dirs], [*again, *trainer_dirs]]}
+    for project, commands in orders.items():
+        for argv in commands:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
             assert done.returncode == 0, done.stdout + done.stderr
         run = server.run(project, "off1")
         assert trainer_rows(run.rows()) == [(s, 1.0 / s) for s in range(1, 7)], project
         assert eval_steps(run.rows()) == [2, 4, 6], project  # each once, at its train/global_step
         assert len(run.rows()) == 9 and not run.overwritten and run.state == "finished", project
+    assert upload_note("auto", tmp_path / "trainer", tmp_path / "results") is None  # all uploaded: nothing to say
 
 
 def test_shared_mode_warns_at_start_naming_the_wandb_issue(tmp_path, caplog):

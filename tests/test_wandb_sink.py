@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ckpt_watch, journal_rows
+from watcher.sinks import SinkUnavailable
 from watcher.sinks.naming import STEP_KEY
 from watcher.sinks.tensorboard import read_points
 from watcher.sinks.wandb_files import find_local_runs, read_records
@@ -42,7 +43,10 @@ def _record(step, variant="regular", status="ok", metrics=None):
 
 def test_out_of_order_results_and_both_variants_land_on_the_step_axis(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    sink = WandbSink("proj/run42", "defer", tmp_path / "output", tmp_path / "results")
+    waiting = WandbSink("proj/run42", "defer", tmp_path / "output", tmp_path / "results")
+    with pytest.raises(SinkUnavailable, match="results wait to be written as one offline run once it has ended"):
+        waiting.deliver([_record(500)])  # nothing says the training run has ended: offline results wait too
+    sink = WandbSink("proj/run42", "defer", tmp_path / "output", tmp_path / "results", force=True)  # `sync`
     sink.deliver([_record(500), _record(500, "ema"), _record(300, status="failed", metrics={})])
     sink.deliver([_record(200)])  # a later delivery, for an earlier step
     found = logged(tmp_path / "results")
@@ -76,6 +80,10 @@ def test_scan_logs_into_the_trainers_own_offline_run(wandb_run, tmp_path):
     assert set(found["ids"]) == {trainer_run.id} and trainer_run.project == "ckpt-watch-test"
     steps = sorted(row[STEP_KEY] for row in found["rows"])
     assert steps == [4, 6]  # the checkpoints the trainer kept (save_total_limit=2)
+    # One offline run for the session's results (not one per checkpoint), and the command that uploads it.
+    [ours] = (output / "ckpt-watch" / "wandb").glob("offline-run-*")
+    status = ckpt_watch("status", output)
+    assert f"wandb sync {trainer_run.log.parent} {ours}" in status.stdout, status.stdout
     assert all(row["eval/params/total"] > 0 and 0 < row["train/epoch"] for row in found["rows"])
     assert not journal_rows(output, "SELECT * FROM results WHERE result_id NOT IN "
                                     "(SELECT result_id FROM deliveries WHERE sink = 'wandb')")  # fmt: skip
@@ -117,6 +125,8 @@ def test_results_wait_while_wandb_fails_and_sync_delivers_them(copy_trainer_outp
                         env={**os.environ, "WANDB_MODE": "offline"})  # fmt: skip
     assert synced.returncode == 0, synced.stderr
     assert sorted(row[STEP_KEY] for row in logged(output / "ckpt-watch")["rows"]) == [20, 30]
+    [ours] = (output / "ckpt-watch" / "wandb").glob("offline-run-*")  # one offline run for the sync
+    assert f"wandb sync {ours}" in synced.stdout and "upload them with the command above" in synced.stderr
     assert ckpt_watch("sync", output, "--config", config, "--wandb", "proj/run42").returncode == 0  # nothing left
 
 

@@ -117,7 +117,8 @@ class Daemon:
             self.detect(changed)
             self.supervise()
             self.outbox.poll()
-            if self.outbox.next_attempt_in() == 0:  # a sink that was down is due for another try
+            # A sink that was down is due for another try, or one that batches waits for the jobs to be done.
+            if self.outbox.next_attempt_in() == 0 or (self.outbox.waiting_for_idle and self.idle()):
                 self.deliver_pending()
             if self.running is None and not self._stop_requested:
                 self.schedule()
@@ -483,7 +484,7 @@ class Daemon:
     def deliver_pending(self) -> None:
         """Deliver every committed result a sink has not yet acknowledged (see watcher/outbox.py); a slow sink
         (W&B) in the background, so the loop goes on watching."""
-        self.outbox.deliver_pending(background=True)
+        self.outbox.deliver_pending(background=True, idle=self.idle())
 
     # --- helpers ---------------------------------------------------------------------------------------------
 

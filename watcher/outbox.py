@@ -59,15 +59,21 @@ class Outbox:
     sinks: list[Sink]
     _state: dict[str, _SinkState] = field(default_factory=dict)
     _running: dict[str, _Delivery] = field(default_factory=dict)
+    waiting_for_idle: bool = False  # a sink that batches (`wait_for_idle`) has results and waits for an idle daemon
 
-    def deliver_pending(self, force: bool = False, background: bool = False, include_slow: bool = True) -> dict[str, int]:
+    def deliver_pending(self, force: bool = False, background: bool = False, include_slow: bool = True,
+                        idle: bool = True) -> dict[str, int]:  # fmt: skip
         """One round: each sink whose backoff has passed (all of them with `force`) gets its pending results.
 
         `background`: slow sinks deliver in a thread (see `poll`); `include_slow=False` leaves them out.
+        `idle=False` (the daemon has jobs to run) holds back sinks with `wait_for_idle`: W&B in `defer` mode
+        takes all the results of a session in one delivery (one resume, one offline run folder), not one per
+        checkpoint; the daemon asks again once it is idle (`waiting_for_idle`).
         Returns the number of results still pending per sink (in-flight ones count as pending).
         """
         pending: dict[str, int] = {}
         now = time.monotonic()
+        self.waiting_for_idle = False
         for sink in self.sinks:
             state = self._state.setdefault(sink.name, _SinkState())
             records = self.journal.undelivered(sink.name)
@@ -75,6 +81,8 @@ class Outbox:
             due = records and (force or now >= state.next_attempt) and sink.name not in self._running
             if due and slow and not include_slow:
                 due = False
+            if due and not idle and getattr(sink, "wait_for_idle", False):
+                due, self.waiting_for_idle = False, True
             if due:
                 ids = [r["result_id"] for r in records]
                 suspect = self.journal.in_flight(sink.name).intersection(ids)

@@ -204,6 +204,11 @@ def main(argv: list[str]) -> int:
         print(json.dumps(rows, indent=2))
     else:
         print_table(rows, results_dir)
+        from watcher.sinks.wandb_run import upload_note  # reads local files only: no wandb import
+
+        note = upload_note(config.wandb, Path(config.output_dir), results_dir)
+        if note:
+            print(note)
     sys.stdout.flush()
     return 0
 

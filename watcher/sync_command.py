@@ -20,6 +20,7 @@ def main(argv: list[str]) -> int:
     from watcher.setup import make_sinks, resolve_setup_paths, take_lock
     from watcher.journal import Journal
     from watcher.outbox import Outbox
+    from watcher.sinks.wandb_run import upload_note
 
     parser = _Parser(prog="ckpt-watch sync", description=__doc__.splitlines()[0])
     parser.add_argument("output_dir", nargs="?", type=Path, help="the training run's output_dir")
@@ -46,9 +47,14 @@ def main(argv: list[str]) -> int:
         journal.close()
         lock.close()
     waiting = {name: count for name, count in pending.items() if count}
+    note = upload_note(config.wandb, Path(config.output_dir), results_dir)
+    if note:
+        print(note, flush=True)  # on stdout: the command is this command's product
     if waiting:
         log.error("still pending: %s", ", ".join(f"{count} result(s) for {name}" for name, count in waiting.items()))
         return 1
-    log.info("every result is delivered (%s)", ", ".join(pending))
+    sinks = [f"{name} (as offline runs: upload them with the command above)" if name == "wandb" and note else name
+             for name in pending]  # fmt: skip
+    log.info("every result is delivered: %s", ", ".join(sinks))
     sys.stdout.flush()
     return 0

@@ -97,6 +97,13 @@ def describe_run(log: Path) -> LocalRun:
     return LocalRun(match["id"], project, entity, log.parent.name.startswith("offline-run-"), exited, log)
 
 
+def unsynced_offline_runs(wandb_dir: Path) -> list[LocalRun]:
+    """The offline runs under a `wandb/` folder that `wandb sync` has not uploaded (it leaves `<log>.synced`),
+    oldest first."""
+    runs = [run for run in find_local_runs(wandb_dir) if run.offline and not Path(f"{run.log}.synced").exists()]
+    return sorted(runs, key=lambda run: run.log.parent.name)
+
+
 def history_rows(log: Path) -> Iterator[dict[str, object]]:
     """The history rows of a `.wandb` log (what `run.log` wrote), keys as logged, values as JSON decodes them.
     Rows of a writer killed mid-run are those that reached the file: reading stops at a torn or damaged tail."""

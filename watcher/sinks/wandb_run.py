@@ -23,7 +23,9 @@ A training run that is still being written (`wandb_live`):
           unsupported (wandb/wandb#12269: the server overwrote a run's earliest rows); a warning says so.
 Every writer leaves out system metrics, console capture and metadata (`writer_settings`).
 Offline runs (the training run is offline, or WANDB_MODE=offline) are written as offline runs of the same id
-under RESULTS_DIR/wandb/, which never touches the trainer's files; `wandb sync` uploads them into the run.
+under RESULTS_DIR/wandb/, which never touches the trainer's files; `wandb sync` uploads them into the run
+(`upload_command` gives the exact command; `ckpt-watch sync` and `status` print it). In `defer` mode they too
+wait until training has ended, so that one offline run (one folder) holds them all, not one per checkpoint.
 
 Each delivery runs in a child process (`python -m watcher.sinks.wandb_run SPEC`) with a hard time limit: wandb
 starts a service process, threads and exit hooks, and a hung network call must not wedge the daemon's loop.
@@ -34,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -146,6 +149,9 @@ class WandbSink:
         self.setting, self.live_mode = setting, live_mode
         self.output_dir, self.results_dir = Path(output_dir), Path(results_dir)
         self.force = force  # `ckpt-watch sync`: a person says training is over unless we know it is not
+        # defer: the daemon hands over results once it has no job left, so a session's results make one resume
+        # (one offline run folder), not one per checkpoint (watcher/outbox.py); shared: as they come
+        self.wait_for_idle = live_mode == "defer"
         self._said_no_run = False
         if live_mode == "shared" and setting != "off":
             log.warning("wandb_live = \"shared\": ckpt-watch writes into the training run while it trains, as a "
@@ -171,11 +177,16 @@ class WandbSink:
             raise SinkUnavailable(f"W&B run {target.id} found ({target.source}) but not its project; set "
                                   "WANDB_PROJECT or `wandb = \"PROJECT/RUN_ID\"`", retry_after=WAIT)  # fmt: skip
         shared = self.live_mode == "shared" and not target.offline
-        if self.live_mode == "defer" and not target.offline:
+        if self.live_mode == "defer":
+            # Offline too: every wandb.init makes an offline run folder of its own, so results written once training
+            # has ended make one folder for all of them (not one per checkpoint), and `wandb sync` of the
+            # trainer's finished run comes first (the order tests/test_wandb_server.py shows to work).
             live, why = training_is_live(target)
             if live or (live is None and not self.force):
-                raise SinkUnavailable(f"training run {target.path} may still be written ({why}); results wait "
-                                      "(wandb_live = \"defer\")", retry_after=WAIT)  # fmt: skip
+                then = " as one offline run" if target.offline else ""
+                raise SinkUnavailable(f"training run {target.path} may still be written ({why}); results wait to be "
+                                      f"written{then} once it has ended, or by `ckpt-watch sync` (wandb_live = \"defer\")",
+                                      retry_after=WAIT)  # fmt: skip
         self._run_child({"target": asdict(target), "rows": rows, "shared": shared,
                          "dir": str(self.results_dir), "definitions": metric_definitions()})  # fmt: skip
 
@@ -258,6 +269,41 @@ def _same_value(seen: Any, value: Any) -> bool:
     if isinstance(seen, bool) or isinstance(value, bool) or not isinstance(seen, (int, float)):
         return False
     return float(seen) == float(value)
+
+
+def upload_command(results_dir: Path, target: WandbTarget | None) -> str | None:
+    """The `wandb sync` command that uploads our offline runs not yet uploaded (None: there are none).
+
+    The trainer's own offline run comes first in it when it is on this machine and not uploaded yet: given one
+    command, `wandb sync` uploads the folders of one run in order of their start time, the trainer's first.
+    Without `--include-synced`, a folder already uploaded is skipped, so running it twice adds nothing.
+    """
+    from watcher.sinks.wandb_files import unsynced_offline_runs
+
+    ours = unsynced_offline_runs(Path(results_dir) / "wandb")
+    if not ours:
+        return None
+    folders = [run.log.parent for run in ours]
+    if target is not None and target.trainer_log:
+        trainer = Path(target.trainer_log)
+        if trainer.parent.name.startswith("offline-run-") and not Path(f"{trainer}.synced").exists():
+            folders.insert(0, trainer.parent)
+    return "wandb sync " + " ".join(shlex.quote(str(folder)) for folder in folders)
+
+
+def upload_note(setting: str, output_dir: Path, results_dir: Path) -> str | None:
+    """Two lines for `ckpt-watch sync` and `status` when offline results wait for `wandb sync` (else None)."""
+    if setting == "off":
+        return None
+    try:
+        target = find_target(setting, Path(output_dir))
+    except ValueError:
+        target = None
+    command = upload_command(results_dir, target)
+    if command is None:
+        return None
+    return ("W&B: the results are in offline runs, not uploaded yet; to upload them into the training run (its "
+            f"own offline run first), run:\n  {command}")  # fmt: skip
 
 
 def wandb_row(record: dict[str, Any]) -> dict[str, float | int]:
