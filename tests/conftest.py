@@ -107,4 +107,8 @@ def wandb_online(wandb_server, monkeypatch, tmp_path):
     for key in ("WANDB_DIR", "WANDB_RUN_ID", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_SERVICE"):
         monkeypatch.delenv(key, raising=False)
     yield wandb_server
+    import sys
+
+    if "wandb" in sys.modules:  # the W&B API used in this process keeps its settings (this URL, online): drop them
+        sys.modules["wandb"].teardown()
     assert not wandb_server.unknown, f"requests the stand-in W&B server did not understand: {wandb_server.unknown}"

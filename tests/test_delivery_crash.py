@@ -37,7 +37,8 @@ from watcher.sinks.wandb_run import WandbSink
 root, checkpoints = Path(sys.argv[1]), int(sys.argv[2])
 journal = Journal(root / "journal.sqlite")
 journal.recover_interrupted()
-outbox = Outbox(journal, [WandbSink("p/crashrun", "defer", root / "output", root / "results"), TensorBoardSink(root / "tb")])
+wandb = WandbSink("p/crashrun", "defer", root / "output", root / "results", force=True)  # as `ckpt-watch sync`
+outbox = Outbox(journal, [wandb, TensorBoardSink(root / "tb")])
 for step in range(10, 10 * checkpoints + 1, 10):
     name = f"checkpoint-{step}"
     ckpt = journal.latest_checkpoint(name) or journal.add_checkpoint(name, step, root / name, "fp", "hf", ["regular", "ema"])

@@ -155,3 +155,18 @@ def test_shared_mode_warns_at_start_naming_the_wandb_issue(tmp_path, caplog):
     assert not caplog.records
     WandbSink("p/x", "shared", tmp_path, tmp_path / "r")
     assert "wandb/wandb#12269" in caplog.text and '"defer"' in caplog.text
+
+
+def test_resume_allow_and_resume_must_of_a_run_that_does_not_exist(wandb_online, tmp_path):
+    """The stand-in answers `resume="allow"` (a new run, then the same run again) as the client expects, and
+    ckpt-watch's `resume="must"` of a run the server does not have is a pending delivery, not an error."""
+    code = ("import sys, wandb\n"
+            "run = wandb.init(project='p', id='allow1', resume='allow', settings=wandb.Settings(silent=True))\n"
+            "run.log({'train/global_step': int(sys.argv[1]), 'x': 1.0}); run.finish()\n")  # fmt: skip
+    for step in (1, 2):
+        subprocess.run([sys.executable, "-c", code, str(step)], check=True, timeout=120, cwd=tmp_path)
+    run = wandb_online.run("p", "allow1")
+    assert [row[STEP_KEY] for row in run.rows()] == [1, 2] and [row["_step"] for row in run.rows()] == [0, 1]
+    sink = WandbSink("p/nosuch", "defer", tmp_path / "o", tmp_path / "r", force=True)
+    with pytest.raises(SinkUnavailable, match="W&B: .*(does not exist|not found)"):
+        sink.deliver([record(2)])

@@ -94,7 +94,6 @@ def test_scan_logs_into_the_trainers_own_offline_run(wandb_run, tmp_path):
 
 
 def test_no_network_is_a_wait_not_an_error(tmp_path, monkeypatch):
-    from watcher.sinks import SinkUnavailable
 
     for key, value in {"WANDB_MODE": "online", "WANDB_API_KEY": "x" * 40, "WANDB_INIT_TIMEOUT": "2",
                        "HOME": str(tmp_path), "WANDB_BASE_URL": "http://127.0.0.1:9"}.items():  # fmt: skip
@@ -165,7 +164,6 @@ def test_defer_mode_waits_while_the_training_process_lives(tmp_path, monkeypatch
     import subprocess
     import sys
 
-    from watcher.sinks import SinkUnavailable
     from watcher.sinks.wandb_run import WandbTarget, training_is_live
 
     monkeypatch.setenv("WANDB_MODE", "online")
