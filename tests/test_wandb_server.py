@@ -140,7 +140,7 @@ def test_wandb_sync_of_the_trainers_and_ckpt_watchs_offline_runs_in_either_order
               "ours-first": [[*again, *our_dirs], [*again, *trainer_dirs]]}
     for project, commands in orders.items():
         for argv in commands:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
             assert done.returncode == 0, done.stdout + done.stderr
         run = server.run(project, "off1")
         assert trainer_rows(run.rows()) == [(s, 1.0 / s) for s in range(1, 7)], project
@@ -160,11 +160,11 @@ def test_shared_mode_warns_at_start_naming_the_wandb_issue(tmp_path, caplog):
 def test_resume_allow_and_resume_must_of_a_run_that_does_not_exist(wandb_online, tmp_path):
     """The stand-in answers `resume="allow"` (a new run, then the same run again) as the client expects, and
     ckpt-watch's `resume="must"` of a run the server does not have is a pending delivery, not an error."""
-    code = ("import sys, wandb\n"
-            "run = wandb.init(project='p', id='allow1', resume='allow', settings=wandb.Settings(silent=True))\n"
-            "run.log({'train/global_step': int(sys.argv[1]), 'x': 1.0}); run.finish()\n")  # fmt: skip
-    for step in (1, 2):
-        subprocess.run([sys.executable, "-c", code, str(step)], check=True, timeout=120, cwd=tmp_path)
+    code = ("import wandb\n"
+            "for step in (1, 2):  # a new run, then the same one again\n"
+            "    run = wandb.init(project='p', id='allow1', resume='allow', settings=wandb.Settings(silent=True))\n"
+            "    run.log({'train/global_step': step, 'x': 1.0}); run.finish()\n")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tmp_path)
     run = wandb_online.run("p", "allow1")
     assert [row[STEP_KEY] for row in run.rows()] == [1, 2] and [row["_step"] for row in run.rows()] == [0, 1]
     sink = WandbSink("p/nosuch", "defer", tmp_path / "o", tmp_path / "r", force=True)

@@ -6,21 +6,25 @@ requests that the real client (wandb 0.31, its Go `wandb-core` and the Python pu
 and `wandb.Api().run(path)` (state, history). They were captured first (every request logged, see
 `Server.requests`) and the answers built from what was seen:
 
-  POST /graphql                  GraphQL, dispatched on `operationName` (see `_GRAPHQL`)
+  POST /graphql                  GraphQL, dispatched on the operation name (the `_gql_<Name>` methods); the
+                                 public API sends operationName "" and is dispatched on the query's name
   POST /files/E/P/R/file_stream  W&B's file stream: history/summary/events/console lines at line offsets,
                                  `complete` + `exitcode` when the writer finishes the run
   PUT  /upload/...               the upload URLs that CreateRunFiles hands out (config.yaml, metadata, ...)
   POST /sdk/otel/...             the client's own telemetry: accepted and dropped
 
-Per-run state (`RunState`): history rows in line order (each with its `_step`), summary, config, state
-"running"/"finished", and which writer finished it (the file stream's User-Agent and, for shared mode, the
-writer's label). A request it does not understand answers HTTP 400 and is kept in `Server.unknown`; the
-session fixture fails every test that leaves one, so a wandb upgrade that speaks differently cannot pass silently.
+Per-run state (`RunState`): history rows in line order (each with its `_step`) and who wrote each, summary,
+config, state "running"/"finished"/"crashed", and which writer finished it. A request it does not understand
+answers HTTP 400 and is kept in `Server.unknown`; the `wandb_online` fixture (tests/conftest.py) fails every
+test that leaves one, so a wandb upgrade that speaks differently cannot pass silently.
 
-The history offsets model how the real server stores a run's history (wandb/wandb#12269): a file stream chunk
-`{"offset": n, "content": [...]}` writes its lines at line n. A resumed run continues at `historyLineCount`; a
-second writer starting at offset 0 overwrites the earliest rows, which is what #12269 reported and what the
-tests check never happens.
+History, as the wire shows it: a file stream chunk `{"offset": n, "content": [...]}` writes its lines at line n
+of the run's history (a rewrite of a line is kept in `RunState.overwritten`); a resumed run continues at the
+`historyLineCount` that RunResumeStatus/UpsertBucket report, and `wandb sync` of several folders of one run
+resumes it folder by folder. A shared-mode writer sends `X-Wandb-Use-Async-Filestream: true` with its own
+`X-Wandb-Async-Client-Id` and counts offsets from 0 itself; the stand-in appends such a writer's lines to the
+run's history (one line per (client, offset)). How W&B's real server merges shared-mode writers is not
+public; wandb/wandb#12269 reports it overwriting a run's earliest rows, which a stand-in cannot reproduce.
 """
 
 from __future__ import annotations
@@ -67,7 +71,6 @@ class Server:
         self.runs: dict[tuple[str, str, str], RunState] = {}
         self.requests: list[dict[str, Any]] = []
         self.unknown: list[str] = []
-        self.down = False  # True: every request is refused with 503 (an outage)
         self.lock = threading.RLock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._httpd.daemon_threads = True
@@ -108,12 +111,6 @@ class Server:
 
     def _gql_GetDefaultEntity(self, _: dict) -> dict:
         return {"viewer": {"id": "dXNlcjox", "entity": "tester"}}
-
-    def _gql_ServerFeaturesQuery(self, _: dict) -> dict:
-        return {"serverInfo": {"features": []}}
-
-    def _gql_ServerInfo(self, _: dict) -> dict:
-        return {"serverInfo": {"cliVersionInfo": {}, "latestLocalVersionInfo": None, "features": []}}
 
     def _gql_UpsertBucket(self, v: dict) -> dict:
         entity, project = v.get("entity") or "tester", v.get("project") or "uncategorized"
@@ -159,7 +156,7 @@ class Server:
         run = self._find(v.get("entity"), v.get("project"), v["run"])
         if run is None:
             raise _NotUnderstood(f"CreateRunFiles for unknown run {v['run']!r}")
-        files = [{"name": name, "uploadUrl": f"{self._base}/upload/{run.id}/{name}"} for name in v["files"]]
+        files = [{"name": name, "uploadUrl": f"{self.url}/upload/{run.id}/{name}"} for name in v["files"]]
         return {"createRunFiles": {"runID": run.id, "uploadHeaders": [], "files": files}}
 
     def _gql_Run(self, v: dict) -> dict:
@@ -200,12 +197,6 @@ class Server:
         if run is None:
             return {"project": {"run": None}}
         return {"project": {"run": {"parquetHistory": {"parquetUrls": [], "liveData": run.rows()}}}}
-
-    def _gql_RunState(self, v: dict) -> dict:
-        run = self._find(v.get("entity"), v.get("project"), v["run"])
-        return {"project": {"run": None if run is None else {"id": run.id, "state": run.state}}}
-
-    # --- the file stream ------------------------------------------------------------------------------------
 
     def file_stream(self, entity: str, project: str, name: str, body: dict, writer: str, client: str | None) -> dict:
         """`client`: the X-Wandb-Async-Client-Id of a shared-mode writer (X-Wandb-Use-Async-Filestream), whose
@@ -264,7 +255,6 @@ class Server:
         else:
             self._put_row(run, line, row, client)
 
-    _base = ""
 
 
 class _NotUnderstood(Exception):
@@ -308,16 +298,13 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data)
 
         def _serve(self) -> None:
-            server._base = f"http://{self.headers.get('Host')}"
             data = self._body()
             path = self.path.split("?", 1)[0]
             writer = self.headers.get("User-Agent", "?")
-            entry = {"method": self.command, "path": path, "agent": writer, "body": data[:20000], "headers": dict(self.headers)}
+            entry = {"method": self.command, "path": path, "agent": writer, "body": data[:20000],
+                     "headers": dict(self.headers)}  # fmt: skip
             with server.lock:
                 server.requests.append(entry)
-            if server.down:
-                self._answer(503, {"error": "stand-in server is down"})
-                return
             try:
                 if self.command == "POST" and path == "/graphql":
                     body = json.loads(data)
