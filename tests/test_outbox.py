@@ -90,12 +90,12 @@ def test_a_batch_left_in_flight_is_checked_against_the_target_before_it_is_sent_
     for step in (10, 20, 30):
         _commit(journal, step)
     journal.mark_in_flight(["r10", "r20"], "wandb")  # a previous daemon handed these over, then was killed
-    down = CheckedSink("wandb", [], held={"r10"}, check_error=SinkUnavailable("W&B unreachable"))
+    down = CheckedSink("wandb", [], held={"r10"}, check_error=SinkUnavailable("W&B unreachable", nothing_sent=True))
     assert Outbox(journal, [down]).deliver_pending() == {"wandb": 3}
     assert down.asked == [["r10", "r20"]] and down.batches == []  # cannot ask: nothing is sent blind
     sink = CheckedSink("wandb", [], held={"r10"})
     assert Outbox(journal, [sink]).deliver_pending() == {"wandb": 0}
-    assert sink.asked == [["r10", "r20", "r30"]]  # the round that could not ask had handed r30 over too
+    assert sink.asked == [["r10", "r20"]]  # r30 was never in flight (the round that could not ask sent nothing)
     assert sink.batches == [["r20", "r30"]]  # r10 is there already: not sent again
     assert journal.undelivered("wandb") == [] and journal.in_flight("wandb") == set()
     assert "1 result(s) were already there" in caplog.text
@@ -126,3 +126,13 @@ def test_a_journal_of_an_older_version_gains_the_in_flight_table(tmp_path):
     sink = FlakySink("wandb", [])
     assert Outbox(journal, [sink]).deliver_pending() == {"wandb": 0} and sink.batches == [["r10"]]
     journal.close()
+
+
+def test_a_refusal_before_sending_leaves_nothing_in_flight_a_failure_mid_batch_does(journal):
+    _commit(journal, 10)
+    waits = FlakySink("wandb", [SinkUnavailable("training still running", nothing_sent=True)])
+    Outbox(journal, [waits]).deliver_pending()
+    assert journal.in_flight("wandb") == set()  # nothing to check later: no W&B history scan at every retry
+    broke = FlakySink("wandb", [SinkUnavailable("W&B: the delivery child was killed")])
+    Outbox(journal, [broke]).deliver_pending()
+    assert journal.in_flight("wandb") == {"r10"}  # it may have sent some rows: checked before the next try

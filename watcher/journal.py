@@ -346,6 +346,13 @@ class Journal:
                 [(result_id, sink, now) for result_id in result_ids],
             )
 
+    def clear_in_flight(self, result_ids: list[str], sink: str) -> None:
+        """An attempt that sent nothing (the sink said so): these are not in flight after all."""
+        with self._tx():
+            self._db.executemany(
+                "DELETE FROM in_flight WHERE result_id = ? AND sink = ?", [(result_id, sink) for result_id in result_ids]
+            )
+
     def in_flight(self, sink: str) -> set[str]:
         """Results handed to `sink` by an attempt that never reported back (a crash, a failure mid-batch)."""
         rows = self._db.execute("SELECT result_id FROM in_flight WHERE sink = ?", (sink,))

@@ -50,6 +50,7 @@ class _Delivery:
     ids: list[str]
     thread: threading.Thread | None = None  # None: delivered in the caller's thread
     error: BaseException | None = None
+    suspect: set[str] = field(default_factory=set)  # of `ids`, those in flight before (checked before sending)
     held: set[str] = field(default_factory=set)  # of `ids`, those the target already had (not sent again)
 
 
@@ -87,7 +88,7 @@ class Outbox:
                 ids = [r["result_id"] for r in records]
                 suspect = self.journal.in_flight(sink.name).intersection(ids)
                 self.journal.mark_in_flight(ids, sink.name)
-                delivery = _Delivery(ids)
+                delivery = _Delivery(ids, suspect=suspect)
                 if slow and background:
                     delivery.thread = threading.Thread(target=_send, args=(sink, records, suspect, delivery),
                                                        name=f"deliver-{sink.name}", daemon=True)  # fmt: skip
@@ -123,6 +124,8 @@ class Outbox:
             self.journal.mark_delivered_many(sorted(delivery.held), name)
             log.info("%s: %d result(s) were already there (sent before ckpt-watch stopped); not sent again",
                      name, len(delivery.held))  # fmt: skip
+        if isinstance(error, SinkUnavailable) and error.nothing_sent:  # what was not suspect before is not now
+            self.journal.clear_in_flight(sorted(set(ids) - delivery.suspect - delivery.held), name)
         if isinstance(error, SinkUnavailable):
             self._failed(name, state, str(error), error.retry_after, logging.WARNING)
         elif isinstance(error, (KeyboardInterrupt, SystemExit)):

@@ -22,11 +22,15 @@ __all__ = ["CheckedSink", "FileSink", "Sink", "SinkUnavailable", "read_results"]
 
 
 class SinkUnavailable(RuntimeError):
-    """The sink cannot take results now; they stay pending. The message is one line for the log."""
+    """The sink cannot take results now; they stay pending. The message is one line for the log.
 
-    def __init__(self, reason: str, retry_after: float | None = None):
+    `nothing_sent`: raised before anything reached the target (e.g. waiting for the training run to end), so
+    the batch is not left in flight and will not need checking against the target at the next attempt."""
+
+    def __init__(self, reason: str, retry_after: float | None = None, nothing_sent: bool = False):
         super().__init__(reason)
         self.retry_after = retry_after
+        self.nothing_sent = nothing_sent
 
 
 class Sink(Protocol):

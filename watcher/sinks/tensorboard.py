@@ -510,7 +510,7 @@ class AutoTensorBoardSink:
             try:
                 folder = resolve_tensorboard_dir(self.setting, self.output_dir, Path(logging_dir) if logging_dir else None)
             except ValueError as exc:
-                raise SinkUnavailable(str(exc), retry_after=300) from None
+                raise SinkUnavailable(str(exc), retry_after=300, nothing_sent=True) from None
             if folder is not None:
                 self._sink = TensorBoardSink(folder)
         return self._sink

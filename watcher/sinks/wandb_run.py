@@ -27,8 +27,16 @@ under RESULTS_DIR/wandb/, which never touches the trainer's files; `wandb sync` 
 (`upload_command` gives the exact command; `ckpt-watch sync` and `status` print it). In `defer` mode they too
 wait until training has ended, so that one offline run (one folder) holds them all, not one per checkpoint.
 
+In `defer` mode the daemon also hands results over only once it has no job left (`wait_for_idle`, see
+watcher/outbox.py): one resume (one offline folder) per session's results, not one per checkpoint.
+
+At most once: after a crash, `holds` tells the outbox which results the run already has (`RunHistory`: our
+offline `.wandb` logs, or the W&B public API's history of the online run), matched by `train/global_step` and
+the values, never by `_step` (which wandb/wandb#12474 may drop from offline logs).
+
 Each delivery runs in a child process (`python -m watcher.sinks.wandb_run SPEC`) with a hard time limit: wandb
 starts a service process, threads and exit hooks, and a hung network call must not wedge the daemon's loop.
+Tested against the real client through a wire-level stand-in server (tests/wandb_standin.py).
 """
 
 from __future__ import annotations
@@ -175,7 +183,7 @@ class WandbSink:
             return
         if target.project is None:
             raise SinkUnavailable(f"W&B run {target.id} found ({target.source}) but not its project; set "
-                                  "WANDB_PROJECT or `wandb = \"PROJECT/RUN_ID\"`", retry_after=WAIT)  # fmt: skip
+                                  "WANDB_PROJECT or `wandb = \"PROJECT/RUN_ID\"`", retry_after=WAIT, nothing_sent=True)  # fmt: skip
         shared = self.live_mode == "shared" and not target.offline
         if self.live_mode == "defer":
             # Offline too: every wandb.init makes an offline run folder of its own, so results written once training
@@ -186,7 +194,7 @@ class WandbSink:
                 then = " as one offline run" if target.offline else ""
                 raise SinkUnavailable(f"training run {target.path} may still be written ({why}); results wait to be "
                                       f"written{then} once it has ended, or by `ckpt-watch sync` (wandb_live = \"defer\")",
-                                      retry_after=WAIT)  # fmt: skip
+                                      retry_after=WAIT, nothing_sent=True)  # fmt: skip
         self._run_child({"target": asdict(target), "rows": rows, "shared": shared,
                          "dir": str(self.results_dir), "definitions": metric_definitions()})  # fmt: skip
 
@@ -204,7 +212,8 @@ class WandbSink:
             raise
         except Exception as exc:  # noqa: BLE001 - a question W&B cannot answer now: ask again later
             raise SinkUnavailable(f"cannot check which rows the W&B run {target.path} has ({type(exc).__name__}: "
-                                  f"{str(exc)[:200]}); results stay pending", retry_after=WAIT) from None  # fmt: skip
+                                  f"{str(exc)[:200]}); results stay pending", retry_after=WAIT,
+                                  nothing_sent=True) from None  # fmt: skip
 
     def close(self) -> None:
         pass
