@@ -817,3 +817,9 @@ def test_missing_config_or_tokenizer_that_can_still_arrive_is_a_wait(trainer_out
     (folder / "tokenizer_config.json").unlink()
     assert "no tokenizer files yet" in check_checkpoint(folder, 30).reason
     assert check_checkpoint(folder, 30, base_model=tiny_model_dir).complete
+
+
+def test_an_empty_folder_is_as_old_as_itself_not_1970(tmp_path):
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    assert abs(completion.snapshot(folder).newest_change - time.time()) < 60

@@ -164,7 +164,7 @@ class Snapshot:
     digest: str  # fingerprint(): changes when the checkpoint's model may have changed (a re-save)
     activity: str  # changes on any write inside the folder at all: what the settle window waits out
     legacy_digest: str  # the fingerprint of ckpt-watch 0.1 (every file's mtime), to recognise what it journaled
-    newest_change: float  # the newest file mtime or ctime (0.0 for an empty folder): how long it has been quiet
+    newest_change: float  # the newest mtime or ctime of the folder and its files: how long it has been quiet
 
 
 # Training state a checkpoint carries beside the model (HF Trainer, accelerate FSDP, veRL): deleting it to save
@@ -234,6 +234,8 @@ def snapshot(folder: Path) -> Snapshot:
                     model.append(f"{rel}\0{st.st_size}\n")
 
     walk(folder, "")
+    own = folder.stat()  # an empty folder's age is its own (not 1970's)
+    newest = max(newest, own.st_mtime_ns, own.st_ctime_ns)
     return Snapshot(_digest(model), _digest(everything), _digest(legacy), newest / 1e9)
 
 
