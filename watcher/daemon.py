@@ -30,7 +30,9 @@ from watcher.scheduler import decide
 from watcher.setup import Setup, take_lock
 from watcher.notify import Notifier
 from watcher.outbox import Outbox
+from watcher.processes import stop_leftovers
 from watcher.sinks.naming import checkpoint_progress
+from watcher.sinks.wandb_run import DELIVERIES
 from watcher.watch import InotifyFeed, PollingFeed
 
 log = logging.getLogger("ckpt-watch")
@@ -90,6 +92,7 @@ class Daemon:
         Returns the exit status: 1 if a job of this preset is failed (scan), else 0.
         """
         self._install_signal_handlers()
+        self._stop_leftovers()
         recovered = self.journal.recover_interrupted()
         if recovered:
             log.info("%d job(s) interrupted by the last stop are pending again", recovered)
@@ -317,7 +320,7 @@ class Daemon:
         timeout = self.preset.time_budget or self.config.job_timeout
         env = child_environment(self.setup.device, self.setup.gpu_entries)
         paths = JobPaths.for_job(self.results_dir, self.config.resolved_scratch_dir(), job)
-        self.running = launch(job, spec, paths, env, timeout)
+        self.running = launch(job, spec, paths, env, timeout, self.journal.processes)
         log.info("started %s on %s (attempt %d)", self._describe(job), self.setup.device, job.attempts)
 
     def supervise(self) -> None:
@@ -540,6 +543,15 @@ class Daemon:
                  self.setup.settle, self.results_dir)  # fmt: skip
         if self.setup.journal_path.parent != self.results_dir:
             log.info("journal kept on local disk at %s", self.setup.journal_path)
+
+    def _stop_leftovers(self) -> None:
+        """A daemon killed with SIGKILL takes its children with it (watcher/processes.py); should any have
+        survived (a guardian stuck), the journal knows their process groups: stop them before starting anew."""
+        count, roles = stop_leftovers(self.journal.processes)
+        shutil.rmtree(self.results_dir / DELIVERIES, ignore_errors=True)  # delivery folders of a killed daemon
+        if count:
+            log.warning("stopped %d process(es) left running by the previous ckpt-watch (%s)", count,
+                        ", ".join(sorted(set(roles))))  # fmt: skip
 
     def _install_signal_handlers(self) -> None:
         def stop(signum, frame):

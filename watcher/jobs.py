@@ -1,8 +1,10 @@
 """Jobs: start a job's child process on the pinned device, watch it, stop it, collect its outcome.
 
-Each job runs `python -m watcher.worker` in its own process group (so a timeout or a stop reaches every
-process it started) with CUDA_VISIBLE_DEVICES pinned, stdout/stderr appended to the job's log file. A child
-that crashes, is killed for memory or runs past its time fails that job only.
+Each job runs `python -m watcher.worker` in its own process group, as the guardian of everything it starts
+(watcher/processes.py: a stop, a timeout or the daemon's death reaches every process of the job), with
+CUDA_VISIBLE_DEVICES pinned, stdout/stderr appended to the job's log file. Its group is recorded in the journal
+while it runs, so that a daemon started after a kill -9 can stop what is left. A child that crashes, is killed
+for memory or runs past its time fails that job only.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from watcher import processes
 from watcher.atomic import write_json_atomic
-from watcher.journal import Job
+from watcher.journal import Job, ProcessLedger
 
 
 @dataclass(frozen=True)
@@ -41,9 +44,11 @@ class JobPaths:
 
 
 class RunningJob:
-    def __init__(self, job: Job, proc: subprocess.Popen, status_fd: int, paths: JobPaths, timeout: float):
+    def __init__(self, job: Job, proc: subprocess.Popen, status_fd: int, paths: JobPaths, timeout: float,
+                 ledger: ProcessLedger):  # fmt: skip
         self.job = job
         self.proc = proc
+        self.ledger = ledger
         self.paths = paths
         self.started = time.time()
         self.deadline = self.started + timeout
@@ -93,17 +98,7 @@ class RunningJob:
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the job's whole process group, then SIGKILL whatever is left after `grace` seconds."""
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        _reap_group(self.proc.pid)
+        processes.stop(self.proc, grace)
 
     def outcome(self) -> dict[str, Any]:
         """What the child wrote, or a failure built from its exit status and the end of its log."""
@@ -121,15 +116,19 @@ class RunningJob:
         return {"status": "failed", "error": f"job process {why}" + (f": {tail}" if tail else "")}
 
     def close(self) -> None:
+        """After the child ended (or was stopped): nothing of its group may outlive it, nor its folder."""
+        processes.kill_group(self.proc.pid)
         try:
             os.close(self._status_fd)
         except OSError:
             pass
         shutil.rmtree(self.paths.workdir, ignore_errors=True)
+        self.ledger.remove(self.proc.pid)
 
 
-def launch(job: Job, spec: dict[str, Any], paths: JobPaths, env: dict[str, str], timeout: float) -> RunningJob:
-    """Write the spec and start the worker; returns at once."""
+def launch(job: Job, spec: dict[str, Any], paths: JobPaths, env: dict[str, str], timeout: float,
+           ledger: ProcessLedger) -> RunningJob:  # fmt: skip
+    """Write the spec, start the worker and record its process group in `ledger`; returns at once."""
     shutil.rmtree(paths.workdir, ignore_errors=True)
     paths.workdir.mkdir(parents=True)
     paths.log.parent.mkdir(parents=True, exist_ok=True)
@@ -140,18 +139,21 @@ def launch(job: Job, spec: dict[str, Any], paths: JobPaths, env: dict[str, str],
     with open(paths.log, "ab") as log:
         log.write(f"\n===== attempt {job.attempts} at {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
         log.flush()
-        proc = subprocess.Popen(
+        proc = processes.spawn(
             [sys.executable, "-m", "watcher.worker", str(paths.spec)],
+            death_signal=signal.SIGTERM,  # the worker is a guardian (processes.guard): it stops its tree and exits
+            ledger=ledger,
+            role=f"job {job.id}",
+            folder=paths.workdir,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
             pass_fds=(write_fd,),
-            start_new_session=True,  # own process group: a stop or timeout kills everything it started
             cwd=str(paths.workdir),
         )
     os.close(write_fd)
-    return RunningJob(job, proc, read_fd, paths, timeout)
+    return RunningJob(job, proc, read_fd, paths, timeout, ledger)
 
 
 def last_log_line(log: Path, limit: int = 300) -> str:
@@ -163,11 +165,3 @@ def last_log_line(log: Path, limit: int = 300) -> str:
     except OSError:
         return ""
     return lines[-1][:limit] if lines else ""
-
-
-def _reap_group(pgid: int) -> None:
-    """Make sure nothing of the job's process group survives (grandchildren the child did not wait for)."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass

@@ -16,6 +16,7 @@ anything else happens to it; the files and other sinks are deliveries tracked pe
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -79,6 +80,14 @@ CREATE TABLE IF NOT EXISTS meta (
     key          TEXT PRIMARY KEY,
     value        TEXT NOT NULL         -- JSON
 );
+CREATE TABLE IF NOT EXISTS processes (   -- process groups started and not yet stopped (watcher/processes.py)
+    pgid         INTEGER PRIMARY KEY,     -- the group leader's pid
+    start_time   INTEGER NOT NULL,        -- the leader's start time, clock ticks (/proc/<pid>/stat field 22)
+    role         TEXT NOT NULL,           -- "job 12", "wandb delivery"
+    folder       TEXT,                    -- its private folder (spec files, scratch), removed with it
+    daemon_pid   INTEGER NOT NULL,
+    started_at   REAL NOT NULL
+);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
 """
 
@@ -120,7 +129,8 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a committed result survives power loss, not only a crash
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
+        self._db.executescript(_SCHEMA)  # CREATE ... IF NOT EXISTS: an older journal gains the newer tables
+        self.processes = ProcessLedger(path)
 
     def close(self) -> None:
         self._db.close()
@@ -357,6 +367,57 @@ class Journal:
         """Results handed to `sink` by an attempt that never reported back (a crash, a failure mid-batch)."""
         rows = self._db.execute("SELECT result_id FROM in_flight WHERE sink = ?", (sink,))
         return {r["result_id"] for r in rows}
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    pgid: int
+    start_time: int
+    role: str
+    folder: Path | None
+    daemon_pid: int
+
+
+class ProcessLedger:
+    """The journal's `processes` table: which process groups a daemon has running, so that the next daemon can
+    stop what a killed one left behind (watcher/processes.py `stop_leftover`).
+
+    Usable from any thread (the W&B delivery child is started from the outbox's background thread): each call
+    opens its own short connection, as SQLite connections must not be shared between threads mid-transaction.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30)
+        db.execute("PRAGMA synchronous=FULL")
+        return db
+
+    def add(self, pgid: int, start_time: int, role: str, folder: Path | None) -> None:
+        db = self._connect()
+        try:
+            db.execute("INSERT OR REPLACE INTO processes (pgid, start_time, role, folder, daemon_pid, started_at)"
+                       " VALUES (?, ?, ?, ?, ?, ?)",
+                       (pgid, start_time, role, str(folder) if folder else None, os.getpid(), time.time()))  # fmt: skip
+        finally:
+            db.close()
+
+    def remove(self, pgid: int) -> None:
+        db = self._connect()
+        try:
+            db.execute("DELETE FROM processes WHERE pgid = ?", (pgid,))
+        finally:
+            db.close()
+
+    def all(self) -> list[ProcessRecord]:
+        db = self._connect()
+        try:
+            rows = db.execute("SELECT pgid, start_time, role, folder, daemon_pid FROM processes ORDER BY started_at")
+            return [ProcessRecord(pgid, start, role, Path(folder) if folder else None, daemon)
+                    for pgid, start, role, folder, daemon in rows]  # fmt: skip
+        finally:
+            db.close()
 
 
 class _Transaction:

@@ -16,6 +16,7 @@ from typing import Callable
 from watcher.completion import checkpoint_files_in
 from watcher.config import ConfigError, WatchConfig
 from watcher.devices import DeviceSpec
+from watcher.journal import ProcessLedger
 from watcher.presets import Preset
 from watcher.sinks import FileSink, Sink
 from watcher.sinks.tensorboard import AutoTensorBoardSink
@@ -62,7 +63,7 @@ def resolve_setup(config: WatchConfig, preset: Preset, device: DeviceSpec, gpu_e
         network_fs=network,
         settle=settle,
         poll=poll,
-        sinks=make_sinks(config, results_dir),
+        sinks=make_sinks(config, results_dir, journal_path=journal_path),
     )
 
 
@@ -134,11 +135,13 @@ def resolve_setup_paths(config: WatchConfig) -> tuple[Path, Path]:
     return results_dir, Path(journal_dir) / "journal.sqlite"
 
 
-def make_sinks(config: WatchConfig, results_dir: Path, force: bool = False) -> list[Sink]:
-    """Files always; W&B and TensorBoard unless "off". `force`: `ckpt-watch sync` (see WandbSink)."""
+def make_sinks(config: WatchConfig, results_dir: Path, force: bool = False, journal_path: Path | None = None) -> list[Sink]:
+    """Files always; W&B and TensorBoard unless "off". `force`: `ckpt-watch sync` (see WandbSink).
+    `journal_path`: where the W&B delivery child's process group is recorded while it runs."""
     sinks: list[Sink] = [FileSink(results_dir)]
     if config.wandb != "off":
-        sinks.append(WandbSink(config.wandb, config.wandb_live, Path(config.output_dir), results_dir, force))
+        ledger = ProcessLedger(journal_path) if journal_path is not None else None
+        sinks.append(WandbSink(config.wandb, config.wandb_live, Path(config.output_dir), results_dir, force, ledger))
     if config.tensorboard != "off":
         sinks.append(AutoTensorBoardSink(config.tensorboard, Path(config.output_dir)))
     return sinks

@@ -39,7 +39,7 @@ def main(argv: list[str]) -> int:
         return 0
     lock = take_lock(journal_path.parent / "ckpt-watch.lock", results_dir)
     journal = Journal(journal_path)
-    outbox = Outbox(journal, make_sinks(config, results_dir, force=True))
+    outbox = Outbox(journal, make_sinks(config, results_dir, force=True, journal_path=journal_path))
     try:
         pending = outbox.deliver_pending(force=True)
     finally:

@@ -28,8 +28,8 @@ from typing import Any
 
 from watcher.atomic import write_json_atomic
 from watcher.evaluators.base import EvaluatorError, JobContext
-from watcher.lifeline import die_with_parent
 from watcher.prepare import PrepareError
+from watcher.processes import GUARD_GRACE, guard, stop_descendants
 
 
 def _report_stage(stage: str, **progress: Any) -> None:
@@ -118,7 +118,7 @@ def _first_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-    die_with_parent(int(spec["parent_pid"]))  # no orphan may hold the GPU
+    guard(int(spec["parent_pid"]))  # we and all we start go with the daemon: no orphan may hold the GPU
     print(f"[ckpt-watch] job {spec['job_id']}: {spec['checkpoint_name']} / {spec['variant']} / "
           f"{spec['preset']['name']} on {spec['device']} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})",
           flush=True)  # fmt: skip
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         code = 3
     write_json_atomic(Path(spec["outcome_path"]), outcome)
     sys.stdout.flush()
+    stop_descendants(os.getpid(), GUARD_GRACE)  # what the evaluators left running (we are their subreaper)
     return code
 
 

@@ -24,6 +24,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from watcher import processes
 from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext
 
 PLACEHOLDERS = ("model_dir", "step", "variant", "checkpoint", "device", "workdir")
@@ -110,7 +111,8 @@ class CommandBackend:
                   "checkpoint": context.checkpoint, "device": device, "workdir": str(workdir)}  # fmt: skip
         argv = [argument.format(**values) for argument in options["command"]]
         try:
-            done = subprocess.run(argv, cwd=workdir, capture_output=True, text=True, timeout=options.get("timeout"))
+            # Its own process group, dying with the job: a timeout stops everything the command started.
+            done = processes.run(argv, cwd=workdir, capture_output=True, text=True, timeout=options.get("timeout"))
         except FileNotFoundError:
             raise EvaluatorError(f"command not found: {argv[0]}") from None
         except subprocess.TimeoutExpired:

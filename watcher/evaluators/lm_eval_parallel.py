@@ -12,9 +12,9 @@ process. Rank 0 writes the EvalOutput as JSON next to the request, and the backe
 Process hygiene, since a training job shares the host: accelerate is given its own config file (a user's
 ~/.cache/huggingface/accelerate/default_config.yaml may ask for DeepSpeed or another GPU count) and a free
 port (torchrun's default 29500 is the port the training job on this host is most likely using). torch elastic
-starts each rank in a new session, out of reach of the daemon's process-group kill, so every level asks the
-kernel to signal it when its parent dies: the launcher gets SIGTERM (its handler stops the ranks), the ranks
-get SIGKILL.
+starts each rank in a new session, out of reach of a process-group kill, so every level asks the kernel to
+signal it when its parent dies (watcher/processes.py): the launcher gets SIGTERM (its handler stops the ranks),
+the ranks get SIGKILL; and the job child, a subreaper, stops whatever of this tree is left when it goes.
 """
 
 from __future__ import annotations
@@ -24,14 +24,13 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from watcher import processes as process_groups
 from watcher.atomic import write_json_atomic
 from watcher.evaluators.base import EvalOutput, EvaluatorError
-from watcher.lifeline import die_with_parent
 
 
 def run_data_parallel(model_dir: Path, options: dict[str, Any], workdir: Path, processes: int,
@@ -52,7 +51,7 @@ def run_data_parallel(model_dir: Path, options: dict[str, Any], workdir: Path, p
     argv = [sys.executable, "-m", __name__, "launch", str(os.getpid()),
             "--config_file", str(accelerate_config), "--main_process_port", str(free_port()),
             "-m", __name__, "rank", str(request)]  # fmt: skip
-    done = subprocess.run(argv, cwd=workdir)  # output goes straight into the job's log
+    done = process_groups.run(argv, cwd=workdir)  # output goes straight into the job's log
     if result.is_file():
         outcome = json.loads(result.read_text(encoding="utf-8"))
         if "error" in outcome:  # a wrong request (unknown task, ...) is permanent, as in one process
@@ -71,7 +70,7 @@ def free_port() -> int:
 
 
 def _launch(parent_pid: int, accelerate_args: list[str]) -> int:
-    die_with_parent(parent_pid, signal.SIGTERM)
+    process_groups.die_with_parent(parent_pid, signal.SIGTERM)
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     launch_command(launch_command_parser().parse_args(accelerate_args))
@@ -81,7 +80,7 @@ def _launch(parent_pid: int, accelerate_args: list[str]) -> int:
 def _rank(request_path: Path) -> int:
     from watcher.evaluators.lm_eval_backend import evaluate, parse_options
 
-    die_with_parent(os.getppid(), signal.SIGKILL)
+    process_groups.die_with_parent(os.getppid(), signal.SIGKILL)
     request = json.loads(request_path.read_text(encoding="utf-8"))
     rank = int(os.environ.get("RANK", "0"))
     try:

@@ -31,13 +31,11 @@ is not "none"). What this module relies on, from lmms-eval 0.7.3 (source paths i
 from __future__ import annotations
 
 import collections
-import ctypes
 import json
 import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -50,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from watcher import processes
 from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext, device_list, is_int, is_number
 from watcher.evaluators.lm_eval_backend import flatten_results, to_json_safe
 
@@ -105,11 +104,6 @@ except Exception:
     pass
 print(json.dumps(out))
 """
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-try:
-    _PRCTL = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)  # Linux only; elsewhere the group kill
-except OSError:  # pragma: no cover
-    _PRCTL = None
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # loguru colours lmms-eval's log lines even into a pipe
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b:?")
 
@@ -349,8 +343,8 @@ def child_env(python: Path) -> dict[str, str]:
 def _interpreter_versions(python: Path, env: dict[str, str], workdir: Path) -> dict[str, str]:
     """lmms-eval's version and what it runs on, from its environment (cheap: importlib.metadata, no imports)."""
     try:
-        done = subprocess.run([str(python), "-c", _VERSIONS_SCRIPT], env=env, cwd=workdir,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        done = processes.run([str(python), "-c", _VERSIONS_SCRIPT], env=env, cwd=workdir,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
     except OSError as exc:
         raise EvaluatorError(f"lmms_eval python {str(python)!r} cannot be run: {exc.strerror or exc}") from None
     except subprocess.TimeoutExpired:
@@ -379,8 +373,9 @@ def _run_streaming(
     """
     tails = {"out": collections.deque(maxlen=200), "err": collections.deque(maxlen=200)}
     try:
-        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, preexec_fn=_die_with_parent)  # fmt: skip
+        # Its own process group, dying with the job (watcher/processes.py): no orphan keeps holding the GPU.
+        proc = processes.spawn(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)  # fmt: skip
     except OSError as exc:
         raise EvaluatorError(f"lmms_eval python {argv[0]!r} cannot be run: {exc.strerror or exc}") from None
     pumps = [
@@ -392,10 +387,10 @@ def _run_streaming(
     try:
         proc.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        _stop(proc)
+        processes.stop(proc)
         raise RuntimeError(f"lmms-eval timed out after {timeout:g} s (option 'timeout')") from None
     except BaseException:  # e.g. KeyboardInterrupt/SIGTERM handling: never leave it running
-        _stop(proc)
+        processes.stop(proc)
         raise
     finally:
         for pump in pumps:
@@ -425,26 +420,6 @@ def failure_reason(err: list[str], out: list[str]) -> str:
             return line.split(" - ", 1)[-1][:300]
     rest = lines or [line.strip() for line in out if line.strip()]
     return rest[-1][:300] if rest else ""
-
-
-def _die_with_parent() -> None:
-    """In the child between fork and exec: die with the job process, as it dies with the daemon
-    (watcher/lifeline.py), so that no orphaned evaluation keeps holding the GPU. Only a pre-loaded libc call
-    here: importing or dlopen-ing after a fork of a threaded process can deadlock."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
-
-
-def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        try:
-            proc.send_signal(sig)
-            proc.wait(timeout=wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def find_results_file(output: Path) -> Path | None:

@@ -34,8 +34,10 @@ At most once: after a crash, `holds` tells the outbox which results the run alre
 offline `.wandb` logs, or the W&B public API's history of the online run), matched by `train/global_step` and
 the values, never by `_step` (which wandb/wandb#12474 may drop from offline logs).
 
-Each delivery runs in a child process (`python -m watcher.sinks.wandb_run SPEC`) with a hard time limit: wandb
-starts a service process, threads and exit hooks, and a hung network call must not wedge the daemon's loop.
+Each delivery runs in a child process (`python -m watcher.sinks.wandb_run SPEC PARENT_PID`) with a hard time
+limit: wandb starts a service process, threads and exit hooks, and a hung network call must not wedge the
+daemon's loop. The child guards its tree (watcher/processes.py): it and the `wandb-core` service it starts go
+with the daemon, and its spec lives in a folder of its own (RESULTS_DIR/.deliveries/<id>/) that goes with it.
 Tested against the real client through a wire-level stand-in server (tests/wandb_standin.py).
 """
 
@@ -45,13 +47,16 @@ import json
 import logging
 import os
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
-import tempfile
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from watcher import processes
 from watcher.integrations.run_record import RUN_RECORD, process_alive, read_run_record
 from watcher.sinks import SinkUnavailable
 from watcher.sinks.naming import STEP_KEY, metric_row, prefix_of
@@ -63,6 +68,7 @@ LIVE_MODES = ("defer", "shared")
 DELIVERY_TIMEOUT = 600.0  # seconds for one delivery (init, rows, finish), then the child is killed
 WAIT = 60.0  # seconds before asking again while no run is found or the training run is live
 API_TIMEOUT = 20.0  # seconds for one question to the W&B public API (is the run running? which rows has it?)
+DELIVERIES = ".deliveries"  # RESULTS_DIR/.deliveries/<id>/: one folder per delivery child, removed with it
 
 
 @dataclass(frozen=True)
@@ -153,13 +159,15 @@ class WandbSink:
     name = "wandb"
     slow = True  # the daemon delivers in the background (watcher/outbox.py): a resume can take minutes
 
-    def __init__(self, setting: str, live_mode: str, output_dir: Path, results_dir: Path, force: bool = False):
+    def __init__(self, setting: str, live_mode: str, output_dir: Path, results_dir: Path, force: bool = False,
+                 ledger: processes.Ledger | None = None):  # fmt: skip
         self.setting, self.live_mode = setting, live_mode
         self.output_dir, self.results_dir = Path(output_dir), Path(results_dir)
         self.force = force  # `ckpt-watch sync`: a person says training is over unless we know it is not
         # defer: the daemon hands over results once it has no job left, so a session's results make one resume
         # (one offline run folder), not one per checkpoint (watcher/outbox.py); shared: as they come
         self.wait_for_idle = live_mode == "defer"
+        self.ledger = ledger  # where the delivery child's process group is recorded while it runs
         self._said_no_run = False
         if live_mode == "shared" and setting != "off":
             log.warning("wandb_live = \"shared\": ckpt-watch writes into the training run while it trains, as a "
@@ -219,19 +227,21 @@ class WandbSink:
         pass
 
     def _run_child(self, spec: dict[str, Any]) -> None:
-        self.results_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", suffix=".json", dir=self.results_dir, delete=False) as handle:
-            json.dump(spec, handle)
+        folder = self.results_dir / DELIVERIES / uuid.uuid4().hex
+        folder.mkdir(parents=True)
         try:
+            (folder / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
             # A private W&B service: one inherited through WANDB_SERVICE (from a process that used wandb and
             # started us) may still hold the run from its own session ("run ID is in use").
             env = {key: value for key, value in os.environ.items() if key != "WANDB_SERVICE"}
-            done = subprocess.run([sys.executable, "-m", __name__, handle.name], capture_output=True, text=True,
-                                  timeout=DELIVERY_TIMEOUT, stdin=subprocess.DEVNULL, env=env)  # fmt: skip
+            done = processes.run([sys.executable, "-m", __name__, str(folder / "spec.json"), str(os.getpid())],
+                                 timeout=DELIVERY_TIMEOUT, death_signal=signal.SIGTERM, ledger=self.ledger,
+                                 role="wandb delivery", folder=folder, capture_output=True, text=True,
+                                 stdin=subprocess.DEVNULL, env=env)  # fmt: skip
         except subprocess.TimeoutExpired:
             raise SinkUnavailable(f"W&B delivery took over {DELIVERY_TIMEOUT:g} s and was stopped") from None
         finally:
-            os.unlink(handle.name)
+            shutil.rmtree(folder, ignore_errors=True)
         if done.returncode != 0:
             lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
             raise SinkUnavailable(f"W&B: {lines[-1][:300] if lines else f'exit status {done.returncode}'}")
@@ -391,11 +401,14 @@ def _deliver(spec: dict[str, Any]) -> None:
     for row in spec["rows"]:
         run.log(row)  # never step=: train/global_step in the row is the x-axis
     run.finish()
+    wandb.teardown()  # ends the wandb-core service now, not at interpreter exit
 
 
 if __name__ == "__main__":
+    processes.guard(int(sys.argv[2]))  # this child, and the wandb-core it starts, go with the daemon
     try:
         _deliver(json.loads(Path(sys.argv[1]).read_text(encoding="utf-8")))
+        processes.stop_descendants(os.getpid(), processes.GUARD_GRACE)  # wandb-core, should it linger
     except Exception as exc:  # noqa: BLE001 - one line for the daemon's log, the whole story on stderr above it
         import traceback
 
