@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 import time
 import uuid
@@ -24,13 +25,14 @@ from watcher.config import ConfigError
 from watcher.detect import Detector, Ready
 from watcher.devices import child_environment
 from watcher.jobs import JobPaths, RunningJob, launch
-from watcher.journal import Job, Journal
+from watcher.journal import ACTIVE_STATES, Job, Journal
 from watcher.live_view import ResultRow, RunningView, Snapshot
 from watcher.scheduler import decide
-from watcher.setup import Setup, take_lock
+from watcher.setup import Setup, create_dir, take_lock
 from watcher.notify import Notifier
 from watcher.outbox import Outbox
 from watcher.processes import stop_leftovers
+from watcher.resources import ResourceState, out_of_space, resource_problem
 from watcher.sinks.naming import checkpoint_progress
 from watcher.sinks.wandb_run import DELIVERIES
 from watcher.watch import InotifyFeed, PollingFeed
@@ -56,9 +58,10 @@ class Daemon:
         self.preset = setup.preset
         self.output_dir = Path(self.config.output_dir)
         self.results_dir = setup.results_dir
-        self.results_dir.mkdir(parents=True, exist_ok=True)
+        create_dir(self.results_dir, "results dir")
         self._lock = take_lock(setup.journal_path.parent / "ckpt-watch.lock", self.results_dir)
-        self.journal = Journal(setup.journal_path)
+        self.notifier = Notifier()
+        self.journal = self._open_journal()
         self.detector = Detector(
             self.output_dir,
             checked_step=self.config.checked_step,
@@ -68,8 +71,9 @@ class Daemon:
             base_model=lambda: self.config.base_model,
         )
         self.outbox = Outbox(self.journal, setup.sinks)
-        self.journal.set_meta("sinks", [sink.name for sink in setup.sinks])
-        self.notifier = Notifier()
+        self.resources = ResourceState()
+        self._noted_problem: str | None = None  # the resource problem as the journal last recorded it
+        self._uncommitted: tuple[Job, RunningJob, dict[str, Any]] | None = None  # an outcome the journal did not take yet
         self.running: RunningJob | None = None
         self._stop_requested = False
         self._stop_deadline = 0.0  # time.monotonic() until which a running job may still finish
@@ -92,21 +96,24 @@ class Daemon:
         Returns the exit status: 1 if a job of this preset is failed (scan), else 0.
         """
         self._install_signal_handlers()
-        self._stop_leftovers()
-        recovered = self.journal.recover_interrupted()
-        if recovered:
-            log.info("%d job(s) interrupted by the last stop are pending again", recovered)
-        self.deliver_pending()
-        if scan and self.config.policy == "all":
-            self.journal.requeue(self.preset.name, ["skipped"])
-        if self.setup.retry_failed:
-            count = self.journal.requeue(self.preset.name, ["failed"])
-            log.info("re-queued %d failed job(s)", count)
+        with self.resources.guard("start up"):
+            self._stop_leftovers()
+            self.journal.set_meta("sinks", [sink.name for sink in self.setup.sinks])
+            recovered = self.journal.recover_interrupted()
+            if recovered:
+                log.info("%d job(s) interrupted by the last stop are pending again", recovered)
+            self.deliver_pending()
+            if scan and self.config.policy == "all":
+                self.journal.requeue(self.preset.name, ["skipped"])
+            if self.setup.retry_failed:
+                count = self.journal.requeue(self.preset.name, ["failed"])
+                log.info("re-queued %d failed job(s)", count)
 
         if not scan:
             self._feed = self._start_feed()
         self._announce(scan)
-        self.reconcile()
+        with self.resources.guard("look at the output dir"):
+            self.reconcile()
         self.notifier.ready(self.status_line())
         next_reconcile = time.monotonic() + self._reconcile_interval()
         next_thorough = time.monotonic() + THOROUGH_RESCAN
@@ -116,15 +123,9 @@ class Daemon:
             # Pinged from here only: if anything below wedges the loop, the pings stop and systemd restarts us.
             self.notifier.watchdog()
             if self._reload_requested:
-                self.reload()
-            self.detect(changed)
-            self.supervise()
-            self.outbox.poll()
-            # A sink that was down is due for another try, or one that batches waits for the jobs to be done.
-            if self.outbox.next_attempt_in() == 0 or (self.outbox.waiting_for_idle and self.idle()):
-                self.deliver_pending()
-            if self.running is None and not self._stop_requested:
-                self.schedule()
+                with self.resources.guard("reload the configuration"):
+                    self.reload()
+            self.run_stages(changed)
             if self._stop_requested and (self.running is None or time.monotonic() >= self._stop_deadline):
                 break
             if self.notifier.enabled:  # status_line() queries the journal: not every tick for nobody
@@ -136,17 +137,57 @@ class Daemon:
                     break
                 # One more full look before ending: events for the last files may not have arrived yet.
                 final_look = True
-                self.reconcile()
+                with self.resources.guard("look at the output dir"):
+                    self.reconcile()
                 continue
             changed = self._wait(self._timeout(next_reconcile))
             overflowed = self._feed is not None and self._feed.overflowed()  # events were lost: rescan now
             if overflowed or time.monotonic() >= next_reconcile:
                 thorough = overflowed or time.monotonic() >= next_thorough
-                self.reconcile(thorough)
+                if self.resources.due():
+                    with self.resources.guard("look at the output dir"):
+                        self.reconcile(thorough)
                 next_reconcile = time.monotonic() + self._reconcile_interval()
                 if thorough:
                     next_thorough = time.monotonic() + THOROUGH_RESCAN
         return self.shutdown(scan)
+
+    def run_stages(self, changed: set[str]) -> None:
+        """One round of the pipeline after the watchdog ping. A full disk, a quota or a folder we may not write
+        is a state, not a crash (watcher/resources.py): the stage is tried again after a backoff while the loop
+        goes on; the running job is followed every round regardless."""
+        resources, failures = self.resources, self.resources.failures
+        with resources.guard("follow the running job"):
+            self.supervise()
+        if not resources.due():
+            return
+        with resources.guard("look at new checkpoints"):
+            self.detect(changed)
+        with resources.guard("commit a result to the journal"):
+            self._commit_pending()
+        with resources.guard("deliver results"):
+            self.outbox.poll()
+            # A sink that was down is due for another try, or one that batches waits for the jobs to be done.
+            if self.outbox.next_attempt_in() == 0 or (self.outbox.waiting_for_idle and self.idle()):
+                self.deliver_pending()
+        if self.running is None and self._uncommitted is None and not self._stop_requested:
+            with resources.guard("start a job"):
+                self.schedule()
+        if resources.failures == failures and resources.succeeded():
+            with resources.guard("look at the output dir"):
+                self.reconcile()  # what events said while we waited was not looked at
+        self._note_resources()
+
+    def _note_resources(self) -> None:
+        """Keep the journal's "resources" entry (shown by `ckpt-watch status`) in step, once it can be written."""
+        problem = self.resources.problem
+        if problem == self._noted_problem:
+            return
+        try:
+            self.journal.set_meta("resources", {"problem": problem, "since": self.resources.since} if problem else None)
+        except (sqlite3.Error, OSError):
+            return  # the disk is full: `status` sees that itself; noted at a later round
+        self._noted_problem = problem
 
     def shutdown(self, scan: bool) -> int:
         self.notifier.stopping()
@@ -155,15 +196,18 @@ class Daemon:
             self.running.stop(STOP_GRACE)
             self.running.close()
             self.running = None
-            self.journal.recover_interrupted()
+            with self.resources.guard("stop"):
+                self.journal.recover_interrupted()
         if self._feed is not None:
             self._feed.stop()
         failed = [j for j in self.journal.jobs(self.preset.name, ["failed"]) if not j.checkpoint.gone] if scan else []
         # A backfill (--scan) ends with every sink delivered to; a stop asked for by a signal waits for a delivery
         # already on its way (briefly) but starts no slow one: those results stay in the journal for the next start.
         finished_scan = scan and not self._stop_requested
-        self.outbox.wait(None if finished_scan else STOP_GRACE)
-        pending = {name: n for name, n in self.outbox.deliver_pending(include_slow=finished_scan).items() if n}
+        pending: dict[str, int] = {}
+        with self.resources.guard("deliver results"):
+            self.outbox.wait(None if finished_scan else STOP_GRACE)
+            pending = {name: n for name, n in self.outbox.deliver_pending(include_slow=finished_scan).items() if n}
         if pending:
             log.warning("results not yet delivered (they stay in the journal; `ckpt-watch sync %s` delivers them): %s",
                         self.output_dir, ", ".join(f"{name} {n}" for name, n in pending.items()))  # fmt: skip
@@ -239,6 +283,8 @@ class Daemon:
                     f"{pending} more queued")  # fmt: skip
         if self._stop_requested:
             return "stopping"
+        if self.resources.problem:
+            return f"waiting: {self.resources.problem}; {pending} queued"
         return f"idle, watching {self.output_dir}; {pending} queued"
 
     # --- detect ----------------------------------------------------------------------------------------------
@@ -285,6 +331,8 @@ class Daemon:
     # --- schedule and run --------------------------------------------------------------------------------------
 
     def schedule(self) -> None:
+        if self.journal.jobs(states=ACTIVE_STATES):  # nothing runs: a start cut short by a full disk left it so
+            self.journal.recover_interrupted()
         pending = self.journal.jobs(self.preset.name, ["pending"])
         if self.config.policy == "latest" and pending and self._newer_settling(pending):
             return  # a newer checkpoint is seconds from admission and would overtake whatever starts now
@@ -342,7 +390,7 @@ class Daemon:
             if running.timed_out:
                 log.warning("%s: timed out after %.0f s; stopping it", self._describe(job), running.timeout)
                 self._end_running(stop=True)
-                self.record(job, running, {"status": "failed", "error": f"timed out after {running.timeout:.0f} s"})
+                self._commit(job, running, {"status": "failed", "error": f"timed out after {running.timeout:.0f} s"})
             return
         outcome = running.outcome()
         self._keep_merged(job, outcome)
@@ -350,7 +398,19 @@ class Daemon:
         if outcome.get("status") != "ok" and not job.checkpoint.path.is_dir():
             self._gone(job.checkpoint.id, job.checkpoint.name)
             return
-        self.record(job, running, outcome)
+        self._commit(job, running, outcome)
+
+    def _commit(self, job: Job, running: RunningJob, outcome: dict[str, Any]) -> None:
+        """Record a job's outcome; kept in memory until the journal can take it (a full disk), so that nothing
+        finished is lost, and no other job starts meanwhile."""
+        self._uncommitted = (job, running, outcome)
+        self._commit_pending()
+
+    def _commit_pending(self) -> None:
+        if self._uncommitted is not None:
+            self.record(*self._uncommitted)
+            self._uncommitted = None
+            self.deliver_pending()
 
     def _end_running(self, stop: bool) -> None:
         assert self.running is not None
@@ -397,7 +457,6 @@ class Daemon:
             log.info("%s done in %.1f s: %s", self._describe(job), record["walltime_s"], headline)
         else:
             log.error("%s failed after %d attempt(s): %s", self._describe(job), attempt, record["error"])
-        self.deliver_pending()
 
     @staticmethod
     def _headline_text(metrics: dict[str, float]) -> str:
@@ -543,6 +602,25 @@ class Daemon:
                  self.setup.settle, self.results_dir)  # fmt: skip
         if self.setup.journal_path.parent != self.results_dir:
             log.info("journal kept on local disk at %s", self.setup.journal_path)
+
+    def _open_journal(self) -> Journal:
+        """The journal; on a full disk, wait for room (telling systemd we are alive) rather than crash-loop."""
+        waiting = ResourceState()
+        while True:
+            try:
+                return Journal(self.setup.journal_path)
+            except (OSError, sqlite3.Error) as exc:
+                if not out_of_space(exc):
+                    raise ConfigError(f"cannot open the journal {self.setup.journal_path}: "
+                                      f"{resource_problem(exc) or exc}") from None  # fmt: skip
+                first = waiting.problem is None
+                waiting.failed("open the journal", resource_problem(exc) or str(exc))
+                if first:
+                    self.notifier.ready(f"waiting: {waiting.problem}")
+            deadline = time.monotonic() + (waiting.next_try_in() or 0.0)
+            while time.monotonic() < deadline:
+                self.notifier.watchdog()
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
     def _stop_leftovers(self) -> None:
         """A daemon killed with SIGKILL takes its children with it (watcher/processes.py); should any have

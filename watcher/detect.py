@@ -106,7 +106,15 @@ class Detector:
         which matters on network filesystems whose metadata servers are shared with the training job."""
         ready = []
         for name in sorted(names, key=lambda n: (self._step_of(n) or 0, n)):
-            found = self._check_one(name, thorough)
+            try:
+                found = self._check_one(name, thorough)
+            except OSError as exc:  # e.g. a folder we may not read: that checkpoint only, looked at again later
+                self._settling.pop(name, None)
+                reason = f"cannot read it: {exc.strerror or exc}"
+                if self._last_reason.get(name) != reason:  # once, not at every rescan
+                    self._last_reason[name] = reason
+                    log.warning("%s is skipped: %s (it is looked at again at every rescan)", name, reason)
+                continue
             if found:
                 ready.append(found)
         return ready

@@ -404,11 +404,16 @@ class ProcessLedger:
             db.close()
 
     def remove(self, pgid: int) -> None:
-        db = self._connect()
+        """Forget a group that has ended. Best effort: a row left behind (the disk is full) is harmless, as the
+        next daemon stops only a group it can prove is the recorded one, and then forgets it."""
         try:
-            db.execute("DELETE FROM processes WHERE pgid = ?", (pgid,))
-        finally:
-            db.close()
+            db = self._connect()
+            try:
+                db.execute("DELETE FROM processes WHERE pgid = ?", (pgid,))
+            finally:
+                db.close()
+        except sqlite3.Error:
+            pass
 
     def all(self) -> list[ProcessRecord]:
         db = self._connect()
@@ -433,7 +438,17 @@ class _Transaction:
     def __exit__(self, exc_type, exc, tb):
         if self._outer:
             return False
-        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type is not None:
+            self._db.execute("ROLLBACK")
+            return False
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            # A COMMIT that fails (the disk is full) may leave the transaction open; end it, so that the next
+            # transition can BEGIN once there is room again. Nothing of this one was committed.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
         return False
 
 

@@ -81,6 +81,10 @@ def main(argv: list[str]) -> int:
     except MergeError as exc:
         print(f"ckpt-watch merge: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as exc:  # a full disk or quota, a folder we may not write: the merge cleaned up after itself
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"ckpt-watch merge: error: cannot write {args.output}: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_FAILED
     seconds = time.monotonic() - start
     rate = written / seconds if seconds > 0 else 0.0
     print(f"wrote {human_bytes(written)} ({', '.join(variants)}) to {args.output} in {seconds:.1f} s "

@@ -144,7 +144,11 @@ def spawn(argv: Sequence[str], death_signal: int = signal.SIGKILL, ledger: Ledge
                             **popen)  # fmt: skip
     identity = Identity.of(proc.pid)
     if ledger is not None and identity is not None:  # None: already ended and reaped, nothing to record
-        ledger.add(proc.pid, identity.start_time, role, folder)
+        try:
+            ledger.add(proc.pid, identity.start_time, role, folder)
+        except BaseException:  # e.g. the disk is full: no child may run that the next daemon could not find
+            stop(proc, 0.0)
+            raise
     return proc
 
 

@@ -147,10 +147,21 @@ def make_sinks(config: WatchConfig, results_dir: Path, force: bool = False, jour
     return sinks
 
 
+def create_dir(path: Path, what: str) -> None:
+    """Create a folder the daemon needs, or say in one line why it cannot be (a ConfigError: exit 2)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the {what} {path}: {exc.strerror or exc}") from None
+
+
 def take_lock(path: Path, results_dir: Path):
     """One daemon per results dir: a second one would run every job twice."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")
+    create_dir(path.parent, "journal dir")
+    try:
+        handle = open(path, "a+")
+    except OSError as exc:
+        raise ConfigError(f"cannot open the lock file {path}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -158,8 +169,11 @@ def take_lock(path: Path, results_dir: Path):
         holder = handle.read().strip() or "?"
         handle.close()
         raise ConfigError(f"another ckpt-watch (pid {holder}) is already using {results_dir}") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
+    try:  # the holder's pid, for the message above; the lock itself needs no room on the disk
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+    except OSError:
+        pass
     return handle

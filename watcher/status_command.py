@@ -16,6 +16,7 @@ Headline metrics (also `ckpt-watch plot`'s default), chosen from the metric name
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import sys
 import time
@@ -167,6 +168,42 @@ def _walltime(job: sqlite3.Row, result: dict[str, Any] | None, now: float) -> fl
     return None
 
 
+LOW_SPACE = 1 << 20  # bytes: below this, a filesystem counts as full (SQLite needs room for its WAL)
+
+
+def resource_problems(journal_path: Path, results_dir: Path) -> list[str]:
+    """What keeps the daemon waiting (watcher/resources.py): the problem it recorded in the journal, and a full
+    filesystem under the results dir or the journal, seen here directly (a full disk is exactly when the daemon
+    cannot record it)."""
+    problems = []
+    try:
+        db = open_journal_readonly(journal_path)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key = 'resources'").fetchone()
+        finally:
+            db.close()
+        recorded = json.loads(row["value"]) if row is not None else None
+    except (OSError, sqlite3.Error, ValueError):
+        recorded = None
+    if isinstance(recorded, dict) and recorded.get("problem"):
+        since = _iso(recorded.get("since"))
+        problems.append(f"waiting since {_short_time(since)}: {recorded['problem']}")
+    seen = set()
+    for what, folder in (("results dir", results_dir), ("journal", journal_path.parent)):
+        try:
+            fs, device = os.statvfs(folder), os.stat(folder).st_dev
+        except OSError:
+            continue
+        if device in seen:
+            continue
+        seen.add(device)
+        free = fs.f_bavail * fs.f_frsize
+        if free < LOW_SPACE:
+            problems.append(f"the filesystem of the {what} {folder} is full ({free} bytes free): the daemon waits "
+                            "until there is room")  # fmt: skip
+    return list(dict.fromkeys(problems))
+
+
 def _iso(seconds: float | None) -> str | None:
     if not seconds:
         return None
@@ -200,6 +237,7 @@ def main(argv: list[str]) -> int:
     if args.wandb is not None or args.tensorboard is not None:
         sinks = ["files"] + [name for name in ("wandb", "tensorboard") if getattr(config, name) != "off"]
     rows = read_status(journal_path, sinks, args.only_preset)
+    problems = resource_problems(journal_path, results_dir)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -209,6 +247,8 @@ def main(argv: list[str]) -> int:
         note = upload_note(config.wandb, Path(config.output_dir), results_dir)
         if note:
             print(note)
+    for problem in problems:  # after the table (on stderr with --json, which stays a plain list of rows)
+        print(f"ckpt-watch status: {problem}", file=sys.stderr if args.json else sys.stdout)
     sys.stdout.flush()
     return 0
 
