@@ -44,6 +44,7 @@ FALLBACK_POLL = 2.0  # when inotify cannot be used on a local disk
 VIEW_INTERVAL = 0.25  # seconds between snapshots for the live view (it redraws 4 times a second)
 RECENT_RESULTS = 8  # rows in the live view's results table
 THOROUGH_RESCAN = 300.0  # seconds between re-walks of every journaled checkpoint (re-saves that kept names)
+SCAN_PATIENCE = 120.0  # seconds a --scan waits for a resource problem to pass before it ends with status 1
 STOP_GRACE = 10.0  # seconds a job's process group gets between SIGTERM and SIGKILL when it is stopped
 # Settings a reload cannot change: they name what is watched and where its state lives (restart for those).
 FIXED_ON_RELOAD = ("output_dir", "results_dir", "journal_dir", "scratch_dir", "poll", "settle", "sentinel",
@@ -72,6 +73,7 @@ class Daemon:
         )
         self.outbox = Outbox(self.journal, setup.sinks)
         self.resources = ResourceState()
+        self._gave_up = False  # a --scan that ended on a resource problem
         self._noted_problem: str | None = None  # the resource problem as the journal last recorded it
         self._uncommitted: tuple[Job, RunningJob, dict[str, Any]] | None = None  # an outcome the journal did not take yet
         self.running: RunningJob | None = None
@@ -127,6 +129,11 @@ class Daemon:
                     self.reload()
             self.run_stages(changed)
             if self._stop_requested and (self.running is None or time.monotonic() >= self._stop_deadline):
+                break
+            if scan and self.resources.problem and time.time() - self.resources.since > SCAN_PATIENCE:
+                log.error("giving up the scan after %.0f s: %s (what is finished is kept; run it again later)",
+                          SCAN_PATIENCE, self.resources.problem)  # fmt: skip
+                self._gave_up = True
                 break
             if self.notifier.enabled:  # status_line() queries the journal: not every tick for nobody
                 self.notifier.status(self.status_line())
@@ -223,7 +230,7 @@ class Daemon:
         unwritten = finished_scan and pending.get("files", 0) > 0
         if finished_scan:
             self._scan_summary(failed, pending)
-        return 1 if failed or unwritten else 0
+        return 1 if failed or unwritten or self._gave_up else 0
 
     def _scan_summary(self, failed: list[Job], pending: dict[str, int]) -> None:
         """The last line of a finished --scan: what it did and where to look."""
