@@ -53,18 +53,16 @@ def small_disk(tmp_path):
 def fill(disk: Path) -> Path:
     """Fill the filesystem to the last byte."""
     filler = disk / "filler"
-    with open(filler, "wb") as handle:
+    with open(filler, "wb", buffering=0) as handle:
         chunk = b"\0" * 65536
         try:
             while True:
                 handle.write(chunk)
-                handle.flush()
         except OSError:
             pass
         try:
             while True:
                 handle.write(b"\0")
-                handle.flush()
         except OSError:
             pass
     return filler

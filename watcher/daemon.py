@@ -180,9 +180,13 @@ class Daemon:
         if self.running is None and self._uncommitted is None and not self._stop_requested:
             with resources.guard("start a job"):
                 self.schedule()
-        if resources.failures == failures and resources.succeeded():
+        if resources.problem and resources.failures == failures:
+            # A quiet round may simply not have written anything. Over only once a full look at the output dir
+            # (which also admits what events told of while we waited) goes through as well.
             with resources.guard("look at the output dir"):
-                self.reconcile()  # what events said while we waited was not looked at
+                self.reconcile()
+            if resources.failures == failures:
+                resources.succeeded()
         self._note_resources()
 
     def _note_resources(self) -> None:
