@@ -215,7 +215,8 @@ class Daemon:
         # A backfill (--scan) ends with every sink delivered to; a stop asked for by a signal waits for a delivery
         # already on its way (briefly) but starts no slow one: those results stay in the journal for the next start.
         finished_scan = scan and not self._stop_requested
-        pending: dict[str, int] = {}
+        pending = {sink.name: self.journal.undelivered_count(sink.name) for sink in self.outbox.sinks}  # if it fails
+        pending = {name: n for name, n in pending.items() if n}
         with self.resources.guard("deliver results"):
             self.outbox.wait(None if finished_scan else STOP_GRACE)
             pending = {name: n for name, n in self.outbox.deliver_pending(include_slow=finished_scan).items() if n}
