@@ -141,7 +141,7 @@ def launch(job: Job, spec: dict[str, Any], paths: JobPaths, env: dict[str, str],
         log.flush()
         proc = processes.spawn(
             [sys.executable, "-m", "watcher.worker", str(paths.spec)],
-            death_signal=signal.SIGTERM,  # the worker is a guardian (processes.guard): it stops its tree and exits
+            guardian=True,  # the worker calls processes.guard: it goes with us and stops its whole tree
             ledger=ledger,
             role=f"job {job.id}",
             folder=paths.workdir,

@@ -6,7 +6,8 @@ The rules, used by the job child (watcher/jobs.py, watcher/worker.py), the evalu
 
 - `spawn` starts a child in its own process group, so that a stop reaches everything it started, with a
   parent-death signal (PR_SET_PDEATHSIG), so that it goes when its parent goes, even by SIGKILL.
-- A child that starts programs of its own (the job child, the W&B delivery child) calls `guard` first: it
+- A child that starts programs of its own (the job child, the W&B delivery child) is spawned as a
+  `guardian` and calls `guard` first: it
   becomes a child subreaper (orphans of its descendants, e.g. a program's background grandchild or the
   `wandb-core` service that wandb starts in a new session, are re-parented to it instead of to init), and its
   parent-death signal is SIGTERM, on which it stops its whole tree and exits. So a kill -9 of the daemon leaves
@@ -132,16 +133,18 @@ def _set_death_signal(sig: int) -> None:
         _PRCTL(_PR_SET_PDEATHSIG, int(sig))
 
 
-def spawn(argv: Sequence[str], death_signal: int = signal.SIGKILL, ledger: Ledger | None = None, role: str = "",
+def spawn(argv: Sequence[str], guardian: bool = False, ledger: Ledger | None = None, role: str = "",
           folder: Path | None = None, **popen: Any) -> subprocess.Popen:  # fmt: skip
-    """Start `argv` in a new process group (and session) that gets `death_signal` when this process dies.
+    """Start `argv` in a new process group (and session) that dies when this process dies.
 
-    `death_signal`: SIGKILL for a program that starts nothing it must clean up; SIGTERM for a child that calls
-    `guard` (it then stops its own tree). `ledger`: record the group there (as `role`, owning `folder`), for
-    the next daemon should this one be killed; `forget` removes it. Other keyword arguments go to Popen.
+    Any program gets SIGKILL then, set between fork and exec. `guardian`: a Python child of ours that calls
+    `guard` first thing and so sets its own death signal (no code runs between fork and exec then, which is
+    the safe way in a process with threads, like the daemon). `ledger`: record the group there (as `role`,
+    owning `folder`) for the next daemon, should this one be killed; `run` forgets it at the end, otherwise
+    the caller does. Other keyword arguments go to subprocess.Popen.
     """
-    proc = subprocess.Popen(list(argv), start_new_session=True, preexec_fn=lambda: _set_death_signal(death_signal),
-                            **popen)  # fmt: skip
+    death = None if guardian else (lambda: _set_death_signal(signal.SIGKILL))
+    proc = subprocess.Popen(list(argv), start_new_session=True, preexec_fn=death, **popen)
     identity = Identity.of(proc.pid)
     if ledger is not None and identity is not None:  # None: already ended and reaped, nothing to record
         try:
@@ -216,7 +219,7 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
 def guard(parent_pid: int) -> None:
     """Make this process the guardian of everything it will start (see the module docstring).
 
-    Call it first thing in a child started by `spawn(..., death_signal=SIGTERM)`. On SIGTERM (the parent died,
+    Call it first thing in a child started by `spawn(..., guardian=True)`. On SIGTERM (the parent died,
     or the parent is stopping us) every descendant gets SIGTERM, then SIGKILL after GUARD_GRACE, and we exit.
     """
     if _PRCTL is not None:
@@ -235,20 +238,21 @@ def stop_descendants(pid: int, grace: float) -> None:
     """SIGTERM every descendant of `pid` (our own: we must be `pid` or an ancestor of it), SIGKILL what is left
     after `grace` seconds, and reap the zombies a subreaper collects."""
     deadline = time.monotonic() + grace
-    sig = signal.SIGTERM
+    termed: set[int] = set()
     while True:
         _reap_zombies()
         pids = descendants(pid)
         if not pids:
             return
-        if sig == signal.SIGTERM and time.monotonic() >= deadline:
-            sig = signal.SIGKILL
+        late = time.monotonic() >= deadline
         for child in pids:
-            try:
-                os.kill(child, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        if sig == signal.SIGKILL and time.monotonic() >= deadline + KILL_WAIT:
+            if late or child not in termed:  # SIGTERM once each (a second one makes some programs skip cleanup)
+                try:
+                    os.kill(child, signal.SIGKILL if late else signal.SIGTERM)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                termed.add(child)
+        if time.monotonic() >= deadline + KILL_WAIT:
             return  # stuck in the kernel (D state): nothing more a signal can do
         time.sleep(0.05)
 

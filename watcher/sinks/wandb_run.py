@@ -48,7 +48,6 @@ import logging
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import uuid
@@ -235,7 +234,7 @@ class WandbSink:
             # started us) may still hold the run from its own session ("run ID is in use").
             env = {key: value for key, value in os.environ.items() if key != "WANDB_SERVICE"}
             done = processes.run([sys.executable, "-m", __name__, str(folder / "spec.json"), str(os.getpid())],
-                                 timeout=DELIVERY_TIMEOUT, death_signal=signal.SIGTERM, ledger=self.ledger,
+                                 timeout=DELIVERY_TIMEOUT, guardian=True, ledger=self.ledger,
                                  role="wandb delivery", folder=folder, capture_output=True, text=True,
                                  stdin=subprocess.DEVNULL, env=env)  # fmt: skip
         except subprocess.TimeoutExpired:
