@@ -59,10 +59,6 @@ class Identity:
         stat = _stat(pid)
         return cls(pid, stat.start_time) if stat else None
 
-    def alive(self) -> bool:
-        stat = _stat(self.pid)
-        return stat is not None and stat.start_time == self.start_time and stat.state != "Z"
-
 
 class Ledger(Protocol):
     """Where running process groups are recorded (the journal's `processes` table, watcher/journal.py)."""
@@ -118,11 +114,6 @@ def descendants(pid: int) -> list[int]:
         found.append(child)
         todo.extend(by_parent.get(child, []))
     return found
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in process group `pgid`."""
-    return [s.pid for s in _all_stats() if s.pgid == pgid and s.state != "Z"]
 
 
 # --- starting children ------------------------------------------------------------------------------------
