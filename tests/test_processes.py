@@ -208,7 +208,8 @@ thread.join()
 
 
 def test_random_kill_9_leaves_no_process_and_loses_or_repeats_no_result(copy_trainer_output, tmp_path, marker):
-    seed = int(os.environ.get("CKPT_WATCH_KILL_SEED", random.randrange(2**32)))
+    # os.urandom: the test process's `random` may have been seeded by a fixture (the Trainer seeds it)
+    seed = int(os.environ.get("CKPT_WATCH_KILL_SEED", int.from_bytes(os.urandom(4), "big")))
     rng = random.Random(seed)
     budget = float(os.environ.get("CKPT_WATCH_KILL_BUDGET", "30"))  # seconds of kills; the test stays under 60 s
     output = copy_trainer_output()
