@@ -187,7 +187,7 @@ from watcher.journal import Journal
 from watcher.sinks.wandb_run import WandbSink
 results = Path({str(tmp_path / 'results')!r})
 journal = Journal(results / "journal.sqlite")
-sink = WandbSink("proj/run42", "defer", Path({str(tmp_path)!r}), results, ledger=journal.processes)
+sink = WandbSink("proj/run42", "defer", Path({str(tmp_path)!r}), results, force=True, ledger=journal.processes)  # as sync
 record = {{"result_id": "a", "step": 10, "variant": "regular", "status": "ok", "metrics": {{"x/acc": 0.5}}}}
 thread = threading.Thread(target=sink.deliver, args=([record],))  # as watcher/outbox.py does
 thread.start()
