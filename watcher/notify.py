@@ -41,8 +41,10 @@ class Notifier:
             return
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.sendto("\n".join(lines).encode(), self.address)
-        except OSError:  # systemd gone or the socket full: a notification is never worth failing for
+                # MSG_DONTWAIT: a receiver that does not read (its queue holds net.unix.max_dgram_qlen messages,
+                # 10 by default) must not block the main loop; the message is dropped instead.
+                sock.sendto("\n".join(lines).encode(), socket.MSG_DONTWAIT, self.address)
+        except OSError:  # systemd gone or the socket full: a notification is never worth failing or waiting for
             pass
 
     def ready(self, status: str) -> None:
