@@ -234,8 +234,9 @@ def snapshot(folder: Path) -> Snapshot:
                     model.append(f"{rel}\0{st.st_size}\n")
 
     walk(folder, "")
-    own = folder.stat()  # an empty folder's age is its own (not 1970's)
-    newest = max(newest, own.st_mtime_ns, own.st_ctime_ns)
+    if not newest:  # no file yet: the folder's own age, not 1970's (our sentinel's arrival must not count)
+        own = folder.stat()
+        newest = max(own.st_mtime_ns, own.st_ctime_ns)
     return Snapshot(_digest(model), _digest(everything), _digest(legacy), newest / 1e9)
 
 
