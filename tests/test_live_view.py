@@ -78,7 +78,7 @@ def test_status_pipe_progress_and_bare_stage_lines(tmp_path):
 
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
-    running = RunningJob(None, None, read_fd, None, 60)  # only the pipe is used here
+    running = RunningJob(None, None, read_fd, None, 60, None)  # only the pipe is used here
     os.write(write_fd, b'{"stage": "preparing"}\n{"stage": "preparing", "done": 5, "total": 10}\nnot json\n')
     assert running.new_stages() == ["preparing"] and running.progress == {"done": 5, "total": 10}
     os.write(write_fd, b'{"stage": "evaluating", "step": 1, "steps": 2, "backend": "probes"}\n{"stage": "eval')

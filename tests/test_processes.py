@@ -211,7 +211,7 @@ def test_random_kill_9_leaves_no_process_and_loses_or_repeats_no_result(copy_tra
     # os.urandom: the test process's `random` may have been seeded by a fixture (the Trainer seeds it)
     seed = int(os.environ.get("CKPT_WATCH_KILL_SEED", int.from_bytes(os.urandom(4), "big")))
     rng = random.Random(seed)
-    budget = float(os.environ.get("CKPT_WATCH_KILL_BUDGET", "30"))  # seconds of kills; the test stays under 60 s
+    budget = float(os.environ.get("CKPT_WATCH_KILL_BUDGET", "20"))  # seconds of kills; the test stays under 60 s
     output = copy_trainer_output()
     config = slow_config(tmp_path, 1.0)
     env = marked_env(marker)
