@@ -475,7 +475,7 @@ class Daemon:
         """The headline metrics (watcher/status_command.py's rule), else the first few by name."""
         from watcher.status_command import headline_metrics
 
-        shown = headline_metrics(metrics) or sorted(k for k in metrics if not k.endswith("_stderr"))[:5]
+        shown = headline_metrics(metrics, fallback=5)
         more = len([k for k in metrics if not k.endswith("_stderr")]) - len(shown)
         return ", ".join(f"{k}={metrics[k]:.4g}" for k in shown) + (f" (+{more} more)" if more > 0 else "")
 
@@ -500,7 +500,7 @@ class Daemon:
             self._recent = deque(self.journal.results()[-RECENT_RESULTS:], maxlen=RECENT_RESULTS)
         recent = list(self._recent)
         names = {m for r in recent if r["status"] == "ok" for m in r.get("metrics", {})}
-        headlines = headline_metrics(names) or sorted(n for n in names if not n.endswith("_stderr"))[:4]
+        headlines = headline_metrics(names, fallback=4)
         rows = [ResultRow(step=r["step"], checkpoint=r["checkpoint"], variant=r["variant"], preset=r["preset"],
                           status=r["status"], walltime_s=float(r.get("walltime_s") or 0.0),
                           metrics={k: v for k, v in r.get("metrics", {}).items() if k in headlines},

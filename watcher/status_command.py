@@ -33,8 +33,9 @@ EXTRA_HEADLINES = ("routing/cv", "params/active")
 BUSY_TIMEOUT = 10.0  # seconds; WAL readers are not blocked by the writer, only by a checkpoint's brief locks
 
 
-def headline_metrics(names: Iterable[str]) -> list[str]:
-    """The headline metrics among `names`, in display order (the rule is in the module docstring)."""
+def headline_metrics(names: Iterable[str], fallback: int = 0) -> list[str]:
+    """The headline metrics among `names`, in display order (the rule is in the module docstring); when none
+    is one, the first `fallback` names (standard errors left out) so that a custom metric still shows."""
     names = set(names)
     by_task: dict[str, list[str]] = {}
     for name in sorted(names):
@@ -48,7 +49,8 @@ def headline_metrics(names: Iterable[str]) -> list[str]:
         return preferred, not higher_is_better(name, {}), name
 
     chosen = [min(candidates, key=rank) for _, candidates in sorted(by_task.items())[:MAX_TASKS]]
-    return chosen + [name for name in EXTRA_HEADLINES if name in names]
+    return (chosen + [name for name in EXTRA_HEADLINES if name in names]
+            or sorted(name for name in names if not name.endswith("_stderr"))[:fallback])
 
 
 # --- reading the journal -------------------------------------------------------------------------------------
