@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 from watcher.config import ConfigError
+from watcher.records import EvaluatorStep, Preset
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -20,29 +20,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 _PRESET_KEYS = {"description", "time_budget", "evaluators"}
-
-
-@dataclass(frozen=True)
-class EvaluatorStep:
-    backend: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    description: str
-    time_budget: float | None
-    evaluators: tuple[EvaluatorStep, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        """The plain-data form handed to a job's child process."""
-        return {
-            "name": self.name,
-            "description": self.description,
-            "time_budget": self.time_budget,
-            "evaluators": [{"backend": e.backend, "options": e.options} for e in self.evaluators],
-        }
 
 
 def bundled_tables() -> dict[str, Any]:
