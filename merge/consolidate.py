@@ -1,8 +1,8 @@
 """Turn one checkpoint (or several, averaged) into a Hugging Face model folder.
 
-    open_weights(checkpoint, variant)  -> a WeightSource for the layout found on disk
-    merge_checkpoint(checkpoint, out)  -> out/ with sharded safetensors, index, config and tokenizer files
-    average_checkpoints([a, b], out)   -> the tensor-by-tensor mean, accumulated in fp32
+    open_weights(checkpoint, variant, layout=None)  -> a WeightSource, from where the layout keeps the weights
+    merge_checkpoint(checkpoint, out)               -> out/ with sharded safetensors, index, config and tokenizer files
+    average_checkpoints([a, b], out)                -> the tensor-by-tensor mean, accumulated in fp32
 
 The output is written into a temporary sibling folder and renamed into place only when complete, so a
 half-written merge is never mistaken for a finished one; on any error nothing is left behind.
@@ -10,7 +10,6 @@ half-written merge is never mistaken for a finished one; on any error nothing is
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import os
@@ -18,6 +17,20 @@ import shutil
 from pathlib import Path
 from typing import Iterable
 
+from merge.layouts import (
+    FSDP_EMA_DIR,
+    VARIANTS,
+    VERL_ACTOR_DIR,
+    VERL_HF_DIR,
+    Layout,
+    WeightFormat,
+    WeightHome,
+    detect_layout,
+    format_of,
+    list_names,
+    variants_in,
+    weight_home,
+)
 from merge.safetensors_source import SafetensorsSource, has_safetensors
 from merge.source import FLOATING, MergeError, TensorSpec, WeightSource
 from merge.torchtitan_source import TorchtitanSource, looks_like_torchtitan
@@ -25,12 +38,9 @@ from merge.writer import DEFAULT_SHARD_BYTES, Progress, write_weights
 
 log = logging.getLogger("ckpt-watch")
 
-WEIGHT_DIRS = {"regular": "pytorch_model_fsdp_0", "ema": "pytorch_ema_model_fsdp_0"}
-RANK_SHARD_GLOB = "model_world_size_*_rank_*.pt"
-# veRL's FSDP checkpoint manager: global_step_N/actor/model_world_size_W_rank_R.pt (and critic/), with the
-# model's config and tokenizer in actor/huggingface/ (verl/utils/checkpoint/fsdp_checkpoint_manager.py).
-VERL_ACTOR_DIR = "actor"
-VERL_HF_DIRS = ("huggingface", "actor/huggingface")
+# veRL keeps the model's config and tokenizer in its actor's huggingface/ subfolder (a merge may be pointed at
+# global_step_N/ or at its actor/).
+VERL_HF_DIRS = (VERL_HF_DIR, f"{VERL_ACTOR_DIR}/{VERL_HF_DIR}")
 # What a model folder needs besides weights: config, generation config, tokenizer and processor files.
 MODEL_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -42,7 +52,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.j
 
 
 def variants_of(checkpoint: Path) -> list[str]:
-    return ["regular", "ema"] if (checkpoint / WEIGHT_DIRS["ema"]).is_dir() else ["regular"]
+    checkpoint = Path(checkpoint)
+    names = list_names(checkpoint)
+    return list(variants_in(checkpoint, names, detect_layout(checkpoint, names))) or ["regular"]
 
 
 def is_consolidated(checkpoint: Path) -> bool:
@@ -52,39 +64,46 @@ def is_consolidated(checkpoint: Path) -> bool:
     ).is_file()
 
 
-def open_weights(checkpoint: Path, variant: str = "regular") -> WeightSource:
+def open_weights(checkpoint: Path, variant: str = "regular", layout: Layout | str | None = None) -> WeightSource:
+    """`variant`'s weights of `checkpoint`, found where `layout` keeps them.
+
+    `layout`: as the watcher journaled it (merge/layouts.py). Without one, or with one that names no weights
+    ("sentinel", "unknown"), the layout is detected from the folder's file names: `ckpt-watch merge DIR`."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise MergeError(f"checkpoint folder not found: {checkpoint}")
-    if variant == "ema":
-        ema_dir = checkpoint / WEIGHT_DIRS["ema"]
-        if not ema_dir.is_dir():
-            raise MergeError(f"{checkpoint.name} has no EMA weights ({WEIGHT_DIRS['ema']}/ is missing)")
-        # Tensors the EMA does not track (buffers, frozen weights) come from the regular weights.
-        return OverlaySource(_open_folder(ema_dir), open_weights(checkpoint, "regular"))
-    if variant != "regular":
+    if variant not in VARIANTS:
         raise MergeError(f"unknown weight variant {variant!r}; use regular or ema")
-    if has_safetensors(checkpoint):
-        return SafetensorsSource(checkpoint)
-    if (checkpoint / VERL_ACTOR_DIR).is_dir() and not (checkpoint / WEIGHT_DIRS["regular"]).is_dir():
-        return _open_folder(checkpoint / VERL_ACTOR_DIR)  # veRL: the actor is the model being trained
-    sharded = checkpoint / WEIGHT_DIRS["regular"]
-    return _open_folder(sharded if sharded.is_dir() else checkpoint)
+    home = weight_home(layout, variant) if layout is not None else None
+    if home is None:
+        home = weight_home(detect_layout(checkpoint), variant) or WeightHome(("",), None)
+    if variant == "ema":
+        ema_dir = checkpoint / FSDP_EMA_DIR
+        if not ema_dir.is_dir():
+            raise MergeError(f"{checkpoint.name} has no EMA weights ({FSDP_EMA_DIR}/ is missing)")
+        # Tensors the EMA does not track (buffers, frozen weights) come from the regular weights.
+        return OverlaySource(_open_home(checkpoint, home), open_weights(checkpoint, "regular", layout))
+    return _open_home(checkpoint, home)
 
 
-def _open_folder(folder: Path) -> WeightSource:
-    names = {p.name for p in folder.iterdir()}
-    if ".metadata" in names or any(n.endswith(".distcp") for n in names):
+def _open_home(checkpoint: Path, home: WeightHome) -> WeightSource:
+    folders = [checkpoint / sub if sub else checkpoint for sub in home.dirs]
+    folder = next((f for f in folders if home.format and f.is_dir() and format_of(list_names(f)) == home.format),
+                  folders[0])  # fmt: skip
+    if not folder.is_dir():
+        raise MergeError(f"{folder}: not found")
+    weight_format = home.format or format_of(list_names(folder))
+    if weight_format == WeightFormat.DCP:
         from merge.dcp_source import DcpSource
 
         return DcpSource(folder)
-    if any(fnmatch.fnmatch(n, RANK_SHARD_GLOB) for n in names):
+    if weight_format == WeightFormat.RANK_SHARDS:
         from merge.rank_shards_source import RankShardSource
 
         return RankShardSource(folder)
     if has_safetensors(folder):
         return SafetensorsSource(folder)
-    if "pytorch_model.bin" in names or "pytorch_model.bin.index.json" in names:
+    if (folder / "pytorch_model.bin").is_file() or (folder / "pytorch_model.bin.index.json").is_file():
         raise MergeError(f"{folder}: pytorch_model.bin weights cannot be streamed; save with safetensors")
     raise MergeError(f"{folder}: no weights found (no DCP .metadata, rank shards or safetensors)")
 
@@ -160,10 +179,13 @@ def merge_checkpoint(
     base_model: Path | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: Progress | None = None,
+    layout: Layout | str | None = None,
 ) -> Path:
-    """Write `variant`'s weights of `checkpoint` as a Hugging Face model folder at `out`."""
+    """Write `variant`'s weights of `checkpoint` as a Hugging Face model folder at `out`.
+
+    `layout`: the checkpoint's layout as already decided (the watcher's journal); None detects it from disk."""
     checkpoint = Path(checkpoint)
-    source = open_weights(checkpoint, variant)  # validates coverage before anything is written
+    source = open_weights(checkpoint, variant, layout)  # validates coverage before anything is written
     try:
         return _write_model(source, [checkpoint], Path(out), dtype, base_model, max_shard_bytes, progress)
     finally:

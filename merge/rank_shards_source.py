@@ -28,15 +28,15 @@ from typing import Any
 
 import torch
 
+from merge.layouts import RANK_SHARD
 from merge.mapped_pages import mapped_ranges, releasable, release
 from merge.placements import Box, check_tiling, local_box
 from merge.source import DTYPES, MergeError, TensorSpec, model_key
 
-RANK_FILE = re.compile(r"model_world_size_(\d+)_rank_(\d+)\.pt")
 # A container some trainers wrap the state dict in ({"model": sd}); stripped when it is the only entry.
 CONTAINERS = ("model", "state_dict", "module")
 
-__all__ = ["RANK_FILE", "Box", "RankShardSource", "check_tiling", "local_box"]
+__all__ = ["Box", "RankShardSource", "check_tiling", "local_box"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,7 +240,7 @@ class RankShardSource:
             raise MergeError(f"{self.directory}: not a directory")
         found: dict[int, dict[int, Path]] = {}
         for path in self.directory.iterdir():
-            match = RANK_FILE.fullmatch(path.name)
+            match = RANK_SHARD.fullmatch(path.name)
             if match:
                 found.setdefault(int(match[1]), {})[int(match[2])] = path
         if not found:

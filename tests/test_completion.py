@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 import watcher.completion as completion
-from watcher.completion import DEFAULT_SENTINEL, Verdict, check_checkpoint, fingerprint
+import watcher.fingerprint as fingerprints
+from watcher.completion import DEFAULT_SENTINEL, Verdict, check_checkpoint
+from watcher.fingerprint import fingerprint
 
 try:  # tests/ is a package (tests/__init__.py) in the project tree; without it, tests/ itself is on sys.path
     from tests.factories import WORLD_SIZE, session_distributed_checkpoints
@@ -595,14 +597,14 @@ def test_missing_folder_is_gone(tmp_path):
 def test_folder_vanishing_mid_check(copy_trainer_output, copy_distributed, monkeypatch, layout):
     """The folder disappears right after being listed (save_total_limit rotation, say)."""
     folder = copy_trainer_output() / "checkpoint-20" if layout == "trainer" else copy_distributed(layout)
-    real_listdir = completion._listdir
+    real_listdir = completion.list_names
 
     def listdir_then_vanish(directory):
         names = real_listdir(directory)
         shutil.rmtree(folder, ignore_errors=True)
         return names
 
-    monkeypatch.setattr(completion, "_listdir", listdir_then_vanish)
+    monkeypatch.setattr(completion, "list_names", listdir_then_vanish)
     assert check_checkpoint(folder, STEP).reason == "folder is gone"
 
 
@@ -675,7 +677,7 @@ def test_daemon_modules_do_not_import_torch(distributed, tiny_model_dir):
     """The daemon imports these modules; importing and using them must not drag torch in."""
     code = (
         "import sys; from pathlib import Path\n"
-        "from watcher.completion import check_checkpoint, fingerprint\n"
+        "from watcher.completion import check_checkpoint\nfrom watcher.fingerprint import fingerprint\n"
         "from merge.dcp_metadata import read_dcp_metadata\n"
         f"for p in {[str(p) for p in distributed.values()]!r}:\n"
         f"    assert check_checkpoint(Path(p), {STEP}, base_model=Path({str(tiny_model_dir)!r})).complete, p\n"
@@ -725,10 +727,10 @@ def test_fingerprint_ignores_our_sentinel(copy_trainer_output):
     from watcher.integrations.sentinel import write_sentinel
 
     folder = copy_trainer_output() / "checkpoint-10"
-    before = completion.snapshot(folder)
+    before = fingerprints.snapshot(folder)
     (folder / f".{DEFAULT_SENTINEL}.tmp-123").write_text("{")
     write_sentinel(folder, 10)
-    assert completion.snapshot(folder) == before
+    assert fingerprints.snapshot(folder) == before
     (folder / "DONE").touch()  # any other file still counts
     assert fingerprint(folder) != before.digest
 
@@ -771,7 +773,7 @@ def test_fingerprint_subfolder_vanishing_mid_walk(copy_distributed, monkeypatch)
             shutil.rmtree(path)
         return real_scandir(path)
 
-    monkeypatch.setattr(completion.os, "scandir", scandir_then_vanish)
+    monkeypatch.setattr(fingerprints.os, "scandir", scandir_then_vanish)
     fingerprint(folder)  # must not raise
     monkeypatch.undo()
     assert not (folder / "pytorch_ema_model_fsdp_0").exists()
@@ -781,12 +783,12 @@ def test_fingerprint_ignores_metadata_only_changes_and_training_state(copy_train
     """`touch config.json` or deleting optimizer.pt re-ran the evaluation as a re-save; rewriting the weights
     under the same names still is one. The activity digest (the settle window's) sees every write."""
     folder = copy_trainer_output() / "checkpoint-10"
-    first = completion.snapshot(folder)
+    first = fingerprints.snapshot(folder)
     later = time.time() + 10
     os.utime(folder / "config.json", (later, later))  # touch
     (folder / "optimizer.pt").unlink()  # space saved after the run
     (folder / "scheduler.pt").write_bytes((folder / "scheduler.pt").read_bytes() + b"x")
-    touched = completion.snapshot(folder)
+    touched = fingerprints.snapshot(folder)
     assert touched.digest == first.digest
     assert touched.activity != first.activity and touched.legacy_digest != first.legacy_digest
     config = folder / "config.json"
@@ -822,4 +824,4 @@ def test_missing_config_or_tokenizer_that_can_still_arrive_is_a_wait(trainer_out
 def test_an_empty_folder_is_as_old_as_itself_not_1970(tmp_path):
     folder = tmp_path / "checkpoint-1"
     folder.mkdir()
-    assert abs(completion.snapshot(folder).newest_change - time.time()) < 60
+    assert abs(fingerprints.snapshot(folder).newest_change - time.time()) < 60

@@ -103,14 +103,14 @@ def test_incomplete_and_known_checkpoints_are_not_ready(trainer_output, output):
     assert detector.check(["checkpoint-10"]) == [] and not detector.settling
 
     known_folder = _fresh_copy(trainer_output, output, "checkpoint-20")
-    from watcher.completion import fingerprint
+    from watcher.fingerprint import fingerprint
 
     detector = _detector(output, clock, known={"checkpoint-20": fingerprint(known_folder)})
     assert detector.check(["checkpoint-20"]) == [] and not detector.settling
 
 
 def test_the_one_level_poll_skips_unchanged_known_folders_until_a_thorough_look(trainer_output, output):
-    from watcher.completion import fingerprint
+    from watcher.fingerprint import fingerprint
 
     clock = Clock()
     folder = _fresh_copy(trainer_output, output)

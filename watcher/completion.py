@@ -53,10 +53,8 @@ an incomplete Verdict whose reason names the file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import stat
 import struct
 import zipfile
@@ -70,44 +68,44 @@ from merge.dcp_metadata import (
     read_dcp_metadata,
     required_file_sizes,
 )
+from merge.layouts import (
+    DCP_DATA_SUFFIX,
+    FSDP_EMA_DIR,
+    FSDP_MODEL_DIR,
+    HF_INDEX_FILES,
+    HF_SHARD,
+    HF_SINGLE_FILES,
+    LMMS_STATE_DIRS,
+    RANK_SHARD,
+    RANK_SHARD_PATTERN,
+    TRAINER_STATE,
+    VERL_ACTOR_DIR,
+    VERL_HF_DIR,
+    VERL_LAST,
+    VERL_ROLES,
+    Layout,
+    detect_layout,
+    hf_weight_names,
+    list_names,
+    rank_file_name,
+    rank_shard_names,
+    variants_in,
+)
 
 DEFAULT_SENTINEL = "ckpt-watch-complete.json"
-TRAINER_STATE = "trainer_state.json"
-FSDP_MODEL_DIR = "pytorch_model_fsdp_0"
-FSDP_EMA_DIR = "pytorch_ema_model_fsdp_0"
 FOLDER_GONE = "folder is gone"
 CONFIG = "config.json"
-# torch.distributed.checkpoint's HuggingFaceStorageWriter (torchtitan's `last_save_in_hf` export) saves each rank's
-# safetensors into sharded/, then consolidates them next to it and writes model.safetensors.index.json last.
-HF_EXPORT_SHARDS_DIR = "sharded"
-# LMMs-Engine 0.1.4 (lmms_engine/train/fsdp2/fsdp2_trainer.py, save_checkpoints): after a barrier every rank
-# torch.saves, in this order, pytorch_model_fsdp_0/model_world_size_W_rank_R.pt, the EMA twin (when the EMA is
-# initialised), optimizer/optimizer_*, extra_state/extra_state_*, dataloader_state/dataloader_state_*; then rank 0
-# saves the processor/tokenizer and, last, config.json. All these folders are created before the first write.
-LMMS_STATE_DIRS = {"optimizer": "optimizer", "extra_state": "extra_state", "dataloader_state": "dataloader_state"}
-# veRL (verl/trainer/ppo/ray_trainer.py _save_checkpoint, verl/utils/checkpoint/fsdp_checkpoint_manager.py):
-# global_step_N/actor/ gets every rank's model_/optim_/extra_state_world_size_W_rank_R.pt, then rank 0 writes
-# actor/huggingface/ (config, tokenizer) and actor/fsdp_config.json; the same for critic/; data.pt comes last.
-VERL_ROLES = ("actor", "critic")
-VERL_LAST = "data.pt"
-VERL_HF_DIR = "huggingface"
 
-LAYOUTS = ("sentinel", "hf", "hf-fsdp-dcp", "dcp", "hf-export", "rank-shards", "lmms-engine", "verl", "unknown")
-
-_RANK_SHARD = re.compile(r"model_world_size_(\d+)_rank_(\d+)\.pt")
 # A tokenizer needs one of these; the other tokenizer files (tokenizer_config.json, ...) come with it.
 TOKENIZER_MAIN_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt")
-_HF_SINGLE_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
-_HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-_HF_SHARD = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")
 _SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors format refuses larger headers too
 
 
 @dataclass(frozen=True)
 class Verdict:
     complete: bool
-    layout: str  # one of LAYOUTS
+    layout: Layout
     reason: str  # one human-readable line saying why it is incomplete; "" when complete
     variants: tuple[str, ...]  # ("regular",) or ("regular", "ema"); () if unknown
     # Incomplete for a reason that waiting will not change (the producer is done, a setting is missing): said once
@@ -129,20 +127,20 @@ def check_checkpoint(folder: Path, step: int, sentinel: str | None = None, base_
     `base_model`: a Hugging Face folder that supplies `config.json` and tokenizer files the checkpoint lacks.
     """
     folder = Path(folder)
-    layout, variants, final = "unknown", (), False
+    layout, variants, final = Layout.UNKNOWN, (), False
     try:
         if not folder.is_dir():
-            return Verdict(False, "unknown", FOLDER_GONE, ())
-        names = _listdir(folder)
-        detected = _detect_layout(folder, names)
-        variants = _variants(folder, names, detected)
+            return Verdict(False, Layout.UNKNOWN, FOLDER_GONE, ())
+        names = list_names(folder)
+        detected = detect_layout(folder, names)
+        variants = variants_in(folder, names, detected)
         if sentinel == DEFAULT_SENTINEL or (sentinel is None and DEFAULT_SENTINEL in names):
             # Our own sentinel: verified against its manifest when it has one, else presence-only.
-            layout = detected if detected != "unknown" else "sentinel"
+            layout = detected if detected != Layout.UNKNOWN else Layout.SENTINEL
             if not _check_manifest(folder, step):
-                layout = "sentinel"
+                layout = Layout.SENTINEL
         elif sentinel is not None:
-            layout = "sentinel"
+            layout = Layout.SENTINEL
             if not (folder / sentinel).exists():
                 raise _Incomplete(f"{sentinel} missing")
         else:
@@ -159,94 +157,6 @@ def check_checkpoint(folder: Path, step: int, sentinel: str | None = None, base_
     return Verdict(False, layout, reason, variants, final)
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    digest: str  # fingerprint(): changes when the checkpoint's model may have changed (a re-save)
-    activity: str  # changes on any write inside the folder at all: what the settle window waits out
-    legacy_digest: str  # the fingerprint of ckpt-watch 0.1 (every file's mtime), to recognise what it journaled
-    newest_change: float  # the newest mtime or ctime of the folder and its files: how long it has been quiet
-
-
-# Training state a checkpoint carries beside the model (HF Trainer, accelerate FSDP, veRL): deleting it to save
-# space, or rewriting it, leaves the model as it was (so does the Trainer's training_args.bin). Matched against the
-# path's first component.
-_TRAINING_STATE = re.compile(r"(optimizer|optim_|scheduler|lr_scheduler|scaler|rng_state|extra_state_|training_args)")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp", ".ckpt", ".gguf", ".npz", ".h5", ".msgpack")
-_SMALL_FILE = 1 << 20  # bytes; below it, a file without a weight suffix is metadata (config, tokenizer, state)
-
-
-def fingerprint(folder: Path) -> str:
-    """A hex digest of the checkpoint's model files below `folder`, from stat alone: a new one means a re-save.
-
-    Every file counts by its relative path and size; a weight file (by suffix, or any file of 1 MiB or more) also
-    by its mtime, so rewriting the weights under the same names is a re-save. The mtime of a small non-weight file
-    is left out (`touch config.json` is not a re-save), as is the training state next to the model (optimizer,
-    scheduler, RNG and scaler state: deleting `optimizer.pt` to save space is not a re-save either), and
-    `DEFAULT_SENTINEL` with its temporary file: the trainer callback writes it a moment after the checkpoint
-    itself (possibly after the daemon has journaled the folder by its layout rule).
-
-    Raises FileNotFoundError if `folder` itself is missing; files or subfolders vanishing during the
-    walk are simply left out.
-    """
-    return snapshot(folder).digest
-
-
-def snapshot(folder: Path) -> Snapshot:
-    """The fingerprint, the activity digest and the newest change of a folder, in one stat-only walk."""
-    folder = Path(folder)
-    model: list[str] = []  # for the fingerprint
-    legacy: list[str] = []
-    everything: list[str] = []  # every file and folder with its mtime and ctime: any write shows
-    newest = 0
-
-    def walk(directory: Path, prefix: str) -> None:
-        nonlocal newest
-        try:
-            scan = os.scandir(directory)
-        except (FileNotFoundError, NotADirectoryError):
-            if not prefix:
-                raise
-            return  # a subfolder vanished mid-walk
-        with scan:
-            for entry in scan:
-                rel = prefix + entry.name
-                if not prefix and is_default_sentinel_name(entry.name):
-                    continue
-                try:
-                    # Never follow symlinked folders (cycles); symlinked files count by their target.
-                    if entry.is_dir(follow_symlinks=False):
-                        st = entry.stat(follow_symlinks=False)
-                        everything.append(f"{rel}/\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n")
-                        walk(Path(entry.path), rel + "/")
-                        continue
-                    st = entry.stat()
-                except OSError:
-                    continue  # vanished (or a dangling link): not part of the checkpoint any more
-                legacy.append(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n")
-                everything.append(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n")
-                newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
-                if _TRAINING_STATE.match(rel):
-                    continue
-                weights = entry.name.endswith(_WEIGHT_SUFFIXES) or entry.name == METADATA_FILE
-                if weights or st.st_size >= _SMALL_FILE:
-                    model.append(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n")
-                else:
-                    model.append(f"{rel}\0{st.st_size}\n")
-
-    walk(folder, "")
-    if not newest:  # no file yet: the folder's own age, not 1970's (our sentinel's arrival must not count)
-        own = folder.stat()
-        newest = max(own.st_mtime_ns, own.st_ctime_ns)
-    return Snapshot(_digest(model), _digest(everything), _digest(legacy), newest / 1e9)
-
-
-def _digest(lines: list[str]) -> str:
-    digest = hashlib.sha256()
-    for line in sorted(lines):
-        digest.update(line.encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------
 # Layout detection (names only, no reads) and the per-layout rules.
 
@@ -255,42 +165,14 @@ def checkpoint_files_in(folder: Path) -> list[str]:
     """The names in `folder` that only a checkpoint holds (weights, DCP metadata, the Trainer's state, our
     sentinel), by name alone; [] for an ordinary folder or one that cannot be listed."""
     try:
-        names = _listdir(folder)
+        names = list_names(folder)
     except OSError:
         return []
-    if DEFAULT_SENTINEL in names or _detect_layout(folder, names) != "unknown":
+    if DEFAULT_SENTINEL in names or detect_layout(folder, names) != Layout.UNKNOWN:
         found = [n for n in names if n in (DEFAULT_SENTINEL, TRAINER_STATE, METADATA_FILE, FSDP_MODEL_DIR, FSDP_EMA_DIR)
-                 or n.endswith(".distcp") or _RANK_SHARD.fullmatch(n)]  # fmt: skip
-        return sorted(found + _hf_weight_names(names))
+                 or n.endswith(DCP_DATA_SUFFIX) or RANK_SHARD.fullmatch(n)]  # fmt: skip
+        return sorted(found + hf_weight_names(names))
     return []
-
-
-def _detect_layout(folder: Path, names: set[str]) -> str:
-    if METADATA_FILE in names or any(n.endswith(".distcp") for n in names):
-        return "dcp"
-    if any(_RANK_SHARD.fullmatch(n) for n in names):
-        return "rank-shards"
-    if "actor" in names and _is_dir(folder / "actor"):
-        return "verl"
-    for sub in (FSDP_MODEL_DIR, FSDP_EMA_DIR):
-        if sub in names:
-            if any(d in names for d in LMMS_STATE_DIRS):
-                return "lmms-engine"
-            # An empty subfolder (just created) is taken for DCP, accelerate's default.
-            return "rank-shards" if _rank_shard_names(_listdir(folder / sub)) else "hf-fsdp-dcp"
-    if HF_EXPORT_SHARDS_DIR in names and TRAINER_STATE not in names and _is_dir(folder / HF_EXPORT_SHARDS_DIR):
-        return "hf-export"
-    if TRAINER_STATE in names or _hf_weight_names(names):
-        return "hf"
-    return "unknown"
-
-
-def _variants(folder: Path, names: set[str], layout: str) -> tuple[str, ...]:
-    if FSDP_EMA_DIR in names and (folder / FSDP_EMA_DIR).is_dir():
-        # LMMs-Engine creates the EMA folder even when its EMA is not initialised yet, and then writes nothing.
-        if not (layout == "lmms-engine" and CONFIG in names and not _rank_shard_names(_listdir(folder / FSDP_EMA_DIR))):
-            return ("regular", "ema")
-    return () if layout == "unknown" else ("regular",)
 
 
 def _rule_hf(folder: Path, names: set[str], step: int) -> None:
@@ -309,7 +191,7 @@ def _rule_dcp(folder: Path, names: set[str], step: int) -> None:
 
 
 def _rule_rank_shards(folder: Path, names: set[str], step: int) -> None:
-    if _rank_shard_names(names):
+    if rank_shard_names(names):
         _check_rank_shards(folder, names, "")
     else:
         _check_fsdp_dirs(folder, names)
@@ -318,19 +200,19 @@ def _rule_rank_shards(folder: Path, names: set[str], step: int) -> None:
 
 
 def _rule_hf_export(folder: Path, names: set[str], step: int) -> None:
-    if _HF_INDEX_FILES[0] not in names:
-        raise _Incomplete(f"{_HF_INDEX_FILES[0]} missing (torch's Hugging Face writer writes it last)")
+    if HF_INDEX_FILES[0] not in names:
+        raise _Incomplete(f"{HF_INDEX_FILES[0]} missing (torch's Hugging Face writer writes it last)")
     _check_hf_weights(folder, names)
 
 
 def _rule_lmms_engine(folder: Path, names: set[str], step: int) -> None:
-    model_shards = _rank_shard_names(_listdir(folder / FSDP_MODEL_DIR)) if FSDP_MODEL_DIR in names else {}
+    model_shards = rank_shard_names(list_names(folder / FSDP_MODEL_DIR)) if FSDP_MODEL_DIR in names else {}
     if not model_shards:
-        raise _Incomplete(f"{FSDP_MODEL_DIR}/model_world_size_*_rank_*.pt not written yet")
+        raise _Incomplete(f"{FSDP_MODEL_DIR}/{RANK_SHARD_PATTERN} not written yet")
     world = _check_rank_shards(folder / FSDP_MODEL_DIR, set(model_shards), f"{FSDP_MODEL_DIR}/")
     if FSDP_EMA_DIR in names:
-        ema_names = _listdir(folder / FSDP_EMA_DIR)
-        if _rank_shard_names(ema_names):
+        ema_names = list_names(folder / FSDP_EMA_DIR)
+        if rank_shard_names(ema_names):
             _check_rank_shards(folder / FSDP_EMA_DIR, ema_names, f"{FSDP_EMA_DIR}/", world)
     for sub, stem in LMMS_STATE_DIRS.items():
         if sub in names:
@@ -342,9 +224,9 @@ def _rule_lmms_engine(folder: Path, names: set[str], step: int) -> None:
 def _rule_verl(folder: Path, names: set[str], step: int) -> None:
     for role in VERL_ROLES:
         if role in names:
-            role_names = _listdir(folder / role)
-            if not _rank_shard_names(role_names):
-                raise _Incomplete(f"{role}/model_world_size_*_rank_*.pt not written yet")
+            role_names = list_names(folder / role)
+            if not rank_shard_names(role_names):
+                raise _Incomplete(f"{role}/{RANK_SHARD_PATTERN} not written yet")
             _check_rank_shards(folder / role, role_names, f"{role}/")
     if VERL_LAST not in names:
         raise _Incomplete(f"{VERL_LAST} missing (veRL writes it last)")
@@ -354,19 +236,19 @@ def _rule_verl(folder: Path, names: set[str], step: int) -> None:
 def _rule_unknown(folder: Path, names: set[str], step: int) -> None:
     raise _Incomplete(
         "no recognised weights yet (model.safetensors, pytorch_model.bin, an index, adapter_model.*, "
-        f"{FSDP_MODEL_DIR}/, .metadata or model_world_size_*_rank_*.pt) and no {TRAINER_STATE}"
+        f"{FSDP_MODEL_DIR}/, .metadata or {RANK_SHARD_PATTERN}) and no {TRAINER_STATE}"
     )
 
 
 _RULES = {
-    "hf": _rule_hf,
-    "hf-fsdp-dcp": _rule_hf_fsdp,
-    "dcp": _rule_dcp,
-    "hf-export": _rule_hf_export,
-    "rank-shards": _rule_rank_shards,
-    "lmms-engine": _rule_lmms_engine,
-    "verl": _rule_verl,
-    "unknown": _rule_unknown,
+    Layout.HF: _rule_hf,
+    Layout.HF_FSDP_DCP: _rule_hf_fsdp,
+    Layout.DCP: _rule_dcp,
+    Layout.HF_EXPORT: _rule_hf_export,
+    Layout.RANK_SHARDS: _rule_rank_shards,
+    Layout.LMMS_ENGINE: _rule_lmms_engine,
+    Layout.VERL: _rule_verl,
+    Layout.UNKNOWN: _rule_unknown,
 }
 
 
@@ -380,20 +262,20 @@ _RULES = {
 
 # Whether config.json can still arrive once the layout rule holds. veRL writes actor/huggingface/ before data.pt,
 # its last write, so by then it is too late; torchtitan never writes one.
-_CONFIG_MAY_ARRIVE = {"hf": True, "hf-fsdp-dcp": True, "rank-shards": True, "lmms-engine": True, "verl": False,
-                      "dcp": False, "hf-export": False}  # fmt: skip
+_CONFIG_MAY_ARRIVE = {Layout.HF: True, Layout.HF_FSDP_DCP: True, Layout.RANK_SHARDS: True, Layout.LMMS_ENGINE: True,
+                      Layout.VERL: False, Layout.DCP: False, Layout.HF_EXPORT: False}  # fmt: skip
 
 
-def _check_model_files(folder: Path, names: set[str], layout: str, base_model: Path | None) -> None:
+def _check_model_files(folder: Path, names: set[str], layout: Layout, base_model: Path | None) -> None:
     homes = [folder]
-    if layout == "verl":
-        homes.append(folder / "actor" / VERL_HF_DIR)
+    if layout == Layout.VERL:
+        homes.append(folder / VERL_ACTOR_DIR / VERL_HF_DIR)
     if not any(_is_file(home / CONFIG) for home in homes) and not (base_model and _is_file(Path(base_model) / CONFIG)):
         if _CONFIG_MAY_ARRIVE.get(layout, True):
             raise _Incomplete(f"{CONFIG} not written yet (or set base_model to a folder that has one)")
         raise _Unusable(f"no {CONFIG} ({_producer(layout)} does not write one here): set base_model to a Hugging "
                         "Face folder of the same model")  # fmt: skip
-    if layout != "hf":
+    if layout != Layout.HF:
         return  # merged layouts take the tokenizer from base_model at merge time (a warning if there is none)
     has_side = any(n in names for n in TOKENIZER_SIDE_FILES)
     has_main = any(n in names for n in TOKENIZER_MAIN_FILES)
@@ -416,8 +298,9 @@ def _check_config_written(folder: Path, why: str) -> None:
         raise _Incomplete(f"{CONFIG}: not valid JSON ({len(raw)} bytes; half-written?)") from None
 
 
-def _producer(layout: str) -> str:
-    return {"dcp": "torchtitan", "hf-export": "torchtitan's Hugging Face export", "verl": "veRL"}.get(layout, layout)
+def _producer(layout: Layout) -> str:
+    names = {Layout.DCP: "torchtitan", Layout.HF_EXPORT: "torchtitan's Hugging Face export", Layout.VERL: "veRL"}
+    return names.get(layout, layout)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -487,17 +370,13 @@ def _check_trainer_state(folder: Path, step: int, required: bool) -> None:
 # Hugging Face weight files
 
 
-def _hf_weight_names(names: set[str]) -> list[str]:
-    return [n for n in names if n in _HF_SINGLE_FILES or n in _HF_INDEX_FILES or _HF_SHARD.fullmatch(n)]
-
-
 def _check_hf_weights(folder: Path, names: set[str]) -> None:
-    if not _hf_weight_names(names):
+    if not hf_weight_names(names):
         raise _Incomplete(
             f"no model weights (model.safetensors, pytorch_model.bin, an index, adapter_model.* or {FSDP_MODEL_DIR}/)"
         )
     indexed: set[str] = set()
-    for index_name in _HF_INDEX_FILES:
+    for index_name in HF_INDEX_FILES:
         if index_name in names:
             shards = _read_index(folder / index_name, index_name)
             for shard in shards:
@@ -505,11 +384,11 @@ def _check_hf_weights(folder: Path, names: set[str]) -> None:
             indexed.update(shards)
     # save_pretrained writes the shards first and the index after them.
     for name in sorted(names):
-        if _HF_SHARD.fullmatch(name) and name not in indexed:
-            index_name = _HF_INDEX_FILES[0] if name.endswith(".safetensors") else _HF_INDEX_FILES[1]
+        if HF_SHARD.fullmatch(name) and name not in indexed:
+            index_name = HF_INDEX_FILES[0] if name.endswith(".safetensors") else HF_INDEX_FILES[1]
             if index_name not in names:
                 raise _Incomplete(f"{name}: shard present but {index_name} missing")
-    for name in _HF_SINGLE_FILES:
+    for name in HF_SINGLE_FILES:
         if name in names:
             _check_weight_file(folder / name, name)
 
@@ -589,8 +468,8 @@ def _check_fsdp_dirs(folder: Path, names: set[str]) -> None:
         raise _Incomplete(f"{FSDP_MODEL_DIR}/ missing")
     for sub in (FSDP_MODEL_DIR, FSDP_EMA_DIR):
         if sub in names:
-            sub_names = _listdir(folder / sub)
-            if _rank_shard_names(sub_names):
+            sub_names = list_names(folder / sub)
+            if rank_shard_names(sub_names):
                 _check_rank_shards(folder / sub, sub_names, f"{sub}/")
             else:
                 _check_dcp(folder / sub, f"{sub}/")
@@ -613,22 +492,12 @@ def _check_dcp(directory: Path, label: str) -> None:
             raise _Incomplete(f"{label}{rel}: {size} bytes on disk, {METADATA_FILE} says at least {needed}")
 
 
-def _rank_shard_names(names: set[str]) -> dict[str, tuple[int, int]]:
-    """file name -> (world size, rank) for every model_world_size_W_rank_R.pt."""
-    found = {}
-    for name in names:
-        match = _RANK_SHARD.fullmatch(name)
-        if match:
-            found[name] = (int(match[1]), int(match[2]))
-    return found
-
-
 def _check_rank_shards(directory: Path, names: set[str], label: str, world: int | None = None) -> int:
     """All of ranks 0..W-1's model shards whole (W from the names, or `world` when given); returns W."""
-    shards = _rank_shard_names(names)
+    shards = rank_shard_names(names)
     worlds = sorted({world for world, _ in shards.values()})
     if len(worlds) != 1 or (world is not None and worlds != [world]):
-        raise _Incomplete(f"{label}model_world_size_*_rank_*.pt disagree on the world size: {worlds}")
+        raise _Incomplete(f"{label}{RANK_SHARD_PATTERN} disagree on the world size: {worlds}")
     world = worlds[0]
     stray = sorted(name for name, (_, rank) in shards.items() if rank >= world)
     if stray:
@@ -640,7 +509,7 @@ def _check_rank_shards(directory: Path, names: set[str], label: str, world: int 
 def _check_rank_files(directory: Path, stem: str, world: int, label: str) -> None:
     """`{stem}_world_size_{world}_rank_{R}.pt` present and a whole zip for every rank R."""
     for rank in range(world):
-        name = f"{stem}_world_size_{world}_rank_{rank}.pt"
+        name = rank_file_name(stem, world, rank)
         _check_zip(directory / name, f"{label}{name}")
 
 
@@ -651,10 +520,6 @@ def _check_rank_files(directory: Path, stem: str, world: int, label: str) -> Non
 def is_default_sentinel_name(name: str) -> bool:
     """DEFAULT_SENTINEL, or the temporary file watcher.atomic writes it through."""
     return name == DEFAULT_SENTINEL or name.startswith(f".{DEFAULT_SENTINEL}.tmp-")
-
-
-def _listdir(directory: Path) -> set[str]:
-    return set(os.listdir(directory))
 
 
 def _is_file(path: Path) -> bool:

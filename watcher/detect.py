@@ -3,7 +3,7 @@
 A folder becomes ready only when (1) its completion rule holds (see `watcher.completion`) and (2) nothing in it
 is written for the whole settle window: any write (a file's size, mtime or ctime) starts the window again. A
 folder whose newest change is already older than the settle window (a backfill) is settled at once. Whether a
-folder is new, a re-save or already journaled is decided by its fingerprint (see `completion.fingerprint`), which
+folder is new, a re-save or already journaled is decided by its fingerprint (see `watcher.fingerprint`), which
 leaves out what does not change the model. The detector only reads; it never
 writes inside the output dir.
 """
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from watcher.completion import Verdict, check_checkpoint, snapshot
+from watcher.completion import Verdict, check_checkpoint
+from watcher.fingerprint import snapshot
 from watcher.config import BadCheckpointName
 
 log = logging.getLogger("ckpt-watch")

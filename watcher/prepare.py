@@ -19,6 +19,7 @@ from typing import Callable
 
 from merge import MergeError, is_consolidated, merge_checkpoint
 from merge.consolidate import TOKENIZER_FILES, copy_model_files
+from merge.layouts import Layout, weight_home
 from merge.writer import ByteProgress
 from watcher.load_check import LoadCheckError, check_all_weights_load
 
@@ -28,17 +29,23 @@ class PrepareError(RuntimeError):
 
 
 def prepare_model(checkpoint: Path, variant: str, workdir: Path, base_model: Path | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> tuple[Path, bool]:  # fmt: skip
+                  progress: Callable[[int, int], None] | None = None,
+                  layout: Layout | str | None = None) -> tuple[Path, bool]:  # fmt: skip
     """Return (model folder, whether it was merged) for this checkpoint's `variant` weights.
 
     `progress(done, total)`: bytes of merged weights written so far, of how many (a merge only; throttled to at
     most every 0.2 s, and the last call has done == total).
+    `layout`: the layout the detector journaled (merge/layouts.py): where the weights are is looked up, not
+    detected again. None (or a layout that names no weights, such as "sentinel"): detected from the folder.
 
     Never writes inside the checkpoint folder: the trainer owns it (and sorts checkpoints by mtime).
     """
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"checkpoint folder is gone: {checkpoint}")
-    if variant == "regular" and is_consolidated(checkpoint):
+    home = weight_home(layout, variant) if layout is not None else None
+    # A layout whose weights are sharded is merged even if a stray model.safetensors lies beside them.
+    in_place = variant == "regular" and (home is None or home.consolidated) and is_consolidated(checkpoint)
+    if in_place:
         if _lacks_model_files(checkpoint) and base_model is not None:
             return _link_with_base(checkpoint, base_model, workdir / "model"), False
         if not (checkpoint / "config.json").is_file():
@@ -48,7 +55,7 @@ def prepare_model(checkpoint: Path, variant: str, workdir: Path, base_model: Pat
     out = workdir / "model"
     try:
         merge_checkpoint(checkpoint, out, variant, base_model=base_model,
-                         progress=ByteProgress(progress) if progress else None)  # fmt: skip
+                         progress=ByteProgress(progress) if progress else None, layout=layout)  # fmt: skip
     except MergeError as exc:
         if not checkpoint.is_dir():
             raise FileNotFoundError(f"checkpoint folder is gone: {checkpoint}") from None

@@ -19,7 +19,7 @@ Format 1 (keys sorted, one JSON object):
     }
 
 The sentinel itself (and its temporary file) is not listed. Subfolders are walked; symlinked folders are
-not (as `watcher.completion.snapshot` does), symlinked files count with their target's size.
+not (as `watcher.fingerprint.snapshot` does), symlinked files count with their target's size.
 
 The daemon (`watcher.completion`) takes the folder as complete when this file exists and every listed file
 exists with exactly the listed size; no layout rule is applied then. The write is atomic (temp file in the
