@@ -1,8 +1,11 @@
 """Weight consolidation: turn the checkpoint formats trainers save into Hugging Face model folders.
 
-    merge_checkpoint(checkpoint, out, variant="regular", dtype=None, base_model=None)
+    merge_checkpoint(checkpoint, out, variant="regular", dtype=None, base_model=None, layout=None)
     average_checkpoints([ckpt, ...], out, ...)
-    open_weights(checkpoint, variant) -> WeightSource      (one tensor at a time, bounded memory)
+    open_weights(checkpoint, variant, layout=None) -> WeightSource   (one tensor at a time, bounded memory)
+
+`layout` (merge.layouts.Layout, or its journaled name): where the weights are is looked up for it; without one
+the layout is detected from the folder's file names.
 
 Inputs: DCP directories (accelerate/HF Trainer FSDP2, torchtitan), per-rank DTensor files
 (LMMs-Engine, veRL), and consolidated safetensors. Nothing here imports torch unless a tensor must be
@@ -10,13 +13,16 @@ cast, averaged or read from a torch.save file.
 """
 
 from merge.consolidate import average_checkpoints, is_consolidated, merge_checkpoint, open_weights, variants_of
+from merge.layouts import Layout, detect_layout
 from merge.source import MergeError, TensorSpec, WeightSource
 
 __all__ = [
+    "Layout",
     "MergeError",
     "TensorSpec",
     "WeightSource",
     "average_checkpoints",
+    "detect_layout",
     "is_consolidated",
     "merge_checkpoint",
     "open_weights",

@@ -107,7 +107,7 @@ def detect_layout(folder: Path, names: set[str] | None = None) -> Layout:
         return Layout.DCP
     if rank_shard_names(names):
         return Layout.RANK_SHARDS
-    if VERL_ACTOR_DIR in names and _is_dir(folder / VERL_ACTOR_DIR):
+    if VERL_ACTOR_DIR in names and is_dir(folder / VERL_ACTOR_DIR):
         return Layout.VERL
     for sub in (FSDP_MODEL_DIR, FSDP_EMA_DIR):
         if sub in names:
@@ -115,7 +115,7 @@ def detect_layout(folder: Path, names: set[str] | None = None) -> Layout:
                 return Layout.LMMS_ENGINE
             # An empty subfolder (just created) is taken for DCP, accelerate's default.
             return Layout.RANK_SHARDS if rank_shard_names(list_names(folder / sub)) else Layout.HF_FSDP_DCP
-    if HF_EXPORT_SHARDS_DIR in names and TRAINER_STATE not in names and _is_dir(folder / HF_EXPORT_SHARDS_DIR):
+    if HF_EXPORT_SHARDS_DIR in names and TRAINER_STATE not in names and is_dir(folder / HF_EXPORT_SHARDS_DIR):
         return Layout.HF_EXPORT
     if TRAINER_STATE in names or hf_weight_names(names):
         return Layout.HF
@@ -124,7 +124,7 @@ def detect_layout(folder: Path, names: set[str] | None = None) -> Layout:
 
 def variants_in(folder: Path, names: set[str], layout: Layout) -> tuple[str, ...]:
     """The weight variants `folder` holds: ("regular",), ("regular", "ema"), or () for an unknown layout."""
-    if FSDP_EMA_DIR in names and _is_dir(folder / FSDP_EMA_DIR):
+    if FSDP_EMA_DIR in names and is_dir(folder / FSDP_EMA_DIR):
         # LMMs-Engine creates the EMA folder even when its EMA is not initialised yet, and then writes nothing.
         if not (layout == Layout.LMMS_ENGINE and "config.json" in names
                 and not rank_shard_names(list_names(folder / FSDP_EMA_DIR))):  # fmt: skip
@@ -195,7 +195,8 @@ def format_of(names: set[str]) -> WeightFormat | None:
     return None
 
 
-def _is_dir(path: Path) -> bool:
+def is_dir(path: Path) -> bool:
+    """A folder; False, not an error, when it vanished or cannot be looked at."""
     try:
         return path.is_dir()
     except OSError:

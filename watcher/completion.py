@@ -46,6 +46,9 @@ so the watcher must judge a folder by what is on disk. The rules, in order:
    wait too). One the producer never writes (torchtitan writes no config.json) must come from `base_model`;
    without it the Verdict is `final`: incomplete for good, said once in the log and listed for --scan.
 
+The layout names, their file patterns and the detection from names are merge/layouts.py's (merge uses them
+too); whether a journaled folder changed since (its fingerprint) is watcher/fingerprint.py's.
+
 The check only stats and reads (headers, JSON, zip directories), never writes, never imports torch,
 and never raises for a folder that is half-written or vanishing underneath it: any such surprise is
 an incomplete Verdict whose reason names the file.
@@ -86,6 +89,7 @@ from merge.layouts import (
     Layout,
     detect_layout,
     hf_weight_names,
+    is_dir,
     list_names,
     rank_file_name,
     rank_shard_names,
@@ -152,13 +156,13 @@ def check_checkpoint(folder: Path, step: int, sentinel: str | None = None, base_
         reason, final = str(err), isinstance(err, _Unusable)
     except (OSError, ValueError) as err:  # something changed under our feet between two reads
         reason = _describe(err, folder)
-    if not _is_dir(folder):
+    if not is_dir(folder):
         reason, final = FOLDER_GONE, False
     return Verdict(False, layout, reason, variants, final)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Layout detection (names only, no reads) and the per-layout rules.
+# The per-layout rules (the layouts, their file names and their detection: merge/layouts.py).
 
 
 def checkpoint_files_in(folder: Path) -> list[str]:
@@ -525,13 +529,6 @@ def is_default_sentinel_name(name: str) -> bool:
 def _is_file(path: Path) -> bool:
     try:
         return path.is_file()
-    except OSError:
-        return False
-
-
-def _is_dir(path: Path) -> bool:
-    try:
-        return path.is_dir()
     except OSError:
         return False
 
