@@ -76,3 +76,17 @@ def test_backend_settings_fill_every_evaluator_of_that_backend_and_entries_win()
         load_presets({}, {"nope": {}})
     with pytest.raises(ConfigError, match="unknown probes option.*typo"):
         load_presets(user, {"probes": {"typo": 1}})
+
+
+def test_gpus_is_how_many_gpus_one_job_takes_and_travels_with_the_preset():
+    from watcher.records import Preset
+
+    presets = load_presets({"pair": {"gpus": 2, "evaluators": [{"backend": "probes"}]}})
+    assert presets["pair"].gpus == 2 and presets["smoke"].gpus == 1  # default: one GPU
+    assert Preset.from_dict(presets["pair"].to_dict()) == presets["pair"]
+    older = presets["pair"].to_dict()
+    del older["gpus"]  # a job spec written before presets had `gpus`
+    assert Preset.from_dict(older).gpus == 1
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match=r"preset 'bad': gpus must be a positive integer"):
+            load_presets({"bad": {"gpus": bad, "evaluators": [{"backend": "probes"}]}})

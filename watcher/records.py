@@ -74,15 +74,20 @@ class Preset:
     description: str
     time_budget: float | None
     evaluators: tuple[EvaluatorStep, ...]
+    # GPUs one job of this preset takes from the pool (data-parallel lm-eval / tensor-parallel vLLM over them);
+    # a cpu pool runs it in one cpu slot whatever this says.
+    gpus: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "time_budget": self.time_budget,
-                "evaluators": [{"backend": e.backend, "options": e.options} for e in self.evaluators]}  # fmt: skip
+                "evaluators": [{"backend": e.backend, "options": e.options} for e in self.evaluators],
+                "gpus": self.gpus}  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Preset":
         steps = tuple(EvaluatorStep(e["backend"], dict(e.get("options", {}))) for e in data.get("evaluators", []))
-        return cls(data["name"], data.get("description", ""), data.get("time_budget"), steps)
+        return cls(data["name"], data.get("description", ""), data.get("time_budget"), steps,
+                   int(data.get("gpus", 1)))  # a spec written before presets had `gpus`: one GPU
 
 
 # --- daemon -> worker --------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Evaluation presets as data: the bundled TOML file plus the user's `[presets.NAME]` tables.
 
-A preset names the evaluators a job runs (backend + options) and an optional time budget. Presets are
-validated when the daemon starts, so a typo is a one-line error before any checkpoint is touched.
+A preset names the evaluators a job runs (backend + options), an optional time budget, and how many GPUs of the
+pool one of its jobs takes (`gpus`, default 1). Presets are validated when the daemon starts, so a typo is a
+one-line error before any checkpoint is touched.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-_PRESET_KEYS = {"description", "time_budget", "evaluators"}
+_PRESET_KEYS = {"description", "time_budget", "evaluators", "gpus"}
 
 
 def bundled_tables() -> dict[str, Any]:
@@ -87,4 +88,7 @@ def _parse(name: str, table: Any, backend_settings: dict[str, Any]) -> Preset:
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
                                or not math.isfinite(budget) or budget <= 0):  # fmt: skip
         raise ConfigError(f"preset {name!r}: time_budget must be a positive number of seconds, got {budget!r}")
-    return Preset(name, str(table.get("description", "")), float(budget) if budget else None, tuple(steps))
+    gpus = table.get("gpus", 1)
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+        raise ConfigError(f"preset {name!r}: gpus must be a positive integer (GPUs one job takes), got {gpus!r}")
+    return Preset(name, str(table.get("description", "")), float(budget) if budget else None, tuple(steps), gpus)
