@@ -38,6 +38,42 @@ LOG_FORMATS = ("auto", "plain", "json")
 VARIANTS = ("regular", "ema")
 
 
+@dataclass(frozen=True)
+class ScheduleEntry:
+    """One `[[schedule]]` entry: a preset and the checkpoints it runs on (watcher/schedules.py applies it).
+
+    The conditions `every`, `every_steps` and `final` add up: an entry with `every = 10` and `final = true` runs
+    on every 10th checkpoint and on the final one. An entry with none of them runs on every checkpoint."""
+
+    preset: str
+    """The preset's name (bundled or a `[presets.NAME]` table)."""
+
+    every: int | None = None
+    """Every Nth checkpoint of the run in step order, counting from the first: the 1st, N+1th, 2N+1th, ... (so
+    the run's first checkpoint gives an early reading, and `every = 1` is every checkpoint)."""
+
+    every_steps: int | None = None
+    """Each time training passes a multiple of K steps: the first checkpoint at or after K, 2K, 3K, ... (exactly
+    the multiples when the save interval divides K; the next save after each multiple when it does not)."""
+
+    final: bool = False
+    """The run's final checkpoint, once the run is known to have finished (the trainer's run record says
+    `state = finished`, or `ckpt-watch finalize OUTPUT_DIR`). Never skipped by `latest`."""
+
+    variants: tuple[str, ...] | None = None
+    """Weight variants this entry evaluates (`regular`, `ema`). Default: the top-level `variants`."""
+
+    priority: int = 0
+    """Higher runs first when jobs compete for slots; entries of equal priority share them (see schedules.py)."""
+
+    policy: str | None = None
+    """`all` or `latest`, for this entry only: `latest` skips this entry's jobs that a newer checkpoint overtook.
+    Default: the top-level `policy`."""
+
+
+SCHEDULE_KEYS = tuple(f.name for f in dataclasses.fields(ScheduleEntry))
+
+
 @dataclass
 class WatchConfig:
     output_dir: Path | None = None
@@ -48,7 +84,19 @@ class WatchConfig:
     CUDA_VISIBLE_DEVICES is set to exactly these GPUs; the daemon itself never initialises CUDA."""
 
     preset: str = "smoke"
-    """Evaluation preset to run on every checkpoint (see `presets` below and the bundled ones)."""
+    """Evaluation preset to run on every checkpoint (see `presets` below and the bundled ones), when no
+    `[[schedule]]` entry is given."""
+
+    schedule: list[ScheduleEntry] = field(default_factory=list)
+    """`[[schedule]]` entries: which preset runs on which checkpoints, at what priority (see `ScheduleEntry`).
+    None given: one entry, `preset` on every checkpoint with the top-level `policy` and `variants`."""
+
+    cpu_jobs: int = 1
+    """With `device = "cpu"`: how many jobs run at once."""
+
+    gpu_busy_mib: int = 1024
+    """A GPU of the pool on which processes other than our jobs use more than this many MiB is not offered (an
+    idle GPU shows 0-600 MiB of driver reservations; see watcher/pool.py)."""
 
     policy: str = "all"
     """`all`: every checkpoint in step order. `latest`: always the newest complete checkpoint, skipping the ones
@@ -146,6 +194,13 @@ class WatchConfig:
     evaluator entry's own option of the same name wins."""
 
     # --- derived helpers -------------------------------------------------------------------------------------
+
+    def schedule_entries(self) -> list[ScheduleEntry]:
+        """The effective schedule: the `[[schedule]]` entries with their defaults filled in from the top-level
+        `policy` and `variants`, or, when none is given, `preset` on every checkpoint (today's meaning)."""
+        entries = self.schedule or [ScheduleEntry(self.preset)]
+        return [dataclasses.replace(entry, policy=entry.policy or self.policy,
+                                    variants=tuple(entry.variants or self.variants)) for entry in entries]  # fmt: skip
 
     def resolved_results_dir(self) -> Path:
         assert self.output_dir is not None
@@ -321,3 +376,43 @@ def validate(config: WatchConfig) -> None:
                           f"{config.checkpoint_pattern!r} has no group")  # fmt: skip
     if config.sentinel is not None and (not isinstance(config.sentinel, str) or "/" in config.sentinel):
         raise ConfigError(f"sentinel must be a file name, got {config.sentinel!r}")
+    for name, minimum in (("cpu_jobs", 1), ("gpu_busy_mib", 0)):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            kind = "a positive integer" if minimum else "a non-negative integer (MiB)"
+            raise ConfigError(f"{name} must be {kind}, got {value!r}")
+    if not isinstance(config.schedule, list):
+        raise ConfigError("schedule must be a list of [[schedule]] tables")
+    config.schedule = [_schedule_entry(i, entry) for i, entry in enumerate(config.schedule, 1)]
+
+
+def _schedule_entry(number: int, entry: Any) -> ScheduleEntry:
+    """A `[[schedule]]` table (or an entry already checked, on a reload) as a ScheduleEntry; a one-line
+    ConfigError naming the entry (its position, and its preset when it has one) otherwise."""
+    if isinstance(entry, ScheduleEntry):
+        return entry
+    if not isinstance(entry, dict):
+        raise ConfigError(f"schedule entry {number} must be a table, got {entry!r}")
+    preset = entry.get("preset")
+    where = f"schedule entry {number}" + (f" (preset {preset!r})" if isinstance(preset, str) and preset else "")
+    for key in entry:
+        if key not in SCHEDULE_KEYS:
+            raise ConfigError(f"unknown key '{key}' in {where}; known keys: {', '.join(SCHEDULE_KEYS)}")
+    if not isinstance(preset, str) or not preset:
+        raise ConfigError(f"{where} needs a preset name, got {preset!r}")
+    for name in ("every", "every_steps"):
+        value = entry.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{where}: {name} must be a positive integer, got {value!r}")
+    if not isinstance(entry.get("final", False), bool):
+        raise ConfigError(f"{where}: final must be true or false, got {entry['final']!r}")
+    priority = entry.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ConfigError(f"{where}: priority must be an integer, got {priority!r}")
+    if entry.get("policy") is not None and entry["policy"] not in POLICIES:
+        raise ConfigError(f"{where}: policy must be one of {', '.join(POLICIES)}, got {entry['policy']!r}")
+    variants = entry.get("variants")
+    if variants is not None and (not isinstance(variants, list) or not variants
+                                 or any(v not in VARIANTS for v in variants)):  # fmt: skip
+        raise ConfigError(f"{where}: variants must be a non-empty list of {', '.join(VARIANTS)}, got {variants!r}")
+    return ScheduleEntry(**{**entry, "variants": tuple(variants) if variants else None})
