@@ -139,7 +139,8 @@ def test_the_seam_rejects_a_malformed_value_and_is_off_by_default():
         query_gpus({FAKE_GPUS_ENV: "0:81000"})
     assert query_gpus({FAKE_GPUS_ENV: ""}) == ()
     # Without the variable the real nvidia-smi answers (or, on a machine with none, nothing does).
-    code = "from watcher.gpu_inventory import query_gpus; r = query_gpus(); print(r is None or all(g.uuid.startswith('GPU-') and 'fake' not in g.uuid for g in r))"  # noqa: E501
+    code = ("from watcher.gpu_inventory import query_gpus; r = query_gpus()\n"
+            "print(r is None or all(g.uuid.startswith('GPU-') and 'fake' not in g.uuid for g in r))")
     env = {k: v for k, v in os.environ.items() if k != FAKE_GPUS_ENV}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "True", out.stderr

@@ -98,7 +98,7 @@ def test_runs_take_turns_at_equal_priority_and_priority_still_wins():
                         _job(3, 300, "30s", (0,), run="run-a")],
               "run-b": [_job(4, 10, "full", (1,), run="run-b"), _job(5, 10, "30s", (0,), run="run-b")],
               "run-c": [_job(6, 7, "30s", (0,), run="run-c")]}  # fmt: skip
-    assert [job.job_id for job in round_robin(queues, entries)] == [4, 6, 1, 5, 2, 3]  # b (priority), then c, a, b, a, a
+    assert [job.job_id for job in round_robin(queues, entries)] == [4, 6, 1, 5, 2, 3]  # b: priority
     # The daemon last started a job of run-a: run-b's turn comes first at equal priority.
     del queues["run-b"][0]
     assert [job.job_id for job in round_robin(queues, entries, after="run-a")] == [5, 6, 1, 2, 3]

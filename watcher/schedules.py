@@ -116,7 +116,8 @@ def _newest_by_entry(wanted_jobs: Mapping[JobKey, tuple[int, ...]]) -> dict[int,
 
 
 def overtaken(pending: Iterable[PendingJob], entries: Sequence[ScheduleEntry],
-              wanted_jobs: Mapping[JobKey, tuple[int, ...]], final_step: int | None = None) -> list[PendingJob]:  # fmt: skip
+              wanted_jobs: Mapping[JobKey, tuple[int, ...]],
+              final_step: int | None = None) -> list[PendingJob]:  # fmt: skip
     """The pending jobs `latest` gives up on (see the module docstring); the caller marks them skipped."""
     newest = _newest_by_entry(wanted_jobs)
 
