@@ -128,10 +128,11 @@ def test_unknown_memory_is_offered():
 
 
 def test_nvidia_smi_output_is_parsed():
-    text = "0, GPU-aaa, 523, 81559\n1, GPU-bbb, [N/A], [N/A]\nWARNING: something\n"
+    # The first line as an H100 printed it; the second as a GPU in MIG mode does.
+    text = "0, GPU-d59012fe-2f76-32bd-4722-fe39807779df, 3599, 81559\n1, GPU-bbb, [N/A], [N/A]\nWARNING: x\n"
     readings = parse_query_output(text)
     assert [(r.index, r.uuid, r.used_mib, r.total_mib) for r in readings] == [
-        (0, "GPU-aaa", 523, 81559), (1, "GPU-bbb", None, None)]  # fmt: skip
+        (0, "GPU-d59012fe-2f76-32bd-4722-fe39807779df", 3599, 81559), (1, "GPU-bbb", None, None)]  # fmt: skip
 
 
 def test_the_seam_rejects_a_malformed_value_and_is_off_by_default():

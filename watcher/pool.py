@@ -6,9 +6,10 @@ indices), or `cpu` (`cpu_jobs` slots, default 1). A preset's `gpus` says how man
 
 A GPU is offered only when no job of ours holds it and no other process uses more than `busy_mib` of its
 memory (read through nvidia-smi by watcher/gpu_inventory.py; the daemon never initialises CUDA). Default 1024
-MiB: an idle GPU shows 0-600 MiB (driver, persistence daemon, MIG/ECC reservations), while anything that loads
-a model or a CUDA context with a framework on it takes more, so a GPU above it is someone's work that a job
-would slow down or run out of memory next to. A GPU whose reading is unknown (nvidia-smi did not answer, a MIG
+MiB, measured on an H100: idle 0 MiB, a process holding only a torch CUDA context 621 MiB, one that holds a
+3 GiB tensor 3599 MiB (and 0 again a second after it exits). So an idle GPU, a display server's few hundred MiB
+or a notebook that merely touched CUDA do not block it, while anything with a model loaded does: work a job
+would slow down, or run out of memory next to. A GPU whose reading is unknown (nvidia-smi did not answer, a MIG
 entry) is offered: the pool never blocks on a tool failing, as the daemon did before it checked memory at all.
 
 Which GPUs a multi-GPU job gets: a run of consecutive free indices when there is one (on PCIe machines
