@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 from helpers import ckpt_watch
-from watcher.compare import compare, higher_is_better
+from watcher.cli.compare import compare
+from watcher.metrics import higher_is_better
 
 
 def test_direction_comes_from_lm_eval_when_it_declares_one():

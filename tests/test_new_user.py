@@ -208,7 +208,7 @@ def test_the_demo_keeps_its_run_and_says_how_to_look_at_it(tmp_path):
 
 
 def test_the_demo_names_compare_with_its_first_and_last_step():
-    from watcher.demo import next_steps
+    from watcher.cli.demo import next_steps
 
     text = next_steps(Path("/r"), [10, 20, 30])
     assert "ckpt-watch compare /r 10 30" in text and "ckpt-watch status /r" in text
@@ -259,7 +259,7 @@ def test_the_live_view_says_what_it_waits_for_and_never_shows_a_full_bar_at_a_jo
 
 
 def test_status_explains_results_waiting_for_delivery(tmp_path, capsys):
-    from watcher.status_command import ROW_KEYS, print_table
+    from watcher.cli.status import ROW_KEYS, print_table
 
     row = dict.fromkeys(ROW_KEYS)
     row.update(checkpoint="checkpoint-10", step=10, generation=1, checkpoint_gone=False, variant="regular",
@@ -279,7 +279,8 @@ def _compare(*args):
 
 
 def test_compare_usage_noise_groups_and_config(tmp_path):
-    from watcher.compare import compare, group_of
+    from watcher.cli.compare import compare
+    from watcher.metrics import group_of
 
     output = tmp_path / "output"
     output.mkdir()

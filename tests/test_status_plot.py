@@ -13,7 +13,8 @@ import pytest
 
 from helpers import ckpt_watch
 from watcher.sinks import FileSink, read_results
-from watcher.status_command import ROW_KEYS, headline_metrics
+from watcher.cli.status import ROW_KEYS
+from watcher.metrics import headline_metrics
 
 # A stand-in benchmark whose scores move with the step (the perplexity probe would too, but takes seconds per
 # checkpoint); with "fail" it crashes on checkpoint-20.
@@ -151,7 +152,7 @@ def test_plot_regular_and_ema_against_step(scanned, tmp_path):
     assert 600 <= width <= 2000 and 500 <= height <= 2000 and png.stat().st_size > 20_000
     assert [p.name for p in png.parent.iterdir()] == ["metrics.png"]  # no temporary file left behind
 
-    from watcher.plot_command import collect
+    from watcher.cli.plot import collect
 
     series = collect(read_results(scanned / "ckpt-watch"))
     assert sorted(series) == [("flaky", "regular"), ("quick", "ema"), ("quick", "regular")]

@@ -472,8 +472,8 @@ class Daemon:
 
     @staticmethod
     def _headline_text(metrics: dict[str, float]) -> str:
-        """The headline metrics (watcher/status_command.py's rule), else the first few by name."""
-        from watcher.status_command import headline_metrics
+        """The headline metrics (watcher/metrics.py), else the first few by name."""
+        from watcher.metrics import headline_metrics
 
         shown = headline_metrics(metrics, fallback=5)
         more = len([k for k in metrics if not k.endswith("_stderr")]) - len(shown)
@@ -481,7 +481,7 @@ class Daemon:
 
     def snapshot(self) -> Snapshot:
         """What the live view shows, as plain data (see watcher/live_view.py)."""
-        from watcher.status_command import headline_metrics
+        from watcher.metrics import headline_metrics
 
         pending = sorted(self.journal.jobs(self.preset.name, ["pending"]), key=lambda j: (j.checkpoint.step, j.variant))
         running = None

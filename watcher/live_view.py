@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from watcher.merge_command import human_bytes
+from watcher.formatting import human_bytes
 
 REFRESH_PER_SECOND = 4
 

@@ -386,7 +386,7 @@ def warm_software() -> None:
     """Read the libraries the tools import back into page cache (a drop evicts them along with the source)."""
     imports = (
         "import torch, safetensors.torch, torch.distributed.checkpoint.format_utils\n"
-        "for m in ('accelerate.commands.accelerate_cli', 'watcher.merge_command', 'merge.dcp_source', 'numpy'):\n"
+        "for m in ('accelerate.commands.accelerate_cli', 'watcher.cli.merge', 'merge.dcp_source', 'numpy'):\n"
         "    try: __import__(m)\n"
         "    except Exception: pass\n"
     )

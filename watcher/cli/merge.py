@@ -10,9 +10,10 @@ behind), 2 usage error.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
+
+from watcher.formatting import human_bytes
 
 DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
                "fp32": "float32", "float32": "float32"}  # fmt: skip
@@ -31,7 +32,7 @@ def _size(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from watcher.cli import _Parser
+    from watcher.cli.common import _Parser
 
     p = _Parser(prog="ckpt-watch merge", description=__doc__.splitlines()[0],
                 epilog="CKPT_DIR is one checkpoint folder (output/checkpoint-500, torchtitan's step-1000), as the "
@@ -55,11 +56,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     from merge import MergeError, average_checkpoints, merge_checkpoint, variants_of
-    from watcher.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+    from watcher.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, print_error
 
     args = parser().parse_args(argv)
     if len(args.checkpoints) > 1 and not args.average:
-        print("ckpt-watch merge: error: several checkpoints given; add --average to average them", file=sys.stderr)
+        print_error("ckpt-watch merge", "several checkpoints given; add --average to average them")
         return EXIT_USAGE
     dtype = DTYPE_NAMES.get(args.dtype) if args.dtype else None
     first = args.checkpoints[0]
@@ -79,23 +80,14 @@ def main(argv: list[str]) -> int:
             else:
                 merge_checkpoint(first, out, variant, dtype, args.base_model, args.shard_size, progress)
     except MergeError as exc:
-        print(f"ckpt-watch merge: error: {exc}", file=sys.stderr)
+        print_error("ckpt-watch merge", str(exc))
         return EXIT_FAILED
     except OSError as exc:  # a full disk or quota, a folder we may not write: the merge cleaned up after itself
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"ckpt-watch merge: error: cannot write {args.output}: {exc.strerror or exc}{where}", file=sys.stderr)
+        print_error("ckpt-watch merge", f"cannot write {args.output}: {exc.strerror or exc}{where}")
         return EXIT_FAILED
     seconds = time.monotonic() - start
     rate = written / seconds if seconds > 0 else 0.0
     print(f"wrote {human_bytes(written)} ({', '.join(variants)}) to {args.output} in {seconds:.1f} s "
           f"({human_bytes(rate)}/s)")
     return EXIT_OK
-
-
-def human_bytes(count: float) -> str:
-    """1234567 -> '1.23 MB' (decimal units, as disks and `ls -lh --si` count)."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if count < 1000:
-            return f"{count:.3g} {unit}"
-        count /= 1000
-    return f"{count:.3g} TB"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from watcher.config import ConfigError
+from watcher.metrics import group_of, headline_metrics, higher_is_better
 
 FORMATS = (".png", ".svg", ".pdf")
 STYLES = {  # variant -> line style: EMA dashed with hollow squares, so the two read apart in grey scale too
@@ -39,9 +40,6 @@ def collect(records: list[dict[str, Any]], preset: str | None = None) -> dict[tu
 
 
 def default_metrics(series: dict[tuple[str, str], dict[int, dict]]) -> list[str]:
-    from watcher.compare import group_of
-    from watcher.status_command import headline_metrics
-
     names = {m for points in series.values() for metrics in points.values() for m in metrics}
     headlines = headline_metrics(names)
     return [m for m in headlines if group_of(m) != "cost"] or headlines
@@ -51,8 +49,6 @@ def plot(series: dict[tuple[str, str], dict[int, dict]], metrics: list[str], out
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
-
-    from watcher.compare import higher_is_better
 
     figure = Figure(figsize=(8, 1.2 + 2.6 * len(metrics)), layout="constrained")
     FigureCanvasAgg(figure)  # Agg, explicitly: never a GUI backend, whatever MPLBACKEND or matplotlibrc says
@@ -91,7 +87,7 @@ def plot(series: dict[tuple[str, str], dict[int, dict]], metrics: list[str], out
 
 
 def main(argv: list[str]) -> int:
-    from watcher.cli import _Parser, load_config
+    from watcher.cli.common import _Parser, load_config
     from watcher.sinks import read_results
 
     parser = _Parser(prog="ckpt-watch plot", description=__doc__.splitlines()[0])

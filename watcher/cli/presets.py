@@ -31,7 +31,7 @@ def needs_network(preset) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from watcher.cli import _Parser
+    from watcher.cli.common import _Parser
     from watcher.config import load_toml
     from watcher.presets import load_presets
 

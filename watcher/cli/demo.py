@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from watcher.cli import EXIT_FAILED, EXIT_OK, _Parser, resolve_log_format, setup_logging
+from watcher.cli.common import EXIT_FAILED, EXIT_OK, _Parser, resolve_log_format, setup_logging
 from watcher.config import LOG_FORMATS, WatchConfig, build_config
 from watcher.sinks import read_results
 

@@ -16,7 +16,7 @@ log = logging.getLogger("ckpt-watch")
 
 
 def main(argv: list[str]) -> int:
-    from watcher.cli import _Parser, add_wandb_arguments, load_config, setup_logging
+    from watcher.cli.common import _Parser, add_wandb_arguments, load_config, setup_logging
     from watcher.setup import make_sinks, resolve_setup_paths, take_lock
     from watcher.journal import Journal
     from watcher.outbox import Outbox

@@ -18,44 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from watcher.config import ConfigError
+from watcher.metrics import GROUPS, group_of, higher_is_better
 from watcher.sinks import FileSink, read_results
 from watcher.sinks.files import is_result_record
 
-GROUPS = ("accuracy", "perplexity", "routing", "inference", "cost")
 NOISE_STDERRS = 2.0  # a difference within 2 combined standard errors (about 95%) is noise
-# Names of language-modelling metrics (lower is better), grouped apart from accuracy.
-_PERPLEXITY = ("perplexity", "bits_per_byte", "nll", "loss")
-_LOWER = ("perplexity", "bits_per_byte", "nll", "loss", "latency", "_mb", "gini", "coefficient_of_variation", "cv")
-_HIGHER = ("acc", "exact_match", "f1", "bleu", "rouge", "mcc", "tokens_per_s", "utilisation", "utilization", "score")
-
-
-def group_of(metric: str) -> str:
-    head = metric.split("/", 1)[0]
-    if head == "routing":
-        return "routing"
-    if head == "inference":
-        return "inference"
-    if head in ("params", "flops"):
-        return "cost"
-    if any(key in metric.rpartition("/")[2] for key in _PERPLEXITY):
-        return "perplexity"
-    return "accuracy"
-
-
-def higher_is_better(metric: str, record: dict[str, Any]) -> bool | None:
-    """True/False when known, None for metrics with no direction (counts, sizes of the model)."""
-    task, _, name = metric.rpartition("/")
-    name = name.split("@", 1)[0]
-    declared = (record.get("raw", {}).get("lm_eval", {}).get("higher_is_better", {}) or {}).get(task, {})
-    if name in declared:
-        return bool(declared[name])
-    if group_of(metric) == "cost" or name.endswith("_stderr") or name == "tokens":
-        return None
-    if any(key in name for key in _LOWER):
-        return False
-    if any(key in name for key in _HIGHER):
-        return True
-    return None
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
@@ -118,7 +85,7 @@ def find_records(results_dir: Path, steps: list[int], variant: str, preset: str)
 
 
 def main(argv: list[str]) -> int:
-    from watcher.cli import _Parser
+    from watcher.cli.common import _Parser
 
     parser = _Parser(prog="ckpt-watch compare", description=__doc__.splitlines()[0],
                      epilog="e.g. ckpt-watch compare ./output 500 1000, or ckpt-watch compare A.json B.json")  # fmt: skip

@@ -1,34 +1,15 @@
-"""Command line: `ckpt-watch OUTPUT_DIR [options]` (daemon or `--scan`) and `ckpt-watch demo`.
-
-Exit status: 0 success (or nothing to do), 1 at least one job failed, 2 usage or configuration error.
-Every usage or configuration problem is one line on stderr, never a traceback.
-"""
+"""`ckpt-watch OUTPUT_DIR [options]`: the daemon that watches a training run, or a one-shot `--scan`."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
 from watcher import __version__
-from watcher.config import LOG_FORMATS, POLICIES, ConfigError, WatchConfig, build_config, load_toml
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-SUBCOMMANDS = {  # name -> module with main(argv)
-    "demo": "watcher.demo",
-    "merge": "watcher.merge_command",
-    "presets": "watcher.presets_command",
-    "compare": "watcher.compare",
-    "sync": "watcher.sync_command",
-    "status": "watcher.status_command",
-    "plot": "watcher.plot_command",
-}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (argparse's default prints the whole usage first)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+from watcher.cli.common import (EXIT_OK, _Parser, add_logging_arguments, add_wandb_arguments, load_config,
+                                resolve_log_format, setup_logging)  # fmt: skip
+from watcher.config import POLICIES
 
 
 def _seconds(text: str) -> float:
@@ -63,52 +44,6 @@ def watch_parser() -> argparse.ArgumentParser:
     add_logging_arguments(parser)
     parser.add_argument("--version", action="version", version=f"ckpt-watch {__version__}")
     return parser
-
-
-def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
-    loud = parser.add_mutually_exclusive_group()
-    loud.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    parser.add_argument("--log-format", choices=LOG_FORMATS,
-                        help="auto (default: the live view at a terminal, else plain), plain, json")  # fmt: skip
-
-
-def add_wandb_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--wandb", metavar="auto|off|[ENTITY/]PROJECT/RUN_ID",
-                        help="the W&B run that gets the results (default: auto, the training run)")  # fmt: skip
-    parser.add_argument("--wandb-live", choices=("defer", "shared"),
-                        help="while training still writes the run: defer (default) or shared")  # fmt: skip
-    parser.add_argument("--tensorboard", metavar="auto|off|DIR", help="TensorBoard event files (default: auto)")
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        if argv and argv[0] in SUBCOMMANDS:
-            return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
-        return watch_main(argv)
-    except ConfigError as exc:
-        print(f"ckpt-watch: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
-
-
-def load_config(args: argparse.Namespace, missing_ok: bool = False) -> WatchConfig:
-    """The configuration from the config file and the flags. `missing_ok`: an output dir that does not exist
-    yet is accepted (the daemon waits for training to create it)."""
-    file_values = load_toml(args.config) if args.config else {}
-    verbosity = 1 if args.verbose else (-1 if args.quiet else None)
-    # Flags a command does not have (`sync` has no --device) count as not given.
-    flags = ("output_dir", "device", "preset", "policy", "results_dir", "poll", "settle", "sentinel", "wandb",
-             "wandb_live", "tensorboard", "log_format")  # fmt: skip
-    config = build_config(file_values, {**{name: getattr(args, name, None) for name in flags}, "verbosity": verbosity})
-    if config.output_dir is None:
-        raise ConfigError("no output dir: give OUTPUT_DIR or set output_dir in the config file")
-    if not missing_ok and not Path(config.output_dir).is_dir():
-        raise ConfigError(f"output dir not found: {config.output_dir}")
-    config.output_dir = Path(config.output_dir).resolve()
-    return config
 
 
 def watch_main(argv: list[str]) -> int:
@@ -149,20 +84,3 @@ def watch_main(argv: list[str]) -> int:
     with LiveView() as view:
         setup_logging(setup.config.verbosity, "live", console=view.console)
         return Daemon(setup, view=view).run(scan=args.scan)
-
-
-def setup_logging(verbosity: int, log_format: str = "plain", console=None) -> None:
-    """See watcher/logs.py; `log_format` is plain, json or live (resolve `auto` with `resolve_log_format`)."""
-    from watcher.logs import setup_logging as setup
-
-    setup(verbosity, log_format, console)
-
-
-def resolve_log_format(log_format: str) -> str:
-    from watcher.logs import resolve_log_format as resolve
-
-    return resolve(log_format)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,11 +6,7 @@ Reads the journal (read-only, safe while the daemon runs: SQLite's WAL lets a re
 state while the daemon writes) and lists each job with its state, attempts, start and finish times, wall
 time, its error if it failed, the sinks its result is still waiting for, and a few headline metrics.
 
-Headline metrics (also `ckpt-watch plot`'s default), chosen from the metric names the results have:
-  - per task of the accuracy and perplexity groups (see `ckpt-watch compare`), one metric: the first present of
-    acc, exact_match, f1, perplexity, word_perplexity (filter suffixes `@...` ignored), else the first, by name,
-    whose better direction is known (higher before lower); `_stderr` metrics never; at most 4 tasks, by name;
-  - then routing/cv (MoE load imbalance) and params/active, when present.
+The headline metrics shown are chosen by watcher/metrics.py (`headline_metrics`).
 """
 
 from __future__ import annotations
@@ -24,33 +20,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-from watcher.compare import group_of, higher_is_better
 from watcher.config import ConfigError
+from watcher.metrics import headline_metrics
 
-PREFERRED = ("acc", "exact_match", "f1", "perplexity", "word_perplexity")
-MAX_TASKS = 4
-EXTRA_HEADLINES = ("routing/cv", "params/active")
 BUSY_TIMEOUT = 10.0  # seconds; WAL readers are not blocked by the writer, only by a checkpoint's brief locks
-
-
-def headline_metrics(names: Iterable[str], fallback: int = 0) -> list[str]:
-    """The headline metrics among `names`, in display order (the rule is in the module docstring); when none
-    is one, the first `fallback` names (standard errors left out) so that a custom metric still shows."""
-    names = set(names)
-    by_task: dict[str, list[str]] = {}
-    for name in sorted(names):
-        if group_of(name) not in ("accuracy", "perplexity") or name.endswith("_stderr") or higher_is_better(name, {}) is None:
-            continue
-        by_task.setdefault(name.rpartition("/")[0], []).append(name)
-
-    def rank(name: str) -> tuple:
-        base = name.rpartition("/")[2].split("@", 1)[0]
-        preferred = PREFERRED.index(base) if base in PREFERRED else len(PREFERRED)
-        return preferred, not higher_is_better(name, {}), name
-
-    chosen = [min(candidates, key=rank) for _, candidates in sorted(by_task.items())[:MAX_TASKS]]
-    return (chosen + [name for name in EXTRA_HEADLINES if name in names]
-            or sorted(name for name in names if not name.endswith("_stderr"))[:fallback])
 
 
 # --- reading the journal -------------------------------------------------------------------------------------
@@ -216,7 +189,7 @@ def _iso(seconds: float | None) -> str | None:
 
 
 def main(argv: list[str]) -> int:
-    from watcher.cli import _Parser, load_config
+    from watcher.cli.common import _Parser, load_config
     from watcher.setup import resolve_setup_paths
 
     parser = _Parser(prog="ckpt-watch status", description=__doc__.splitlines()[0])
