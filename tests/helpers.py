@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 from safetensors.torch import load_file
 
+from watcher.journal import CheckpointRow, JobRow, JournalReader
 from watcher.sinks import read_results
+
+T = TypeVar("T")
 
 
 def ckpt_watch(*args, **kwargs) -> subprocess.CompletedProcess:
@@ -29,21 +32,26 @@ def results(output: Path) -> list[dict]:
     return read_results(output / "ckpt-watch")
 
 
-def journal_rows(output: Path, sql: str) -> list[tuple]:
-    db = output / "ckpt-watch" / "journal.sqlite"
-    if not db.exists():
-        return []
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as conn:
-        try:
-            return conn.execute(sql).fetchall()
-        except sqlite3.OperationalError:  # schema not created yet
-            return []
+def read_journal(output: Path, read: Callable[[JournalReader], T], empty: T) -> T:
+    """`read(reader)` on the run's journal, read-only; `empty` while the daemon has not created it yet."""
+    path = output / "ckpt-watch" / "journal.sqlite"
+    if not path.is_file():
+        return empty
+    with JournalReader(path) as reader:
+        return read(reader)
+
+
+def journal_jobs(output: Path) -> list[JobRow]:
+    return read_journal(output, JournalReader.jobs, [])
+
+
+def journal_checkpoints(output: Path) -> list[CheckpointRow]:
+    return read_journal(output, JournalReader.checkpoints, [])
 
 
 def job_states(output: Path) -> dict[str, str]:
-    rows = journal_rows(output, "SELECT c.name, j.variant, j.state FROM jobs j JOIN checkpoints c ON c.id = j.checkpoint_id"
-                                " ORDER BY c.generation")  # fmt: skip
-    return {f"{name}/{variant}": state for name, variant, state in rows}
+    """checkpoint/variant -> state; of a re-saved checkpoint, the newest generation's job."""
+    return {f"{job.checkpoint.name}/{job.variant}": str(job.state) for job in journal_jobs(output)}
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
-from helpers import ckpt_watch, job_states, journal_rows, results, start_daemon, wait_for, worker_processes
+from helpers import ckpt_watch, job_states, journal_checkpoints, results, start_daemon, wait_for, worker_processes
 
 # A probe reads only safetensors headers: for tests of the daemon's mechanics, where lm-eval is not what is
 # being checked. The lm_eval presets make the real evaluator run where it is.
@@ -215,10 +215,10 @@ def test_the_daemon_picks_up_a_slowly_written_checkpoint_only_when_complete_and_
         wait_for(lambda: b"inotify" in log.read_bytes(), 60, what="the daemon to start watching")
         for step in (10, 20):
             done_at = slow_copy(trainer_output / f"checkpoint-{step}", output / f"checkpoint-{step}", pause=0.4)
-            rows = wait_for(lambda: journal_rows(output, f"SELECT completed_at FROM checkpoints WHERE step = {step}"),
+            rows = wait_for(lambda: [c for c in journal_checkpoints(output) if c.step == step],
                             30, interval=0.02, what=f"checkpoint-{step} to be detected")  # fmt: skip
             assert len(rows) == 1, "picked up before it was complete"
-            completed_at = rows[0][0]
+            completed_at = rows[0].completed_at
             assert completed_at >= done_at, "picked up before the last file was written"
             latencies.append(completed_at - done_at)
         wait_for(lambda: len(results(output)) == 2, 60, what="both results")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ckpt_watch, journal_rows, results, wait_for
+from helpers import ckpt_watch, journal_jobs, results, wait_for
 
 QUICK = ('wandb = "off"\ntensorboard = "off"\npreset = "quick"\n'
          '[presets.quick]\n[[presets.quick.evaluators]]\nbackend = "probes"\nprobes = ["parameters"]\n')  # fmt: skip
@@ -114,7 +114,7 @@ def test_relative_script_paths_garbage_output_and_missing_files(copy_trainer_out
     assert "{'acc': 0.5}" in log and "a warning on stderr" in log
     # 2: a missing file fails for good at once: one attempt.
     assert by_step[30]["status"] == "failed" and "No such file or directory" in by_step[30]["error"]
-    attempts = dict(journal_rows(output, "SELECT c.step, j.attempts FROM jobs j JOIN checkpoints c ON c.id = j.checkpoint_id"))
+    attempts = {job.checkpoint.step: job.attempts for job in journal_jobs(output)}
     assert attempts == {10: 1, 20: 1, 30: 1}
     # 9: a finished scan ends with a summary.
     summary = run.stderr.strip().splitlines()[-1]

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from factories import make_distributed_checkpoints
-from helpers import ckpt_watch, journal_rows, load_folder, results, start_daemon, wait_for
+from helpers import ckpt_watch, journal_checkpoints, load_folder, results, start_daemon, wait_for
 from merge import merge_checkpoint
 from watcher.completion import check_checkpoint
 from watcher.detect import STALLED_AFTER, Detector
@@ -147,9 +147,9 @@ def test_lmms_engine_replayed_with_pauses_is_evaluated_once_when_whole(producers
         make_dirs(dest, LMMS_DIRS)
         done_at = replay(producers["lmms-engine"], dest, lmms_engine_order(pause=PAUSE))
         wait_for(lambda: len(results(output)) == 2, 120, what="the regular and EMA results")
-    rows = journal_rows(output, "SELECT generation, completed_at, layout FROM checkpoints")
-    assert len(rows) == 1 and rows[0][0] == 1 and rows[0][2] == "lmms-engine", rows
-    assert rows[0][1] >= done_at, "picked up before LMMs-Engine's last write"
+    rows = journal_checkpoints(output)
+    assert len(rows) == 1 and rows[0].generation == 1 and rows[0].layout == "lmms-engine", rows
+    assert rows[0].completed_at >= done_at, "picked up before LMMs-Engine's last write"
     records = results(output)
     assert sorted(r["variant"] for r in records) == ["ema", "regular"]
     assert all(r["status"] == "ok" for r in records), records
@@ -195,8 +195,8 @@ def test_a_slow_writer_with_trainer_state_first_is_evaluated_once_after_its_last
     with watching(output, config_file, tmp_path / "daemon.log"):
         done_at = replay(source, output / "checkpoint-10", order)
         wait_for(lambda: results(output), 120, what="the result")
-    rows = journal_rows(output, "SELECT generation, completed_at FROM checkpoints")
-    assert len(rows) == 1 and rows[0][1] >= done_at, (rows, done_at)
+    rows = journal_checkpoints(output)
+    assert len(rows) == 1 and rows[0].completed_at >= done_at, (rows, done_at)
     (record,) = results(output)
     assert record["status"] == "ok", record
 

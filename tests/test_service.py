@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 
-from helpers import job_states, journal_rows, wait_for, worker_processes
+from helpers import job_states, journal_jobs, wait_for, worker_processes
 from watcher.notify import Notifier
 
 QUICK = ('wandb = "off"\ntensorboard = "off"\npreset = "quick"\n'
@@ -60,8 +60,8 @@ def _start(output: Path, config: Path, log: Path, **env) -> subprocess.Popen:
 
 def _states(output: Path) -> dict[str, list[str]]:
     states: dict[str, list[str]] = {}
-    for preset, state in journal_rows(output, "SELECT preset, state FROM jobs ORDER BY id"):
-        states.setdefault(preset, []).append(state)
+    for job in journal_jobs(output):
+        states.setdefault(job.preset, []).append(str(job.state))
     return states
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ckpt_watch, journal_rows
+from helpers import ckpt_watch, read_journal
+from watcher.journal import JournalReader
 from watcher.sinks import SinkUnavailable
 from watcher.sinks.naming import STEP_KEY
 from watcher.sinks.tensorboard import read_points
@@ -85,8 +86,7 @@ def test_scan_logs_into_the_trainers_own_offline_run(wandb_run, tmp_path):
     status = ckpt_watch("status", output)
     assert f"wandb sync {trainer_run.log.parent} {ours}" in status.stdout, status.stdout
     assert all(row["eval/params/total"] > 0 and 0 < row["train/epoch"] for row in found["rows"])
-    assert not journal_rows(output, "SELECT * FROM results WHERE result_id NOT IN "
-                                    "(SELECT result_id FROM deliveries WHERE sink = 'wandb')")  # fmt: skip
+    assert read_journal(output, lambda journal: journal.undelivered_count("wandb"), None) == 0
     # TensorBoard: a run of its own next to the trainer's, whose files are untouched.
     points = read_points(output / "runs" / "ckpt-watch-eval")
     assert sorted(step for step, _, row in points if "eval/params/total" in row) == [4, 6]
@@ -117,7 +117,7 @@ def test_results_wait_while_wandb_fails_and_sync_delivers_them(copy_trainer_outp
     assert not (output / "ckpt-watch" / "wandb").exists() or not logged(output / "ckpt-watch")["rows"]
     again = ckpt_watch(output, "--scan", *args, env=down)  # a restart in between: nothing lost, nothing re-run
     assert again.returncode == 0 and "wandb 2" in again.stderr
-    assert len(journal_rows(output, "SELECT * FROM results")) == 2
+    assert len(read_journal(output, JournalReader.results, [])) == 2
     still_down = ckpt_watch("sync", output, *args[:1], config, "--wandb", "proj/run42", env=down)
     assert still_down.returncode == 1 and "2 result(s) for wandb" in still_down.stderr
     synced = ckpt_watch("sync", output, "--config", config, "--wandb", "proj/run42",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ckpt_watch, job_states, journal_rows, results, start_daemon, wait_for
+from helpers import ckpt_watch, job_states, journal_checkpoints, results, start_daemon, wait_for
 from watcher.watch import NETWORK_FILESYSTEMS, filesystem_type
 
 
@@ -82,7 +82,7 @@ def test_folders_the_pattern_admits_but_that_cannot_be_checkpoints_fail_only_the
 
 
 def _generations(output, name):
-    return [g for (g,) in journal_rows(output, f"SELECT generation FROM checkpoints WHERE name = '{name}' ORDER BY 1")]
+    return [c.generation for c in journal_checkpoints(output) if c.name == name]
 
 
 def test_re_saves_under_inotify(trainer_output, tmp_path):

@@ -19,9 +19,12 @@ import json
 import os
 import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
+
+from watcher.records import Result
 
 ACTIVE_STATES = ("preparing", "evaluating")
 FINAL_STATES = ("done", "failed", "gone", "skipped")
@@ -217,19 +220,7 @@ class Journal:
             f"{where} ORDER BY checkpoints.step, checkpoints.generation, jobs.variant DESC",
             params,
         )
-        return [
-            Job(
-                id=r["job_id"],
-                state=r["state"],
-                variant=r["variant"],
-                preset=r["preset"],
-                attempts=r["attempts"],
-                next_attempt_at=r["next_attempt_at"],
-                error=r["error"],
-                checkpoint=_checkpoint(r),
-            )
-            for r in rows
-        ]
+        return [_job(r) for r in rows]
 
     def recover_interrupted(self) -> int:
         """Jobs caught mid-run by a crash or stop are pending again; the interrupted attempt does not count."""
@@ -464,3 +455,133 @@ def _checkpoint(row: sqlite3.Row) -> Checkpoint:
         variants=tuple(json.loads(row["variants"])),
         gone=row["gone_at"] is not None,
     )
+
+
+def _job(row: sqlite3.Row, cls: type[Job] = Job, **more: Any) -> Job:
+    """A job from a row of the jobs joined with their checkpoints (the job's id as `job_id`)."""
+    return cls(id=row["job_id"], state=row["state"], variant=row["variant"], preset=row["preset"],
+               attempts=row["attempts"], next_attempt_at=row["next_attempt_at"], error=row["error"],
+               checkpoint=_checkpoint(row), **more)  # fmt: skip
+
+
+# --- reading without writing -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobRow(Job):
+    """A job as a reader sees it: with when it was created, last started and finished (Unix seconds)."""
+
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointRow(Checkpoint):
+    """A checkpoint as a reader sees it: with when it was seen complete and when it went (Unix seconds)."""
+
+    completed_at: float = 0.0
+    gone_at: float | None = None
+
+
+class JournalReader:
+    """The journal, read-only (SQLite `mode=ro`): never creates, migrates or changes it. Safe beside a running
+    daemon: with WAL a reader sees the last committed state while the daemon writes. `ckpt-watch status` and
+    the tests read the journal through this, never with SQL of their own.
+
+    A journal the daemon has only just created (no tables yet) reads as empty, and the tables an older version
+    lacked read as having no rows. `with reader.snapshot():` makes several reads see one state.
+    """
+
+    BUSY_TIMEOUT = 10.0  # seconds; WAL readers are not blocked by the writer, only by a checkpoint's brief locks
+
+    def __init__(self, path: Path):
+        if not path.is_file():  # mode=ro would fail too, but with SQLite's vaguer "unable to open database file"
+            raise FileNotFoundError(path)
+        self.path = path
+        self._db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=self.BUSY_TIMEOUT,
+                                   isolation_level=None)  # fmt: skip
+        self._db.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> "JournalReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @contextmanager
+    def snapshot(self) -> Iterator["JournalReader"]:
+        """One read transaction: every read inside it sees the same committed state."""
+        self._db.execute("BEGIN")
+        try:
+            yield self
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _rows(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []
+            raise
+
+    def jobs(self, preset: str | None = None, states: Iterable[str] | None = None) -> list[JobRow]:
+        """Ordered by step, generation, variant (regular before ema) and preset."""
+        clauses, params = [], []
+        if preset is not None:
+            clauses.append("jobs.preset = ?")
+            params.append(preset)
+        if states is not None:
+            states = [str(state) for state in states]
+            clauses.append(f"jobs.state IN ({','.join('?' * len(states))})")
+            params.extend(states)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        rows = self._rows(
+            "SELECT jobs.id AS job_id, jobs.state, jobs.variant, jobs.preset, jobs.attempts, jobs.next_attempt_at,"
+            " jobs.error, jobs.created_at AS job_created_at, jobs.started_at AS job_started_at,"
+            " jobs.finished_at AS job_finished_at, checkpoints.* FROM jobs"
+            f" JOIN checkpoints ON checkpoints.id = jobs.checkpoint_id {where}"
+            " ORDER BY checkpoints.step, checkpoints.generation, jobs.variant DESC, jobs.preset",
+            tuple(params),
+        )
+        return [_job(r, JobRow, created_at=r["job_created_at"], started_at=r["job_started_at"],
+                     finished_at=r["job_finished_at"]) for r in rows]  # fmt: skip
+
+    def checkpoints(self) -> list[CheckpointRow]:
+        """Every checkpoint generation ever recorded, gone ones included, by step and generation."""
+        rows = self._rows("SELECT * FROM checkpoints ORDER BY step, generation")
+        return [CheckpointRow(**vars(_checkpoint(r)), completed_at=r["completed_at"], gone_at=r["gone_at"])
+                for r in rows]  # fmt: skip
+
+    def results(self) -> list[Result]:
+        """Every committed result, oldest first."""
+        return [Result.from_dict(json.loads(r["record"])) for r in self._rows("SELECT record FROM results ORDER BY committed_at")]
+
+    def latest_results(self) -> dict[int, Result]:
+        """Each job's newest result, by job id."""
+        rows = self._rows("SELECT job_id, record FROM results ORDER BY committed_at")
+        return {r["job_id"]: Result.from_dict(json.loads(r["record"])) for r in rows}
+
+    def delivered_to(self) -> dict[str, set[str]]:
+        """result id -> the sinks that have taken it."""
+        delivered: dict[str, set[str]] = {}
+        for row in self._rows("SELECT result_id, sink FROM deliveries"):
+            delivered.setdefault(row["result_id"], set()).add(row["sink"])
+        return delivered
+
+    def undelivered_count(self, sink: str) -> int:
+        rows = self._rows("SELECT COUNT(*) FROM results WHERE result_id NOT IN"
+                          " (SELECT result_id FROM deliveries WHERE sink = ?)", (sink,))  # fmt: skip
+        return int(rows[0][0]) if rows else 0
+
+    def meta(self, key: str) -> Any:
+        """A fact the daemon recorded with `Journal.set_meta` (its JSON value), None when it has not."""
+        rows = self._rows("SELECT value FROM meta WHERE key = ?", (key,))
+        return json.loads(rows[0]["value"]) if rows else None

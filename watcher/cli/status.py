@@ -21,21 +21,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from watcher.config import ConfigError
+from watcher.journal import JobRow, JournalReader
 from watcher.metrics import headline_metrics
-
-BUSY_TIMEOUT = 10.0  # seconds; WAL readers are not blocked by the writer, only by a checkpoint's brief locks
+from watcher.records import Result
 
 
 # --- reading the journal -------------------------------------------------------------------------------------
-
-
-def open_journal_readonly(path: Path) -> sqlite3.Connection:
-    """A read-only connection (`mode=ro`: never creates or changes the database)."""
-    if not path.is_file():
-        raise FileNotFoundError(path)
-    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT, isolation_level=None)
-    db.row_factory = sqlite3.Row
-    return db
 
 
 def read_status(journal_path: Path, expected_sinks: Iterable[str] | None = None, preset: str | None = None,
@@ -43,65 +34,48 @@ def read_status(journal_path: Path, expected_sinks: Iterable[str] | None = None,
     """One dict per job (stable keys, see `ROW_KEYS`), ordered by step, generation, variant, preset."""
     now = time.time() if now is None else now
     try:
-        db = open_journal_readonly(journal_path)
-    except sqlite3.Error as exc:
+        reader = JournalReader(journal_path)
+    except (OSError, sqlite3.Error) as exc:
         raise ConfigError(f"cannot open the journal {journal_path}: {exc}") from None
     try:
-        db.execute("BEGIN")  # one snapshot for every query below
-        try:
-            jobs = db.execute(
-                "SELECT jobs.*, checkpoints.name, checkpoints.step, checkpoints.generation, checkpoints.gone_at"
-                " FROM jobs JOIN checkpoints ON checkpoints.id = jobs.checkpoint_id"
-                " ORDER BY checkpoints.step, checkpoints.generation, jobs.variant DESC, jobs.preset"
-            ).fetchall()
-        except sqlite3.OperationalError as exc:
-            if "no such table" in str(exc):
-                return []  # a daemon that has only just created the file
-            raise
-        latest = _latest_results(db)
-        try:  # the sinks the daemon delivers to, as it recorded them (journals of older daemons lack the table)
-            recorded = db.execute("SELECT value FROM meta WHERE key = 'sinks'").fetchone()
-        except sqlite3.OperationalError:
-            recorded = None
-        delivered: dict[str, set[str]] = {}
-        for row in db.execute("SELECT result_id, sink FROM deliveries"):
-            delivered.setdefault(row["result_id"], set()).add(row["sink"])
-        db.execute("COMMIT")
+        with reader, reader.snapshot():  # one state for every read below
+            jobs = reader.jobs()
+            latest = reader.latest_results()
+            recorded = reader.meta("sinks")  # the sinks the daemon delivers to, as it recorded them
+            delivered = reader.delivered_to()
     except sqlite3.DatabaseError as exc:
         raise ConfigError(f"cannot read the journal {journal_path}: {exc}") from None
-    finally:
-        db.close()
     if recorded is not None and expected_sinks is None:
-        expected_sinks = json.loads(recorded["value"])
+        expected_sinks = recorded
     sinks = sorted(set(expected_sinks or ("files",)) | {s for seen in delivered.values() for s in seen})
     if preset is not None:
-        known = sorted({job["preset"] for job in jobs})
-        jobs = [job for job in jobs if job["preset"] == preset]
+        known = sorted({job.preset for job in jobs})
+        jobs = [job for job in jobs if job.preset == preset]
         if not jobs and known:
             raise ConfigError(f"no jobs of preset {preset!r} in the journal (it has: {', '.join(known)})")
-    shown = [latest[job["id"]] for job in jobs if job["id"] in latest]
-    headlines = headline_metrics({m for r in shown if r["status"] == "ok" for m in r["metrics"]})
+    shown = [latest[job.id] for job in jobs if job.id in latest]
+    headlines = headline_metrics({m for r in shown if r.ok for m in r.metrics})
     rows = []
     for job in jobs:
-        result = latest.get(job["id"])
-        metrics = result["metrics"] if result and job["state"] == "done" else {}
+        result = latest.get(job.id)
+        metrics = result.metrics if result and job.state == "done" else {}
         rows.append({
-            "checkpoint": job["name"],
-            "step": job["step"],
-            "generation": job["generation"],
-            "checkpoint_gone": job["gone_at"] is not None,
-            "variant": job["variant"],
-            "preset": job["preset"],
-            "state": job["state"],
-            "attempts": job["attempts"],
-            "created_at": _iso(job["created_at"]),
-            "started_at": _iso(job["started_at"]),
-            "finished_at": _iso(job["finished_at"]),
+            "checkpoint": job.checkpoint.name,
+            "step": job.checkpoint.step,
+            "generation": job.checkpoint.generation,
+            "checkpoint_gone": job.checkpoint.gone,
+            "variant": job.variant,
+            "preset": job.preset,
+            "state": str(job.state),
+            "attempts": job.attempts,
+            "created_at": _iso(job.created_at),
+            "started_at": _iso(job.started_at),
+            "finished_at": _iso(job.finished_at),
             "walltime_s": _walltime(job, result, now),
-            "next_attempt_at": _iso(job["next_attempt_at"]) if job["state"] == "pending" and job["attempts"] else None,
-            "error": job["error"],
-            "result_id": result["result_id"] if result else None,
-            "pending_sinks": [s for s in sinks if s not in delivered.get(result["result_id"], ())] if result else [],
+            "next_attempt_at": _iso(job.next_attempt_at) if job.state == "pending" and job.attempts else None,
+            "error": job.error,
+            "result_id": result.result_id if result else None,
+            "pending_sinks": [s for s in sinks if s not in delivered.get(result.result_id, ())] if result else [],
             "metrics": {name: metrics.get(name) for name in headlines},
         })  # fmt: skip
     return rows
@@ -112,34 +86,12 @@ ROW_KEYS = ("checkpoint", "step", "generation", "checkpoint_gone", "variant", "p
             "pending_sinks", "metrics")  # fmt: skip
 
 
-def _latest_results(db: sqlite3.Connection) -> dict[int, dict[str, Any]]:
-    """Each job's newest result: result_id, status, metrics, walltime_s (raw backend output is never parsed)."""
-    try:
-        rows = db.execute(
-            "SELECT job_id, result_id, json_extract(record, '$.status') AS status,"
-            " json_extract(record, '$.metrics') AS metrics, json_extract(record, '$.walltime_s') AS walltime_s"
-            " FROM results ORDER BY committed_at"
-        ).fetchall()
-        parsed = [(r["job_id"], r["result_id"], r["status"], json.loads(r["metrics"] or "{}"), r["walltime_s"])
-                  for r in rows]  # fmt: skip
-    except sqlite3.OperationalError as exc:  # an SQLite built without JSON1
-        if "json_extract" not in str(exc):
-            raise
-        parsed = []
-        for r in db.execute("SELECT job_id, result_id, record FROM results ORDER BY committed_at"):
-            record = json.loads(r["record"])
-            parsed.append((r["job_id"], r["result_id"], record.get("status"), record.get("metrics") or {},
-                           record.get("walltime_s")))  # fmt: skip
-    return {job_id: {"result_id": result_id, "status": status, "metrics": metrics, "walltime_s": walltime}
-            for job_id, result_id, status, metrics, walltime in parsed}  # fmt: skip
-
-
-def _walltime(job: sqlite3.Row, result: dict[str, Any] | None, now: float) -> float | None:
+def _walltime(job: JobRow, result: Result | None, now: float) -> float | None:
     """The result's wall time for a finished job; the time so far for a running one."""
-    if job["state"] in ("preparing", "evaluating") and job["started_at"]:
-        return round(now - job["started_at"], 1)
-    if result is not None and result["walltime_s"] is not None and job["state"] in ("done", "failed"):
-        return result["walltime_s"]
+    if job.state in ("preparing", "evaluating") and job.started_at:
+        return round(now - job.started_at, 1)
+    if result is not None and job.state in ("done", "failed"):
+        return result.walltime_s
     return None
 
 
@@ -152,12 +104,8 @@ def resource_problems(journal_path: Path, results_dir: Path) -> list[str]:
     cannot record it)."""
     problems = []
     try:
-        db = open_journal_readonly(journal_path)
-        try:
-            row = db.execute("SELECT value FROM meta WHERE key = 'resources'").fetchone()
-        finally:
-            db.close()
-        recorded = json.loads(row["value"]) if row is not None else None
+        with JournalReader(journal_path) as reader:
+            recorded = reader.meta("resources")
     except (OSError, sqlite3.Error, ValueError):
         recorded = None
     if isinstance(recorded, dict) and recorded.get("problem"):
