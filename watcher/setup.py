@@ -38,7 +38,6 @@ class Setup:
     gpu_entries: list[str]  # CUDA_VISIBLE_DEVICES entries for jobs
     results_dir: Path
     journal_path: Path
-    network_fs: bool
     settle: float
     poll: float | None  # None: inotify
     retry_failed: bool = False
@@ -60,7 +59,6 @@ def resolve_setup(config: WatchConfig, preset: Preset, device: DeviceSpec, gpu_e
         gpu_entries=gpu_entries,
         results_dir=results_dir,
         journal_path=journal_path,
-        network_fs=network,
         settle=settle,
         poll=poll,
         sinks=make_sinks(config, results_dir, journal_path=journal_path),

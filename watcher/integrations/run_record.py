@@ -49,7 +49,6 @@ from watcher.atomic import write_json_atomic
 
 RUN_RECORD = "ckpt-watch-run.json"
 FORMAT = 1
-STATES = ("running", "finished")
 WANDB_MODES = ("online", "offline", "shared", "disabled")
 
 
