@@ -202,16 +202,7 @@ class Journal:
         return self._jobs("WHERE jobs.id = ?", (job_id,))[0]
 
     def jobs(self, preset: str | None = None, states: Iterable[str] | None = None) -> list[Job]:
-        clauses, params = [], []
-        if preset is not None:
-            clauses.append("jobs.preset = ?")
-            params.append(preset)
-        if states is not None:
-            states = list(states)
-            clauses.append(f"jobs.state IN ({','.join('?' * len(states))})")
-            params.extend(states)
-        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-        return self._jobs(where, tuple(params))
+        return self._jobs(*_job_filter(preset, states))
 
     def _jobs(self, where: str, params: tuple) -> list[Job]:
         rows = self._db.execute(
@@ -457,6 +448,19 @@ def _checkpoint(row: sqlite3.Row) -> Checkpoint:
     )
 
 
+def _job_filter(preset: str | None, states: Iterable[str] | None) -> tuple[str, tuple]:
+    """The WHERE clause (and its parameters) for the jobs of one preset and/or in some states."""
+    clauses, params = [], []
+    if preset is not None:
+        clauses.append("jobs.preset = ?")
+        params.append(preset)
+    if states is not None:
+        states = [str(state) for state in states]
+        clauses.append(f"jobs.state IN ({','.join('?' * len(states))})")
+        params.extend(states)
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", tuple(params)
+
+
 def _job(row: sqlite3.Row, cls: type[Job] = Job, **more: Any) -> Job:
     """A job from a row of the jobs joined with their checkpoints (the job's id as `job_id`)."""
     return cls(id=row["job_id"], state=row["state"], variant=row["variant"], preset=row["preset"],
@@ -534,22 +538,14 @@ class JournalReader:
 
     def jobs(self, preset: str | None = None, states: Iterable[str] | None = None) -> list[JobRow]:
         """Ordered by step, generation, variant (regular before ema) and preset."""
-        clauses, params = [], []
-        if preset is not None:
-            clauses.append("jobs.preset = ?")
-            params.append(preset)
-        if states is not None:
-            states = [str(state) for state in states]
-            clauses.append(f"jobs.state IN ({','.join('?' * len(states))})")
-            params.extend(states)
-        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        where, params = _job_filter(preset, states)
         rows = self._rows(
             "SELECT jobs.id AS job_id, jobs.state, jobs.variant, jobs.preset, jobs.attempts, jobs.next_attempt_at,"
             " jobs.error, jobs.created_at AS job_created_at, jobs.started_at AS job_started_at,"
             " jobs.finished_at AS job_finished_at, checkpoints.* FROM jobs"
             f" JOIN checkpoints ON checkpoints.id = jobs.checkpoint_id {where}"
             " ORDER BY checkpoints.step, checkpoints.generation, jobs.variant DESC, jobs.preset",
-            tuple(params),
+            params,
         )
         return [_job(r, JobRow, created_at=r["job_created_at"], started_at=r["job_started_at"],
                      finished_at=r["job_finished_at"]) for r in rows]  # fmt: skip
