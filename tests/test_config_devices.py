@@ -2,7 +2,6 @@
 
 import pytest
 
-from watcher.evaluators.base import device_list
 from watcher import devices
 from watcher.config import ConfigError, build_config, load_toml
 
@@ -33,12 +32,11 @@ def test_device_pinning(monkeypatch, text, visible):
     spec = devices.parse_device(text)
     entries = devices.check_available(spec, environ={})
     assert entries == visible
-    env = devices.child_environment(spec, entries, base={})
+    env = devices.child_environment(entries, base={})
     assert env["CUDA_VISIBLE_DEVICES"] == ",".join(visible)
     # Inside the child the pinned GPUs are renumbered from 0, and all of them are named.
-    assert spec.child_device == {"cpu": "cpu", "cuda": "cuda:0", "cuda:2": "cuda:0", "cuda:1,3": "cuda:0,1"}[text]
-    assert device_list(spec.child_device) == {"cpu": ["cpu"], "cuda": ["cuda:0"], "cuda:2": ["cuda:0"],
-                                              "cuda:1,3": ["cuda:0", "cuda:1"]}[text]  # fmt: skip
+    assert list(spec.child_devices) == {"cpu": ["cpu"], "cuda": ["cuda:0"], "cuda:2": ["cuda:0"],
+                                        "cuda:1,3": ["cuda:0", "cuda:1"]}[text]  # fmt: skip
 
 
 def test_device_indices_go_through_the_daemons_own_visible_devices(monkeypatch):

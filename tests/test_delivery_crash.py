@@ -31,6 +31,7 @@ import json, sys
 from pathlib import Path
 from watcher.journal import Journal
 from watcher.outbox import Outbox
+from watcher.records import JobState, Result
 from watcher.sinks.tensorboard import TensorBoardSink
 from watcher.sinks.wandb_run import WandbSink
 
@@ -43,10 +44,10 @@ for step in range(10, 10 * checkpoints + 1, 10):
     name = f"checkpoint-{step}"
     ckpt = journal.latest_checkpoint(name) or journal.add_checkpoint(name, step, root / name, "fp", "hf", ["regular", "ema"])
     journal.ensure_jobs(ckpt, ["regular", "ema"], "smoke")
-    for job in journal.jobs("smoke", ["pending"]):
-        journal.start(job.id)
-        journal.finish(job.id, {"result_id": f"{step}-{job.variant}", "step": step, "variant": job.variant, "status": "ok",
-                                "metrics": {"arc/acc": step / 1000}, "error": None})
+    for job in journal.jobs("smoke", [JobState.PENDING]):
+        journal.start(job)
+        journal.finish(job.id, Result(result_id=f"{step}-{job.variant}", step=step, checkpoint=name, variant=job.variant,
+                                      preset="smoke", status="ok", metrics={"arc/acc": step / 1000}))
     outbox.deliver_pending(force=True)
 print(json.dumps(outbox.deliver_pending(force=True)))
 """

@@ -6,6 +6,7 @@ import pytest
 
 from watcher.journal import Journal
 from watcher.outbox import FIRST_RETRY, Outbox
+from watcher.records import Result
 from watcher.sinks import SinkUnavailable
 
 
@@ -33,8 +34,9 @@ def _commit(journal, step):
     ckpt = journal.add_checkpoint(f"checkpoint-{step}", step, Path(f"/x/checkpoint-{step}"), "fp", "hf", ("regular",))
     journal.ensure_jobs(ckpt, ("regular",), "smoke")
     job = [j for j in journal.jobs("smoke") if j.checkpoint.step == step][0]
-    journal.start(job.id)
-    assert journal.finish(job.id, {"result_id": f"r{step}", "status": "ok", "metrics": {}, "error": None})
+    journal.start(job)
+    assert journal.finish(job.id, Result(result_id=f"r{step}", step=step, checkpoint=f"checkpoint-{step}",
+                                         variant="regular", preset="smoke", status="ok"))  # fmt: skip
 
 
 def test_a_down_sink_keeps_results_pending_with_backoff_and_others_go_on(journal, caplog):
@@ -107,7 +109,7 @@ def test_held_results_count_as_delivered_even_when_the_rest_fails(journal):
     journal.mark_in_flight(["r10", "r20"], "tensorboard")
     sink = CheckedSink("tensorboard", [OSError("disk full")], held={"r10"})
     assert Outbox(journal, [sink]).deliver_pending() == {"tensorboard": 2}  # counted before the round's outcome
-    assert [r["result_id"] for r in journal.undelivered("tensorboard")] == ["r20"]
+    assert [r.result_id for r in journal.undelivered("tensorboard")] == ["r20"]
     assert journal.in_flight("tensorboard") == {"r20"}  # still in flight: checked again next time
 
 

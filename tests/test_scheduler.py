@@ -40,3 +40,12 @@ def test_latest_never_skips_the_newest_even_while_it_waits_for_a_retry():
 
 def test_nothing_pending():
     assert decide([], "latest", now=0).run is None
+
+
+def test_latest_waits_while_a_newer_checkpoint_settles():
+    pending = [_job(1, 10), _job(2, 20)]
+    waiting = decide(pending, "latest", now=100, settling_steps=[30])
+    assert waiting.run is None and waiting.skip == ()  # nothing starts, nothing is skipped before it is admitted
+    older = decide(pending, "latest", now=100, settling_steps=[20, 5])  # not newer than the newest pending
+    assert older.run.id == 2 and [j.id for j in older.skip] == [1]
+    assert decide(pending, "all", now=100, settling_steps=[30]).run.id == 1  # `all` never waits

@@ -9,14 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import sqlite3
-import sys
 import time
-import uuid
-from collections import deque
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,16 +20,17 @@ from watcher.config import ConfigError
 from watcher.detect import Detector, Ready
 from watcher.devices import child_environment
 from watcher.jobs import JobPaths, RunningJob, launch
-from watcher.journal import ACTIVE_STATES, Job, Journal
-from watcher.live_view import ResultRow, RunningView, Snapshot
-from watcher.scheduler import decide
-from watcher.setup import Setup, create_dir, take_lock
+from watcher.journal import Checkpoint, Job
+from watcher.live_view import Snapshot
 from watcher.notify import Notifier
 from watcher.outbox import Outbox
-from watcher.processes import stop_leftovers
-from watcher.resources import ResourceState, out_of_space, resource_problem
-from watcher.sinks.naming import checkpoint_progress
-from watcher.sinks.wandb_run import DELIVERIES
+from watcher.recording import build_result, headline_text, keep_merged
+from watcher.records import ACTIVE_STATES, JobSpec, JobState, Outcome, OutcomeKind
+from watcher.resources import ResourceState
+from watcher.scheduler import decide
+from watcher.setup import Setup, create_dir, take_lock
+from watcher.startup import open_journal, stop_left_behind
+from watcher.view_feed import ViewFeed, Watching
 from watcher.watch import InotifyFeed, PollingFeed
 
 log = logging.getLogger("ckpt-watch")
@@ -42,7 +38,6 @@ log = logging.getLogger("ckpt-watch")
 TICK = 0.5  # seconds between looks at a running job; events wake the loop sooner
 FALLBACK_POLL = 2.0  # when inotify cannot be used on a local disk
 VIEW_INTERVAL = 0.25  # seconds between snapshots for the live view (it redraws 4 times a second)
-RECENT_RESULTS = 8  # rows in the live view's results table
 THOROUGH_RESCAN = 300.0  # seconds between re-walks of every journaled checkpoint (re-saves that kept names)
 SCAN_PATIENCE = 120.0  # seconds a --scan waits for a resource problem to pass before it ends with status 1
 STOP_GRACE = 10.0  # seconds a job's process group gets between SIGTERM and SIGKILL when it is stopped
@@ -62,7 +57,7 @@ class Daemon:
         create_dir(self.results_dir, "results dir")
         self._lock = take_lock(setup.journal_path.parent / "ckpt-watch.lock", self.results_dir)
         self.notifier = Notifier()
-        self.journal = self._open_journal()
+        self.journal = open_journal(setup.journal_path, self.notifier)
         self.detector = Detector(
             self.output_dir,
             checked_step=self.config.checked_step,
@@ -75,7 +70,7 @@ class Daemon:
         self.resources = ResourceState()
         self._gave_up = False  # a --scan that ended on a resource problem
         self._noted_problem: str | None = None  # the resource problem as the journal last recorded it
-        self._uncommitted: tuple[Job, RunningJob, dict[str, Any]] | None = None  # an outcome the journal did not take yet
+        self._uncommitted: tuple[Job, RunningJob, Outcome] | None = None  # an outcome the journal did not take yet
         self.running: RunningJob | None = None
         self._stop_requested = False
         self._stop_deadline = 0.0  # time.monotonic() until which a running job may still finish
@@ -84,7 +79,7 @@ class Daemon:
         self._mode = "?"  # inotify, polling every N s, or scan (set by _announce)
         self.view = view
         self._next_view = 0.0
-        self._recent: deque[dict[str, Any]] | None = None  # the latest results, for the view (loaded lazily)
+        self._view_feed = ViewFeed(self.journal)
         self._finished_this_session = 0  # jobs that ended (ok or failed for good) since start: the scan summary
         # What the live view says while no job runs (the demo: "training is running ..."); None: the default.
         self.idle_text: Callable[[], str] | None = None
@@ -99,16 +94,16 @@ class Daemon:
         """
         self._install_signal_handlers()
         with self.resources.guard("start up"):
-            self._stop_leftovers()
+            stop_left_behind(self.journal, self.results_dir)
             self.journal.set_meta("sinks", [sink.name for sink in self.setup.sinks])
             recovered = self.journal.recover_interrupted()
             if recovered:
                 log.info("%d job(s) interrupted by the last stop are pending again", recovered)
             self.deliver_pending()
             if scan and self.config.policy == "all":
-                self.journal.requeue(self.preset.name, ["skipped"])
+                self.journal.requeue(self.preset.name, [JobState.SKIPPED])
             if self.setup.retry_failed:
-                count = self.journal.requeue(self.preset.name, ["failed"])
+                count = self.journal.requeue(self.preset.name, [JobState.FAILED])
                 log.info("re-queued %d failed job(s)", count)
 
         if not scan:
@@ -211,7 +206,7 @@ class Daemon:
                 self.journal.recover_interrupted()
         if self._feed is not None:
             self._feed.stop()
-        failed = [j for j in self.journal.jobs(self.preset.name, ["failed"]) if not j.checkpoint.gone] if scan else []
+        failed = [j for j in self.journal.jobs(self.preset.name, [JobState.FAILED]) if not j.checkpoint.gone] if scan else []
         # A backfill (--scan) ends with every sink delivered to; a stop asked for by a signal waits for a delivery
         # already on its way (briefly) but starts no slow one: those results stay in the journal for the next start.
         finished_scan = scan and not self._stop_requested
@@ -283,7 +278,7 @@ class Daemon:
 
     def status_line(self) -> str:
         """What the daemon does, in one line (systemd's STATUS=, `systemctl status`)."""
-        pending = len(self.journal.jobs(self.preset.name, ["pending"]))
+        pending = len(self.journal.jobs(self.preset.name, [JobState.PENDING]))
         if self.running is not None:
             job, progress = self.running.job, self.running.progress
             detail = ""
@@ -308,10 +303,9 @@ class Daemon:
         names = self.detector.candidates()
         if names is None:
             return
-        present = set(names)
+        listed = set(names)
         for checkpoint in self.journal.present_checkpoints():
-            if checkpoint.name not in present:
-                self._gone(checkpoint.id, checkpoint.name)
+            self._gone(checkpoint, listed)
         self.admit(self.detector.check(names, thorough))
         for checkpoint in self.journal.present_checkpoints():
             self.journal.ensure_jobs(checkpoint, self._variants(checkpoint.variants), self.preset.name)
@@ -320,8 +314,8 @@ class Daemon:
         names = {n for n in changed if self.config.step_of(n) is not None} | set(self.detector.due())
         for name in names:
             latest = self.journal.latest_checkpoint(name)
-            if latest is not None and not latest.gone and not (self.output_dir / name).is_dir():
-                self._gone(latest.id, name)
+            if latest is not None and not latest.gone:
+                self._gone(latest)
         self.admit(self.detector.check(names))
 
     def admit(self, ready: list[Ready]) -> None:
@@ -329,26 +323,32 @@ class Daemon:
         for found in ready:
             checkpoint = self.journal.add_checkpoint(
                 found.name, found.step, found.path, found.fingerprint, found.verdict.layout,
-                found.verdict.variants or ("regular",),
+                found.verdict.variants or ("regular",), found.progress,
             )  # fmt: skip
             self.journal.ensure_jobs(checkpoint, self._variants(checkpoint.variants), self.preset.name)
             generation = f" (generation {checkpoint.generation})" if checkpoint.generation > 1 else ""
             log.info("%s complete%s: layout %s, variants %s", found.name, generation, found.verdict.layout,
                      ", ".join(self._variants(checkpoint.variants)))  # fmt: skip
 
-    def _gone(self, checkpoint_id: int, name: str) -> None:
-        self.journal.mark_gone(checkpoint_id)
-        log.info("%s was deleted (checkpoint rotation?); its unfinished jobs are recorded as gone", name)
+    def _gone(self, checkpoint: Checkpoint, listed: set[str] | None = None) -> bool:
+        """Whether a journaled checkpoint is gone: superseded by a re-save or already found deleted (the journal
+        says so), or deleted now (its folder is not among `listed`, the names a scan of the output dir found, or
+        else not there). The one place that decides; the first time, its unfinished jobs are recorded as gone."""
+        if self.journal.checkpoint_gone(checkpoint.id):
+            return True
+        if checkpoint.name in listed if listed is not None else checkpoint.path.is_dir():
+            return False
+        self.journal.mark_gone(checkpoint.id)
+        log.info("%s was deleted (checkpoint rotation?); its unfinished jobs are recorded as gone", checkpoint.name)
+        return True
 
     # --- schedule and run --------------------------------------------------------------------------------------
 
     def schedule(self) -> None:
         if self.journal.jobs(states=ACTIVE_STATES):  # nothing runs: a start cut short by a full disk left it so
             self.journal.recover_interrupted()
-        pending = self.journal.jobs(self.preset.name, ["pending"])
-        if self.config.policy == "latest" and pending and self._newer_settling(pending):
-            return  # a newer checkpoint is seconds from admission and would overtake whatever starts now
-        decision = decide(pending, self.config.policy, time.time())
+        pending = self.journal.jobs(self.preset.name, [JobState.PENDING])
+        decision = decide(pending, self.config.policy, time.time(), settling_steps=self.detector.settling_steps())
         if decision.skip:
             newest = max(j.checkpoint.step for j in pending)
             self.journal.skip([j.id for j in decision.skip], f"policy latest: overtaken by step {newest}")
@@ -356,30 +356,22 @@ class Daemon:
         if decision.run is not None:
             self.start(decision.run)
 
-    def _newer_settling(self, pending: list[Job]) -> bool:
-        newest = max(j.checkpoint.step for j in pending)
-        return any(step > newest for step in self.detector.settling_steps())
-
     def start(self, job: Job) -> None:
-        if not job.checkpoint.path.is_dir():
-            self._gone(job.checkpoint.id, job.checkpoint.name)
+        if self._gone(job.checkpoint):
             return
-        self.journal.start(job.id)
-        job = self.journal.job(job.id)
-        spec = {
-            "job_id": job.id,
-            "checkpoint_name": job.checkpoint.name,
-            "checkpoint_path": str(job.checkpoint.path),
-            "step": job.checkpoint.step,
-            "variant": job.variant,
-            "preset": self.preset.to_dict(),
-            "device": self.setup.device.child_device,
-            "parent_pid": os.getpid(),
-            "base_model": str(self.config.base_model) if self.config.base_model else None,
-        }
-        timeout = self.preset.time_budget or self.config.job_timeout
-        env = child_environment(self.setup.device, self.setup.gpu_entries)
+        started = self.journal.start(job)
+        if started is None:  # no longer pending (cannot happen in this single-threaded loop; never run it twice)
+            return
+        job, checkpoint = started, started.checkpoint
         paths = JobPaths.for_job(self.results_dir, self.config.resolved_scratch_dir(), job)
+        spec = JobSpec(job_id=job.id, checkpoint_name=checkpoint.name, checkpoint_path=checkpoint.path,
+                       step=checkpoint.step, generation=checkpoint.generation, layout=checkpoint.layout,
+                       variants=checkpoint.variants, variant=job.variant, preset=self.preset,
+                       devices=self.setup.device.child_devices,
+                       base_model=Path(self.config.base_model) if self.config.base_model else None,
+                       scratch_dir=paths.scratch, outcome_path=paths.outcome, parent_pid=os.getpid())  # fmt: skip
+        timeout = self.preset.time_budget or self.config.job_timeout
+        env = child_environment(self.setup.gpu_entries)
         self.running = launch(job, spec, paths, env, timeout, self.journal.processes)
         log.info("started %s on %s (attempt %d)", self._describe(job), self.setup.device, job.attempts)
 
@@ -390,29 +382,26 @@ class Daemon:
             return
         job = running.job
         for stage in running.new_stages():
-            if stage == "evaluating":
-                self.journal.set_stage(job.id, "evaluating")
-        if not job.checkpoint.path.is_dir() or self.journal.job(job.id).state == "gone":
+            if stage == JobState.EVALUATING:
+                self.journal.set_stage(job.id, JobState.EVALUATING)
+        if self._gone(job.checkpoint):
             log.info("%s: checkpoint went away during the job; stopping it", self._describe(job))
             self._end_running(stop=True)
-            if not job.checkpoint.gone:
-                self.journal.mark_gone(job.checkpoint.id)
             return
         if running.poll() is None:
             if running.timed_out:
                 log.warning("%s: timed out after %.0f s; stopping it", self._describe(job), running.timeout)
                 self._end_running(stop=True)
-                self._commit(job, running, {"status": "failed", "error": f"timed out after {running.timeout:.0f} s"})
+                self._commit(job, running, Outcome.failure(f"timed out after {running.timeout:.0f} s"))
             return
         outcome = running.outcome()
-        self._keep_merged(job, outcome)
+        keep_merged(job, outcome, self.config.keep_merged, self.config.resolved_scratch_dir(), self.config.step_of)
         self._end_running(stop=False)
-        if outcome.get("status") != "ok" and not job.checkpoint.path.is_dir():
-            self._gone(job.checkpoint.id, job.checkpoint.name)
+        if not outcome.ok and self._gone(job.checkpoint):
             return
         self._commit(job, running, outcome)
 
-    def _commit(self, job: Job, running: RunningJob, outcome: dict[str, Any]) -> None:
+    def _commit(self, job: Job, running: RunningJob, outcome: Outcome) -> None:
         """Record a job's outcome; kept in memory until the journal can take it (a full disk), so that nothing
         finished is lost, and no other job starts meanwhile."""
         self._uncommitted = (job, running, outcome)
@@ -431,129 +420,42 @@ class Daemon:
         self.running.close()
         self.running = None
 
-    def _keep_merged(self, job: Job, outcome: dict[str, Any]) -> None:
-        """Move a merged model out of the job's scratch folder (deleted next) if the newest K are to be kept."""
-        merged, keep = outcome.get("merged_model"), self.config.keep_merged
-        if not merged or not keep or outcome.get("status") != "ok" or not Path(merged).is_dir():
-            return
-        kept = self.config.resolved_scratch_dir() / "merged" / job.variant
-        kept.mkdir(parents=True, exist_ok=True)
-        destination = kept / job.checkpoint.name
-        shutil.rmtree(destination, ignore_errors=True)
-        os.replace(merged, destination)
-        by_step = sorted(kept.iterdir(), key=lambda p: self.config.step_of(p.name) or -1)
-        for old in by_step[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        log.info("kept the merged model at %s", destination)
-
     # --- record and deliver ----------------------------------------------------------------------------------
 
-    def record(self, job: Job, running: RunningJob, outcome: dict[str, Any]) -> None:
+    def record(self, job: Job, running: RunningJob, outcome: Outcome) -> None:
         """Commit the outcome to the journal first; only then deliver it to the sinks."""
-        attempt = self.journal.job(job.id).attempts
-        ok = outcome.get("status") == "ok"
-        if not ok and attempt < self.config.max_attempts and not outcome.get("permanent"):
+        attempt = job.attempts  # as journal.start left it (`job` is the running one)
+        if not outcome.ok and attempt < self.config.max_attempts and outcome.kind is not OutcomeKind.PERMANENT:
             delay = self.config.retry_backoff * 2 ** (attempt - 1)
-            self.journal.retry_later(job.id, outcome.get("error", "failed"), delay)
+            self.journal.retry_later(job.id, outcome.error or "failed", delay)
             log.warning("%s failed (attempt %d of %d, retry in %.0f s): %s", self._describe(job), attempt,
-                        self.config.max_attempts, delay, outcome.get("error"))  # fmt: skip
+                        self.config.max_attempts, delay, outcome.error)  # fmt: skip
             return
-        record = self._build_record(job, running, outcome, attempt)
-        if not self.journal.finish(job.id, record):
+        result = build_result(job, outcome, attempt=attempt, started=running.started, device=str(self.setup.device),
+                              cuda_visible_devices=",".join(self.setup.gpu_entries),
+                              log_file=str(running.paths.log.relative_to(self.results_dir)))  # fmt: skip
+        if not self.journal.finish(job.id, result):
             return
         self._finished_this_session += 1
-        if self._recent is not None:
-            self._recent.append(record)
-        if ok:
-            headline = self._headline_text(record["metrics"])
-            log.info("%s done in %.1f s: %s", self._describe(job), record["walltime_s"], headline)
+        self._view_feed.add(result)
+        if result.ok:
+            log.info("%s done in %.1f s: %s", self._describe(job), result.walltime_s, headline_text(result.metrics))
         else:
-            log.error("%s failed after %d attempt(s): %s", self._describe(job), attempt, record["error"])
-
-    @staticmethod
-    def _headline_text(metrics: dict[str, float]) -> str:
-        """The headline metrics (watcher/metrics.py), else the first few by name."""
-        from watcher.metrics import headline_metrics
-
-        shown = headline_metrics(metrics, fallback=5)
-        more = len([k for k in metrics if not k.endswith("_stderr")]) - len(shown)
-        return ", ".join(f"{k}={metrics[k]:.4g}" for k in shown) + (f" (+{more} more)" if more > 0 else "")
+            log.error("%s failed after %d attempt(s): %s", self._describe(job), attempt, result.error)
 
     def snapshot(self) -> Snapshot:
-        """What the live view shows, as plain data (see watcher/live_view.py)."""
-        from watcher.metrics import headline_metrics
-
-        pending = sorted(self.journal.jobs(self.preset.name, ["pending"]), key=lambda j: (j.checkpoint.step, j.variant))
-        running = None
-        if self.running is not None:
-            job, progress = self.running.job, self.running.progress
-
-            def number(key: str) -> int | None:
-                value = progress.get(key)
-                return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-            running = RunningView(checkpoint=job.checkpoint.name, variant=job.variant, stage=self.running.stage,
-                                  started_at=self.running.started, done=number("done"), total=number("total"),
-                                  step=number("step"), steps=number("steps"),
-                                  backend=str(progress["backend"]) if "backend" in progress else None)  # fmt: skip
-        if self._recent is None:
-            self._recent = deque(self.journal.results()[-RECENT_RESULTS:], maxlen=RECENT_RESULTS)
-        recent = list(self._recent)
-        names = {m for r in recent if r["status"] == "ok" for m in r.get("metrics", {})}
-        headlines = headline_metrics(names, fallback=4)
-        rows = [ResultRow(step=r["step"], checkpoint=r["checkpoint"], variant=r["variant"], preset=r["preset"],
-                          status=r["status"], walltime_s=float(r.get("walltime_s") or 0.0),
-                          metrics={k: v for k, v in r.get("metrics", {}).items() if k in headlines},
-                          error=r.get("error")) for r in recent]  # fmt: skip
-        return Snapshot(
-            output_dir=str(self.output_dir),
-            mode=self._mode,
-            preset=self.preset.name,
-            policy=self.config.policy,
-            device=str(self.setup.device),
-            queue=[(j.checkpoint.name, j.variant) for j in pending],
-            running=running,
-            results=rows,
-            headlines=headlines,
-            undelivered={sink.name: self.journal.undelivered_count(sink.name) for sink in self.outbox.sinks},
-            undelivered_why={sink.name: self.outbox.waiting_reason(sink.name) for sink in self.outbox.sinks},
-            stopping=self._stop_requested,
-            idle_text=self.idle_text() if self.idle_text is not None and self.running is None else None,
-        )
+        """What the live view shows, as plain data (see watcher/view_feed.py)."""
+        watching = Watching(str(self.output_dir), self._mode, self.preset.name, self.config.policy,
+                            str(self.setup.device))  # fmt: skip
+        idle_text = self.idle_text() if self.idle_text is not None and self.running is None else None
+        return self._view_feed.snapshot(watching, self.journal.jobs(self.preset.name, [JobState.PENDING]),
+                                        self.running, self.outbox, self._stop_requested, idle_text)  # fmt: skip
 
     def _update_view(self, force: bool = False) -> None:
         now = time.monotonic()
         if force or now >= self._next_view:
             self._next_view = now + VIEW_INTERVAL
             self.view.update(self.snapshot())
-
-    def _build_record(self, job: Job, running: RunningJob, outcome: dict[str, Any], attempt: int) -> dict[str, Any]:
-        finished = time.time()
-        return {
-            "result_id": uuid.uuid4().hex,
-            "step": job.checkpoint.step,
-            "checkpoint": job.checkpoint.name,
-            "checkpoint_path": str(job.checkpoint.path),
-            "generation": job.checkpoint.generation,
-            "layout": job.checkpoint.layout,
-            "variant": job.variant,
-            "preset": job.preset,
-            "status": "ok" if outcome.get("status") == "ok" else "failed",
-            "error": outcome.get("error"),
-            "metrics": outcome.get("metrics", {}),
-            "raw": outcome.get("raw", {}),
-            "versions": {"ckpt_watch": __version__, **outcome.get("versions", {})},
-            "device": str(self.setup.device),
-            "cuda_visible_devices": ",".join(self.setup.gpu_entries),
-            "attempt": attempt,
-            "started_at": _iso(running.started),
-            "finished_at": _iso(finished),
-            "walltime_s": round(finished - running.started, 3),
-            "timings": outcome.get("timings", {}),
-            "stages": outcome.get("stages", {}),
-            "progress": checkpoint_progress(job.checkpoint.path),
-            "log": str(running.paths.log.relative_to(self.results_dir)),
-        }
 
     def deliver_pending(self) -> None:
         """Deliver every committed result a sink has not yet acknowledged (see watcher/outbox.py); a slow sink
@@ -566,7 +468,7 @@ class Daemon:
         return (
             self.running is None
             and not self.detector.settling
-            and not self.journal.jobs(self.preset.name, ["pending"])
+            and not self.journal.jobs(self.preset.name, [JobState.PENDING])
         )
 
     def _variants(self, available: tuple[str, ...]) -> list[str]:
@@ -615,34 +517,6 @@ class Daemon:
         if self.setup.journal_path.parent != self.results_dir:
             log.info("journal kept on local disk at %s", self.setup.journal_path)
 
-    def _open_journal(self) -> Journal:
-        """The journal; on a full disk, wait for room (telling systemd we are alive) rather than crash-loop."""
-        waiting = ResourceState()
-        while True:
-            try:
-                return Journal(self.setup.journal_path)
-            except (OSError, sqlite3.Error) as exc:
-                if not out_of_space(exc):
-                    raise ConfigError(f"cannot open the journal {self.setup.journal_path}: "
-                                      f"{resource_problem(exc) or exc}") from None  # fmt: skip
-                first = waiting.problem is None
-                waiting.failed("open the journal", resource_problem(exc) or str(exc))
-                if first:
-                    self.notifier.ready(f"waiting: {waiting.problem}")
-            deadline = time.monotonic() + (waiting.next_try_in() or 0.0)
-            while time.monotonic() < deadline:
-                self.notifier.watchdog()
-                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-
-    def _stop_leftovers(self) -> None:
-        """A daemon killed with SIGKILL takes its children with it (watcher/processes.py); should any have
-        survived (a guardian stuck), the journal knows their process groups: stop them before starting anew."""
-        count, roles = stop_leftovers(self.journal.processes)
-        shutil.rmtree(self.results_dir / DELIVERIES, ignore_errors=True)  # delivery folders of a killed daemon
-        if count:
-            log.warning("stopped %d process(es) left running by the previous ckpt-watch (%s)", count,
-                        ", ".join(sorted(set(roles))))  # fmt: skip
-
     def _install_signal_handlers(self) -> None:
         def stop(signum, frame):
             if self._stop_requested:
@@ -669,39 +543,3 @@ class Daemon:
     def _describe(job: Job) -> str:
         return f"{job.checkpoint.name}/{job.variant}/{job.preset}"
 
-
-def wait_for_output_dir(output_dir: Path, live: bool = False, interval: float = 1.0) -> bool:
-    """Wait until the training run creates `output_dir` (a service is enabled before training starts).
-
-    Tells systemd READY while waiting (nothing is wrong) and keeps pinging its watchdog. Returns False when
-    stopped by SIGINT/SIGTERM first. Creates nothing: the folder is the trainer's to make.
-    """
-    message = f"waiting for {output_dir} to appear (training has not created it yet)"
-    if live:  # logging is not set up before the live view starts
-        print(f"ckpt-watch: {message}", file=sys.stderr, flush=True)
-    else:
-        log.info("%s", message)
-    notifier = Notifier()
-    notifier.ready(message)
-    stopped: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: stopped.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
-    # A reload (SIGHUP) would otherwise end the process; the config file is read afresh once the dir appears.
-    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda signum, frame: notifier.ready(message))
-    try:
-        while not stopped and not output_dir.is_dir():
-            notifier.watchdog()
-            time.sleep(interval)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if stopped:
-        notifier.stopping()
-        log.info("received %s while waiting for %s: stopping", signal.Signals(stopped[0]).name, output_dir)
-        return False
-    log.info("%s appeared", output_dir)
-    return True
-
-
-def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")

@@ -10,6 +10,7 @@ writes inside the output dir.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -38,6 +39,7 @@ class Ready:
     fingerprint: str
     verdict: Verdict
     complete_since: float  # when it was first seen complete (for detection latency figures)
+    progress: dict[str, float]  # train/epoch, train/tokens as it records them (`read_progress`), for the journal
 
 
 @dataclass
@@ -182,7 +184,7 @@ class Detector:
         if now - current.since < self.settle:
             return None
         del self._settling[name]
-        return Ready(name, step, path, digest, verdict, current.since)
+        return Ready(name, step, path, digest, verdict, current.since, read_progress(path))
 
     def _note_incomplete(self, name: str, verdict: Verdict, newest_change: float) -> None:
         quiet = self._clock() - newest_change
@@ -200,6 +202,27 @@ class Detector:
             log.warning("%s %s", name, stuck)
             self.stuck[name] = stuck
         self._last_reason[name] = verdict.reason
+
+
+def read_progress(folder: Path) -> dict[str, float]:
+    """`train/epoch` and `train/tokens` when the checkpoint records them (our sentinel or trainer_state.json).
+
+    Read once, when the checkpoint is admitted, and journaled with it: its results carry it (as "progress") even
+    when they are delivered after the trainer rotated the checkpoint away.
+    """
+    found: dict[str, float] = {}
+    for name in ("ckpt-watch-complete.json", "trainer_state.json"):
+        try:
+            state = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(state, dict):
+            continue
+        for key, target in (("epoch", "train/epoch"), ("num_input_tokens_seen", "train/tokens")):
+            value = state.get(key)
+            if target not in found and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                found[target] = float(value)
+    return found
 
 
 def _is_dir(entry: os.DirEntry) -> bool:

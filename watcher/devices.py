@@ -28,12 +28,12 @@ class DeviceSpec:
         return "cuda:" + ",".join(str(i) for i in self.indices)
 
     @property
-    def child_device(self) -> str:
-        """The device name a job uses inside its child, where the pinned GPUs are renumbered from 0: "cuda:0", or
-        "cuda:0,1" for two GPUs (see `watcher.evaluators.base.device_list`)."""
+    def child_devices(self) -> tuple[str, ...]:
+        """The torch devices a job uses inside its child, where the pinned GPUs are renumbered from 0:
+        ("cpu",), ("cuda:0",), ("cuda:0", "cuda:1") for two GPUs (a JobSpec's `devices`)."""
         if self.kind == "cpu":
-            return "cpu"
-        return "cuda:" + ",".join(str(i) for i in range(len(self.indices)))
+            return ("cpu",)
+        return tuple(f"cuda:{i}" for i in range(len(self.indices)))
 
 
 _DEVICE_RE = re.compile(r"^cuda(?::(\d+(?:,\d+)*))?$")
@@ -99,7 +99,7 @@ def check_available(spec: DeviceSpec, environ: dict[str, str] | None = None) -> 
     return [gpus[i] for i in spec.indices]
 
 
-def child_environment(spec: DeviceSpec, gpu_entries: list[str], base: dict[str, str] | None = None) -> dict[str, str]:
+def child_environment(gpu_entries: list[str], base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a job's child process: only the pinned GPUs are visible (none at all for cpu)."""
     env = dict(os.environ if base is None else base)
     env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_entries)  # "" hides every GPU from a cpu job

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from watcher import processes
-from watcher.atomic import write_json_atomic
 from watcher.journal import Job, ProcessLedger
+from watcher.records import JobSpec, Outcome
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class JobPaths:
     workdir: Path  # private scratch space, removed when the job ends
     spec: Path
     outcome: Path
+    scratch: Path  # the worker's own folder inside workdir (JobSpec.scratch_dir)
 
     @classmethod
     def for_job(cls, results_dir: Path, scratch_dir: Path, job: Job) -> "JobPaths":
@@ -40,6 +41,7 @@ class JobPaths:
             workdir=workdir,
             spec=workdir / "spec.json",
             outcome=workdir / "outcome.json",
+            scratch=workdir / "scratch",
         )
 
 
@@ -100,12 +102,12 @@ class RunningJob:
         """SIGTERM the job's whole process group, then SIGKILL whatever is left after `grace` seconds."""
         processes.stop(self.proc, grace)
 
-    def outcome(self) -> dict[str, Any]:
-        """What the child wrote, or a failure built from its exit status and the end of its log."""
+    def outcome(self) -> Outcome:
+        """What the child wrote, or a (transient) failure built from its exit status and the end of its log."""
         code = self.proc.poll()
         try:
-            return json.loads(self.paths.outcome.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            return Outcome.read(self.paths.outcome)
+        except (OSError, ValueError, TypeError):
             pass
         if code is not None and code < 0:
             name = signal.Signals(-code).name
@@ -113,7 +115,7 @@ class RunningJob:
         else:
             why = f"exited with status {code}"
         tail = last_log_line(self.paths.log)
-        return {"status": "failed", "error": f"job process {why}" + (f": {tail}" if tail else "")}
+        return Outcome.failure(f"job process {why}" + (f": {tail}" if tail else ""))
 
     def close(self) -> None:
         """After the child ended (or was stopped): nothing of its group may outlive it, nor its folder."""
@@ -126,13 +128,13 @@ class RunningJob:
         self.ledger.remove(self.proc.pid)
 
 
-def launch(job: Job, spec: dict[str, Any], paths: JobPaths, env: dict[str, str], timeout: float,
+def launch(job: Job, spec: JobSpec, paths: JobPaths, env: dict[str, str], timeout: float,
            ledger: ProcessLedger) -> RunningJob:  # fmt: skip
     """Write the spec, start the worker and record its process group in `ledger`; returns at once."""
     shutil.rmtree(paths.workdir, ignore_errors=True)
     paths.workdir.mkdir(parents=True)
     paths.log.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(paths.spec, {**spec, "outcome_path": str(paths.outcome), "workdir": str(paths.workdir / "scratch")})
+    spec.write(paths.spec)
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
     env = {**env, "CKPT_WATCH_STATUS_FD": str(write_fd), "PYTHONUNBUFFERED": "1"}

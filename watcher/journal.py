@@ -20,14 +20,11 @@ import os
 import sqlite3
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from watcher.records import Result
-
-ACTIVE_STATES = ("preparing", "evaluating")
-FINAL_STATES = ("done", "failed", "gone", "skipped")
+from watcher.records import ACTIVE_STATES, JobState, Result
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -41,6 +38,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     variants     TEXT NOT NULL,           -- JSON list of the weight variants the checkpoint holds
     completed_at REAL NOT NULL,           -- when ckpt-watch saw it complete and settled
     gone_at      REAL,                    -- when it was deleted or superseded by a re-save
+    progress     TEXT,                    -- JSON {"train/epoch": .., "train/tokens": ..} read at detection
+                                          -- (NULL in rows of older journals; the column is added when opened)
     UNIQUE (name, generation)
 );
 CREATE TABLE IF NOT EXISTS jobs (
@@ -106,6 +105,7 @@ class Checkpoint:
     layout: str
     variants: tuple[str, ...]
     gone: bool
+    progress: dict[str, float] = field(default_factory=dict)  # train/epoch, train/tokens (watcher/detect.py)
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class Job:
     """A job joined with its checkpoint: everything the scheduler and the runner need."""
 
     id: int
-    state: str
+    state: JobState
     variant: str
     preset: str
     attempts: int
@@ -133,6 +133,7 @@ class Journal:
         self._db.execute("PRAGMA synchronous=FULL")  # a committed result survives power loss, not only a crash
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)  # CREATE ... IF NOT EXISTS: an older journal gains the newer tables
+        _add_missing_columns(self._db)
         self.processes = ProcessLedger(path)
 
     def close(self) -> None:
@@ -154,9 +155,11 @@ class Journal:
         return [_checkpoint(r) for r in rows]
 
     def add_checkpoint(
-        self, name: str, step: int, path: Path, fingerprint: str, layout: str, variants: Iterable[str]
+        self, name: str, step: int, path: Path, fingerprint: str, layout: str, variants: Iterable[str],
+        progress: dict[str, float] | None = None,
     ) -> Checkpoint:
-        """Record a complete checkpoint. A new fingerprint under a known name is a new generation (a re-save)."""
+        """Record a complete checkpoint. A new fingerprint under a known name is a new generation (a re-save).
+        `progress`: the training progress it records (see `watcher.detect.read_progress`)."""
         now = time.time()
         with self._tx():
             previous = self.latest_checkpoint(name)
@@ -165,13 +168,20 @@ class Journal:
                 generation = previous.generation + 1
                 if not previous.gone:
                     self._mark_gone(previous.id, now, "superseded by a re-save of the checkpoint")
+            variants = tuple(variants)
             cursor = self._db.execute(
-                "INSERT INTO checkpoints (name, step, generation, path, fingerprint, layout, variants, completed_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, step, generation, str(path), fingerprint, layout, json.dumps(list(variants)), now),
-            )
-            row = self._db.execute("SELECT * FROM checkpoints WHERE id = ?", (cursor.lastrowid,)).fetchone()
-        return _checkpoint(row)
+                "INSERT INTO checkpoints (name, step, generation, path, fingerprint, layout, variants, completed_at,"
+                " progress) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, step, generation, str(path), fingerprint, layout, json.dumps(list(variants)), now,
+                 json.dumps(progress or {})),
+            )  # fmt: skip
+        return Checkpoint(cursor.lastrowid, name, step, generation, Path(path), fingerprint, layout, variants,
+                          gone=False, progress=dict(progress or {}))  # fmt: skip
+
+    def checkpoint_gone(self, checkpoint_id: int) -> bool:
+        """Whether the journal has this checkpoint as gone (deleted, or superseded by a re-save)."""
+        row = self._db.execute("SELECT gone_at FROM checkpoints WHERE id = ?", (checkpoint_id,)).fetchone()
+        return row is None or row["gone_at"] is not None
 
     def mark_gone(self, checkpoint_id: int, reason: str = "checkpoint folder was deleted") -> None:
         with self._tx():
@@ -180,9 +190,8 @@ class Journal:
     def _mark_gone(self, checkpoint_id: int, now: float, reason: str) -> None:
         self._db.execute("UPDATE checkpoints SET gone_at = ? WHERE id = ? AND gone_at IS NULL", (now, checkpoint_id))
         self._db.execute(
-            "UPDATE jobs SET state = 'gone', finished_at = ?, error = ? WHERE checkpoint_id = ?"
-            " AND state NOT IN ('done', 'failed', 'gone')",
-            (now, reason, checkpoint_id),
+            "UPDATE jobs SET state = ?, finished_at = ?, error = ? WHERE checkpoint_id = ? AND state NOT IN (?, ?, ?)",
+            (JobState.GONE, now, reason, checkpoint_id, JobState.DONE, JobState.FAILED, JobState.GONE),
         )
 
     # --- jobs ------------------------------------------------------------------------------------------------
@@ -194,14 +203,14 @@ class Journal:
             for variant in variants:
                 self._db.execute(
                     "INSERT OR IGNORE INTO jobs (checkpoint_id, variant, preset, state, created_at)"
-                    " VALUES (?, ?, ?, 'pending', ?)",
-                    (checkpoint.id, variant, preset, now),
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (checkpoint.id, variant, preset, JobState.PENDING, now),
                 )
 
     def job(self, job_id: int) -> Job:
         return self._jobs("WHERE jobs.id = ?", (job_id,))[0]
 
-    def jobs(self, preset: str | None = None, states: Iterable[str] | None = None) -> list[Job]:
+    def jobs(self, preset: str | None = None, states: Iterable[JobState] | None = None) -> list[Job]:
         return self._jobs(*_job_filter(preset, states))
 
     def _jobs(self, where: str, params: tuple) -> list[Job]:
@@ -217,24 +226,29 @@ class Journal:
         """Jobs caught mid-run by a crash or stop are pending again; the interrupted attempt does not count."""
         with self._tx():
             cursor = self._db.execute(
-                "UPDATE jobs SET state = 'pending', attempts = max(attempts - 1, 0), next_attempt_at = 0,"
-                " error = 'interrupted: ckpt-watch stopped during this job' WHERE state IN ('preparing', 'evaluating')"
+                "UPDATE jobs SET state = ?, attempts = max(attempts - 1, 0), next_attempt_at = 0,"
+                f" error = 'interrupted: ckpt-watch stopped during this job' WHERE state IN {_ACTIVE}",
+                (JobState.PENDING, *ACTIVE_STATES),
             )
         return cursor.rowcount
 
-    def start(self, job_id: int) -> None:
+    def start(self, job: Job) -> Job | None:
+        """A pending job begins an attempt. Returns the job as it now is in the journal (the write's own result,
+        not read back), or None when it was not pending."""
         with self._tx():
-            self._db.execute(
-                "UPDATE jobs SET state = 'preparing', attempts = attempts + 1, started_at = ?, finished_at = NULL"
-                " WHERE id = ? AND state = 'pending'",
-                (time.time(), job_id),
+            cursor = self._db.execute(
+                "UPDATE jobs SET state = ?, attempts = attempts + 1, started_at = ?, finished_at = NULL"
+                " WHERE id = ? AND state = ? RETURNING attempts",
+                (JobState.PREPARING, time.time(), job.id, JobState.PENDING),
             )
+            rows = cursor.fetchall()  # all of them: a RETURNING statement ends only once read to the end
+        return replace(job, state=JobState.PREPARING, attempts=rows[0]["attempts"]) if rows else None
 
-    def set_stage(self, job_id: int, state: str) -> None:
+    def set_stage(self, job_id: int, state: JobState) -> None:
         assert state in ACTIVE_STATES
         with self._tx():
             self._db.execute(
-                "UPDATE jobs SET state = ? WHERE id = ? AND state IN ('preparing', 'evaluating')", (state, job_id)
+                f"UPDATE jobs SET state = ? WHERE id = ? AND state IN {_ACTIVE}", (state, job_id, *ACTIVE_STATES)
             )
 
     def retry_later(self, job_id: int, error: str, delay: float) -> None:
@@ -242,28 +256,27 @@ class Journal:
         now = time.time()
         with self._tx():
             self._db.execute(
-                "UPDATE jobs SET state = 'pending', error = ?, finished_at = ?, next_attempt_at = ?"
-                " WHERE id = ? AND state IN ('preparing', 'evaluating')",
-                (error, now, now + delay, job_id),
+                f"UPDATE jobs SET state = ?, error = ?, finished_at = ?, next_attempt_at = ? WHERE id = ? AND state IN {_ACTIVE}",
+                (JobState.PENDING, error, now, now + delay, job_id, *ACTIVE_STATES),
             )
 
-    def finish(self, job_id: int, record: dict[str, Any]) -> bool:
+    def finish(self, job_id: int, result: Result) -> bool:
         """Commit a job's final outcome (done or failed) and its result record in one transaction.
 
         Returns False, committing nothing, if the job is no longer running (its checkpoint went away meanwhile).
         """
-        state = "done" if record["status"] == "ok" else "failed"
+        state = JobState.DONE if result.ok else JobState.FAILED
         now = time.time()
         with self._tx():
             cursor = self._db.execute(
-                "UPDATE jobs SET state = ?, finished_at = ?, error = ? WHERE id = ? AND state IN ('preparing', 'evaluating')",
-                (state, now, record.get("error"), job_id),
+                f"UPDATE jobs SET state = ?, finished_at = ?, error = ? WHERE id = ? AND state IN {_ACTIVE}",
+                (state, now, result.error, job_id, *ACTIVE_STATES),
             )
             if cursor.rowcount == 0:
                 return False
             self._db.execute(
                 "INSERT INTO results (result_id, job_id, record, committed_at) VALUES (?, ?, ?, ?)",
-                (record["result_id"], job_id, json.dumps(record, sort_keys=True, allow_nan=False), now),
+                (result.result_id, job_id, json.dumps(result.to_dict(), sort_keys=True, allow_nan=False), now),
             )
         return True
 
@@ -271,35 +284,35 @@ class Journal:
         with self._tx():
             for job_id in job_ids:
                 self._db.execute(
-                    "UPDATE jobs SET state = 'skipped', error = ?, finished_at = ? WHERE id = ? AND state = 'pending'",
-                    (reason, time.time(), job_id),
+                    "UPDATE jobs SET state = ?, error = ?, finished_at = ? WHERE id = ? AND state = ?",
+                    (JobState.SKIPPED, reason, time.time(), job_id, JobState.PENDING),
                 )
 
-    def requeue(self, preset: str, states: Iterable[str]) -> int:
+    def requeue(self, preset: str, states: Iterable[JobState]) -> int:
         """Put finished-but-unsuccessful jobs (failed, skipped) of present checkpoints back to pending."""
         states = list(states)
         with self._tx():
             cursor = self._db.execute(
-                f"UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = 0 WHERE preset = ?"
+                f"UPDATE jobs SET state = ?, attempts = 0, next_attempt_at = 0 WHERE preset = ?"
                 f" AND state IN ({','.join('?' * len(states))})"
                 " AND checkpoint_id IN (SELECT id FROM checkpoints WHERE gone_at IS NULL)",
-                (preset, *states),
+                (JobState.PENDING, preset, *states),
             )
         return cursor.rowcount
 
     # --- results and their delivery (the outbox) -------------------------------------------------------------
 
-    def results(self) -> list[dict[str, Any]]:
+    def results(self) -> list[Result]:
         rows = self._db.execute("SELECT record FROM results ORDER BY committed_at")
-        return [json.loads(r["record"]) for r in rows]
+        return [Result.from_dict(json.loads(r["record"])) for r in rows]
 
-    def undelivered(self, sink: str) -> list[dict[str, Any]]:
+    def undelivered(self, sink: str) -> list[Result]:
         rows = self._db.execute(
             "SELECT record FROM results WHERE result_id NOT IN (SELECT result_id FROM deliveries WHERE sink = ?)"
             " ORDER BY committed_at",
             (sink,),
         )
-        return [json.loads(r["record"]) for r in rows]
+        return [Result.from_dict(json.loads(r["record"])) for r in rows]
 
     def undelivered_count(self, sink: str) -> int:
         row = self._db.execute(
@@ -434,6 +447,16 @@ class _Transaction:
         return False
 
 
+_ACTIVE = f"({', '.join('?' * len(ACTIVE_STATES))})"  # SQL placeholders for the active states
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Columns newer versions added to existing tables: ALTER TABLE on a journal of an older version."""
+    columns = {row["name"] for row in db.execute("PRAGMA table_info(checkpoints)")}
+    if "progress" not in columns:
+        db.execute("ALTER TABLE checkpoints ADD COLUMN progress TEXT")
+
+
 def _checkpoint(row: sqlite3.Row) -> Checkpoint:
     return Checkpoint(
         id=row["id"],
@@ -445,10 +468,12 @@ def _checkpoint(row: sqlite3.Row) -> Checkpoint:
         layout=row["layout"],
         variants=tuple(json.loads(row["variants"])),
         gone=row["gone_at"] is not None,
+        # NULL in rows of older journals; no column at all in one the read-only reader opens unmigrated
+        progress=json.loads(row["progress"]) if "progress" in row.keys() and row["progress"] else {},
     )
 
 
-def _job_filter(preset: str | None, states: Iterable[str] | None) -> tuple[str, tuple]:
+def _job_filter(preset: str | None, states: Iterable[JobState] | None) -> tuple[str, tuple]:
     """The WHERE clause (and its parameters) for the jobs of one preset and/or in some states."""
     clauses, params = [], []
     if preset is not None:
@@ -463,7 +488,7 @@ def _job_filter(preset: str | None, states: Iterable[str] | None) -> tuple[str, 
 
 def _job(row: sqlite3.Row, cls: type[Job] = Job, **more: Any) -> Job:
     """A job from a row of the jobs joined with their checkpoints (the job's id as `job_id`)."""
-    return cls(id=row["job_id"], state=row["state"], variant=row["variant"], preset=row["preset"],
+    return cls(id=row["job_id"], state=JobState(row["state"]), variant=row["variant"], preset=row["preset"],
                attempts=row["attempts"], next_attempt_at=row["next_attempt_at"], error=row["error"],
                checkpoint=_checkpoint(row), **more)  # fmt: skip
 
@@ -536,7 +561,7 @@ class JournalReader:
                 return []
             raise
 
-    def jobs(self, preset: str | None = None, states: Iterable[str] | None = None) -> list[JobRow]:
+    def jobs(self, preset: str | None = None, states: Iterable[JobState] | None = None) -> list[JobRow]:
         """Ordered by step, generation, variant (regular before ema) and preset."""
         where, params = _job_filter(preset, states)
         rows = self._rows(

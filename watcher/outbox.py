@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from watcher.journal import Journal
+from watcher.records import Result
 from watcher.sinks import Sink, SinkUnavailable
 
 log = logging.getLogger("ckpt-watch")
@@ -77,29 +78,29 @@ class Outbox:
         self.waiting_for_idle = False
         for sink in self.sinks:
             state = self._state.setdefault(sink.name, _SinkState())
-            records = self.journal.undelivered(sink.name)
+            results = self.journal.undelivered(sink.name)
             slow = getattr(sink, "slow", False)
-            due = records and (force or now >= state.next_attempt) and sink.name not in self._running
+            due = results and (force or now >= state.next_attempt) and sink.name not in self._running
             if due and slow and not include_slow:
                 due = False
             if due and not idle and getattr(sink, "wait_for_idle", False):
                 due, self.waiting_for_idle = False, True
             if due:
-                ids = [r["result_id"] for r in records]
+                ids = [r.result_id for r in results]
                 suspect = self.journal.in_flight(sink.name).intersection(ids)
                 self.journal.mark_in_flight(ids, sink.name)
                 delivery = _Delivery(ids, suspect=suspect)
                 if slow and background:
-                    delivery.thread = threading.Thread(target=_send, args=(sink, records, suspect, delivery),
+                    delivery.thread = threading.Thread(target=_send, args=(sink, results, suspect, delivery),
                                                        name=f"deliver-{sink.name}", daemon=True)  # fmt: skip
                     self._running[sink.name] = delivery
                     delivery.thread.start()
                 else:
-                    _send(sink, records, suspect, delivery)
+                    _send(sink, results, suspect, delivery)
                     self._ended(sink.name, delivery)
                     if delivery.error is None:
-                        records = []
-            pending[sink.name] = len(records)
+                        results = []
+            pending[sink.name] = len(results)
         return pending
 
     def poll(self) -> None:
@@ -174,15 +175,16 @@ class Outbox:
             state.last_reason = reason
 
 
-def _send(sink: Sink, records: list[dict], suspect: set[str], delivery: _Delivery) -> None:
-    """Hand `records` to `sink`, less those among `suspect` (in flight before) that its target already holds.
+def _send(sink: Sink, results: list[Result], suspect: set[str], delivery: _Delivery) -> None:
+    """Hand `results` to `sink`, less those among `suspect` (in flight before) that its target already holds.
 
     Runs in the caller's thread or a background one; touches no journal (the main thread records the outcome).
+    Sinks take records as dicts (`Result.to_dict`), as they are written to results.jsonl.
     """
     try:
         if suspect and hasattr(sink, "holds"):
-            delivery.held = set(sink.holds([r for r in records if r["result_id"] in suspect])) & suspect
-        rest = [r for r in records if r["result_id"] not in delivery.held]
+            delivery.held = set(sink.holds([r.to_dict() for r in results if r.result_id in suspect])) & suspect
+        rest = [r.to_dict() for r in results if r.result_id not in delivery.held]
         if rest:
             sink.deliver(rest)
     except BaseException as exc:  # noqa: BLE001 - a broken sink must not stop the daemon or lose results

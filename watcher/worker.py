@@ -2,7 +2,7 @@
 
 Run as `python -m watcher.worker SPEC.json` by `watcher.jobs`, with CUDA_VISIBLE_DEVICES already pinned, so
 heavy work (torch, lm-eval) and any crash, out-of-memory kill or hang stay inside this process. It reports its
-stage through a pipe (CKPT_WATCH_STATUS_FD) and writes its outcome atomically to the spec's `outcome_path`;
+stage through a pipe (CKPT_WATCH_STATUS_FD) and writes its `Outcome` atomically to the spec's `outcome_path`;
 stdout and stderr go to the job's log file.
 
 The status pipe carries one JSON object per line, each with a "stage"; progress rides along in optional keys:
@@ -26,10 +26,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from watcher.atomic import write_json_atomic
 from watcher.evaluators.base import EvaluatorError, JobContext
 from watcher.prepare import PrepareError
 from watcher.processes import GUARD_GRACE, guard, stop_descendants
+from watcher.records import JobSpec, Outcome, OutcomeKind
 
 
 def _report_stage(stage: str, **progress: Any) -> None:
@@ -45,49 +45,48 @@ def _report_stage(stage: str, **progress: Any) -> None:
         print(f"[ckpt-watch] stage: {stage}{extra}", flush=True)
 
 
-def run_job(spec: dict[str, Any]) -> dict[str, Any]:
+def run_job(spec: JobSpec) -> Outcome:
     from watcher.evaluators import get_evaluator
     from watcher.prepare import prepare_model, verify_loadable
 
-    workdir = Path(spec["workdir"])
+    workdir = spec.scratch_dir
     workdir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     stages: dict[str, dict[str, float]] = {}
 
     _report_stage("preparing")
     start = time.time()
-    base_model = Path(spec["base_model"]) if spec.get("base_model") else None
-    model_dir, merged = prepare_model(Path(spec["checkpoint_path"]), spec["variant"], workdir, base_model,
+    model_dir, merged = prepare_model(spec.checkpoint_path, spec.variant, workdir, spec.base_model,
                                       progress=lambda done, total: _report_stage("preparing", done=done, total=total))
     timings["prepare_s"] = round(time.time() - start, 3)
     stages["prepare"] = _stage_usage(start)
     start = time.time()
-    verify_loadable(model_dir, spec["checkpoint_name"])  # before any evaluator: every weight must load
+    verify_loadable(model_dir, spec.checkpoint_name)  # before any evaluator: every weight must load
     stages["verify"] = _stage_usage(start)
 
-    steps = spec["preset"]["evaluators"]
+    steps = spec.preset.evaluators
     if not steps:
         _report_stage("evaluating")
-    context = JobContext(checkpoint=spec["checkpoint_name"], step=int(spec["step"]), variant=spec["variant"])
+    context = JobContext(checkpoint=spec.checkpoint_name, step=spec.step, variant=spec.variant)
     metrics: dict[str, float] = {}
     raw: dict[str, Any] = {}
     versions: dict[str, str] = {}
     evaluate_start = time.time()
     for index, step in enumerate(steps):
-        _report_stage("evaluating", step=index + 1, steps=len(steps), backend=step["backend"])
+        _report_stage("evaluating", step=index + 1, steps=len(steps), backend=step.backend)
         start = time.time()
-        evaluator = get_evaluator(step["backend"])
-        step_dir = workdir / f"{index}-{step['backend']}"
+        evaluator = get_evaluator(step.backend)
+        step_dir = workdir / f"{index}-{step.backend}"
         step_dir.mkdir(parents=True, exist_ok=True)
-        output = evaluator.run(model_dir, spec["device"], dict(step["options"]), step_dir, context)
+        output = evaluator.run(model_dir, spec.device, dict(step.options), step_dir, context)
         metrics.update(output.metrics)
         # Keyed by backend (what `compare` looks up); a second step of the same backend gets its index.
-        raw[step["backend"] if step["backend"] not in raw else f"{step['backend']}#{index}"] = output.raw
+        raw[step.backend if step.backend not in raw else f"{step.backend}#{index}"] = output.raw
         versions.update(output.versions)
-        stages[f"{index}-{step['backend']}"] = _stage_usage(start)
+        stages[f"{index}-{step.backend}"] = _stage_usage(start)
     timings["evaluate_s"] = round(time.time() - evaluate_start, 3)
-    return {"status": "ok", "metrics": metrics, "raw": raw, "versions": versions, "timings": timings,
-            "stages": stages, "merged_model": str(model_dir) if merged else None}  # fmt: skip
+    return Outcome(OutcomeKind.OK, metrics=metrics, raw=raw, versions=versions, timings=timings, stages=stages,
+                   merged_model=str(model_dir) if merged else None)  # fmt: skip
 
 
 def _stage_usage(start: float) -> dict[str, float]:
@@ -117,29 +116,28 @@ def _first_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-    guard(int(spec["parent_pid"]))  # we and all we start go with the daemon: no orphan may hold the GPU
-    print(f"[ckpt-watch] job {spec['job_id']}: {spec['checkpoint_name']} / {spec['variant']} / "
-          f"{spec['preset']['name']} on {spec['device']} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})",
-          flush=True)  # fmt: skip
+    spec = JobSpec.read(Path(argv[0]))
+    guard(spec.parent_pid)  # we and all we start go with the daemon: no orphan may hold the GPU
+    print(f"[ckpt-watch] job {spec.job_id}: {spec.checkpoint_name} / {spec.variant} / {spec.preset.name} on "
+          f"{spec.device} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})", flush=True)  # fmt: skip
     try:
         outcome = run_job(spec)
         code = 0
     except FileNotFoundError as exc:
         # Usually the trainer's checkpoint rotation deleting the folder under us; the daemon decides.
         traceback.print_exc()
-        outcome = {"status": "failed", "error": f"file vanished: {exc}"}
+        outcome = Outcome.failure(f"file vanished: {exc}")
         code = 3
     except (PrepareError, EvaluatorError) as exc:
         # The checkpoint or the preset is wrong, not the moment: retrying would fail the same way.
         print(f"[ckpt-watch] {type(exc).__name__}: {exc}", flush=True)
-        outcome = {"status": "failed", "error": _first_line(exc), "permanent": True}
+        outcome = Outcome.failure(_first_line(exc), OutcomeKind.PERMANENT)
         code = 3
     except Exception as exc:  # noqa: BLE001 - any failure must become a recorded outcome, not a lost job
         traceback.print_exc()
-        outcome = {"status": "failed", "error": f"{type(exc).__name__}: {_first_line(exc)}".rstrip(": ")}
+        outcome = Outcome.failure(f"{type(exc).__name__}: {_first_line(exc)}".rstrip(": "))
         code = 3
-    write_json_atomic(Path(spec["outcome_path"]), outcome)
+    outcome.write(spec.outcome_path)
     sys.stdout.flush()
     stop_descendants(os.getpid(), GUARD_GRACE)  # what the evaluators left running (we are their subreaper)
     return code

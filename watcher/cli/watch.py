@@ -47,7 +47,8 @@ def watch_parser() -> argparse.ArgumentParser:
 
 
 def watch_main(argv: list[str]) -> int:
-    from watcher.daemon import Daemon, wait_for_output_dir
+    from watcher.daemon import Daemon
+    from watcher.startup import wait_for_output_dir
     from watcher.setup import check_watch_target, has_checkpoint_folders, resolve_setup
     from watcher.devices import check_available, parse_device
     from watcher.presets import get_preset

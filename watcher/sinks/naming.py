@@ -9,9 +9,7 @@ already "task/metric" (watcher/evaluators); probes are "params/total", "routing/
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 STEP_KEY = "train/global_step"  # the HF Trainer's own x-axis (transformers' WandbCallback defines it)
@@ -29,24 +27,3 @@ def metric_row(record: dict[str, Any]) -> dict[str, float]:
     prefix = prefix_of(record.get("variant", "regular"))
     return {f"{prefix}/{name}": float(value) for name, value in sorted(record.get("metrics", {}).items())
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}  # fmt: skip
-
-
-def checkpoint_progress(folder: Path) -> dict[str, float]:
-    """`train/epoch` and `train/tokens` when the checkpoint records them (our sentinel or trainer_state.json).
-
-    Read when the job's result is recorded (the daemon keeps it in the record as "progress"), since a deferred
-    delivery may come after the trainer rotated the checkpoint away.
-    """
-    found: dict[str, float] = {}
-    for name in ("ckpt-watch-complete.json", "trainer_state.json"):
-        try:
-            state = json.loads((folder / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if not isinstance(state, dict):
-            continue
-        for key, target in (("epoch", "train/epoch"), ("num_input_tokens_seen", "train/tokens")):
-            value = state.get(key)
-            if target not in found and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-                found[target] = float(value)
-    return found

@@ -1,0 +1,82 @@
+"""The live view's feed: the daemon's state as a `Snapshot` (plain data, see watcher/live_view.py).
+
+Kept apart from the daemon's loop (which calls `snapshot` at most 4 times a second, and only with a view) and
+from the view (which knows nothing of jobs or the journal).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from watcher.jobs import RunningJob
+from watcher.journal import Job, Journal
+from watcher.live_view import ResultRow, RunningView, Snapshot
+from watcher.metrics import headline_metrics
+from watcher.outbox import Outbox
+from watcher.records import Result
+
+RECENT_RESULTS = 8  # rows in the live view's results table
+
+
+@dataclass(frozen=True)
+class Watching:
+    """What the daemon watches and how, as the view's header shows it."""
+
+    output_dir: str
+    mode: str  # "inotify", "polling every 10 s" or "scan"
+    preset: str
+    policy: str
+    device: str
+
+
+class ViewFeed:
+    def __init__(self, journal: Journal):
+        self._journal = journal
+        self._recent: deque[Result] | None = None  # the latest results (read from the journal at the first snapshot)
+
+    def add(self, result: Result) -> None:
+        """A result the daemon has just committed (the journal is not read again for it)."""
+        if self._recent is not None:
+            self._recent.append(result)
+
+    def snapshot(self, watching: Watching, pending: list[Job], running: RunningJob | None, outbox: Outbox,
+                 stopping: bool, idle_text: str | None) -> Snapshot:  # fmt: skip
+        """`idle_text`: what to say while no job runs (None: the view's default)."""
+        if self._recent is None:
+            self._recent = deque(self._journal.results()[-RECENT_RESULTS:], maxlen=RECENT_RESULTS)
+        recent = list(self._recent)
+        names = {m for r in recent if r.ok for m in r.metrics}
+        headlines = headline_metrics(names, fallback=4)
+        rows = [ResultRow(step=r.step, checkpoint=r.checkpoint, variant=r.variant, preset=r.preset, status=r.status,
+                          walltime_s=float(r.walltime_s or 0.0),
+                          metrics={k: v for k, v in r.metrics.items() if k in headlines}, error=r.error)
+                for r in recent]  # fmt: skip
+        pending = sorted(pending, key=lambda j: (j.checkpoint.step, j.variant))
+        return Snapshot(
+            output_dir=watching.output_dir,
+            mode=watching.mode,
+            preset=watching.preset,
+            policy=watching.policy,
+            device=watching.device,
+            queue=[(j.checkpoint.name, j.variant) for j in pending],
+            running=_running_view(running) if running is not None else None,
+            results=rows,
+            headlines=headlines,
+            undelivered={sink.name: self._journal.undelivered_count(sink.name) for sink in outbox.sinks},
+            undelivered_why={sink.name: outbox.waiting_reason(sink.name) for sink in outbox.sinks},
+            stopping=stopping,
+            idle_text=idle_text,
+        )
+
+
+def _running_view(running: RunningJob) -> RunningView:
+    job, progress = running.job, running.progress
+
+    def number(key: str) -> int | None:
+        value = progress.get(key)
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    return RunningView(checkpoint=job.checkpoint.name, variant=job.variant, stage=running.stage,
+                       started_at=running.started, done=number("done"), total=number("total"), step=number("step"),
+                       steps=number("steps"), backend=str(progress["backend"]) if "backend" in progress else None)  # fmt: skip
