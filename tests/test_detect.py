@@ -48,6 +48,7 @@ def test_a_fresh_checkpoint_waits_for_the_settle_window(trainer_output, output):
     (ready,) = detector.check(detector.due())
     assert (ready.name, ready.step, ready.verdict.layout) == ("checkpoint-10", 10, "hf")
     assert not detector.settling
+    assert ready.progress["train/epoch"] > 0  # read once, here, from trainer_state.json: journaled with it
 
 
 def test_a_change_during_the_window_starts_it_again(trainer_output, output):

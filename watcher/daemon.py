@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from watcher import __version__
 from watcher.config import ConfigError
 from watcher.detect import Detector, Ready
 from watcher.devices import child_environment
@@ -29,14 +27,13 @@ from watcher.records import ACTIVE_STATES, JobSpec, JobState, Outcome, OutcomeKi
 from watcher.resources import ResourceState
 from watcher.scheduler import decide
 from watcher.setup import Setup, create_dir, take_lock
-from watcher.startup import open_journal, stop_left_behind
-from watcher.view_feed import ViewFeed, Watching
+from watcher.startup import announce, install_signal_handlers, open_journal, start_feed, stop_left_behind
+from watcher.view_feed import ViewFeed, Watching, status_line
 from watcher.watch import InotifyFeed, PollingFeed
 
 log = logging.getLogger("ckpt-watch")
 
 TICK = 0.5  # seconds between looks at a running job; events wake the loop sooner
-FALLBACK_POLL = 2.0  # when inotify cannot be used on a local disk
 VIEW_INTERVAL = 0.25  # seconds between snapshots for the live view (it redraws 4 times a second)
 THOROUGH_RESCAN = 300.0  # seconds between re-walks of every journaled checkpoint (re-saves that kept names)
 SCAN_PATIENCE = 120.0  # seconds a --scan waits for a resource problem to pass before it ends with status 1
@@ -76,7 +73,7 @@ class Daemon:
         self._stop_deadline = 0.0  # time.monotonic() until which a running job may still finish
         self._reload_requested = False
         self._feed: InotifyFeed | PollingFeed | None = None
-        self._mode = "?"  # inotify, polling every N s, or scan (set by _announce)
+        self._mode = "?"  # inotify, polling every N s, or scan (set by startup.announce)
         self.view = view
         self._next_view = 0.0
         self._view_feed = ViewFeed(self.journal)
@@ -92,7 +89,7 @@ class Daemon:
         `finish_when`: also end once idle and this returns True (used by `ckpt-watch demo`).
         Returns the exit status: 1 if a job of this preset is failed (scan), else 0.
         """
-        self._install_signal_handlers()
+        install_signal_handlers(self._on_stop_signal, self._on_reload_signal)
         with self.resources.guard("start up"):
             stop_left_behind(self.journal, self.results_dir)
             self.journal.set_meta("sinks", [sink.name for sink in self.setup.sinks])
@@ -107,8 +104,10 @@ class Daemon:
                 log.info("re-queued %d failed job(s)", count)
 
         if not scan:
-            self._feed = self._start_feed()
-        self._announce(scan)
+            self._feed = start_feed(self.output_dir, self.setup.poll, lambda name: self.config.step_of(name) is not None)
+            if isinstance(self._feed, PollingFeed):
+                self.setup.poll = self._feed.interval  # FALLBACK_POLL where inotify could not be used
+        self._mode = announce(self.setup, self._feed)
         with self.resources.guard("look at the output dir"):
             self.reconcile()
         self.notifier.ready(self.status_line())
@@ -228,17 +227,12 @@ class Daemon:
         # The files sink is local and always on: a backfill that could not write its results did not finish
         # (W&B waiting for a live run, by contrast, is the normal `defer` case).
         unwritten = finished_scan and pending.get("files", 0) > 0
-        if finished_scan:
-            self._scan_summary(failed, pending)
+        if finished_scan:  # its last line: what it did and where to look
+            deliveries = ", ".join(f"{name} {n}" for name, n in pending.items()) or "none"
+            log.info("scan done: %d job(s) evaluated, %d failed, pending deliveries: %s; results in %s "
+                     "(`ckpt-watch status %s`)", self._finished_this_session, len(failed), deliveries,
+                     self.results_dir, self.output_dir)  # fmt: skip
         return 1 if failed or unwritten or self._gave_up else 0
-
-    def _scan_summary(self, failed: list[Job], pending: dict[str, int]) -> None:
-        """The last line of a finished --scan: what it did and where to look."""
-        evaluated = self._finished_this_session
-        deliveries = ", ".join(f"{name} {n}" for name, n in pending.items()) or "none"
-        log.info("scan done: %d job(s) evaluated, %d failed, pending deliveries: %s; results in %s "
-                 "(`ckpt-watch status %s`)", evaluated, len(failed), deliveries, self.results_dir,
-                 self.output_dir)  # fmt: skip
 
     def request_stop(self, grace: float = 0.0) -> None:
         """Take no new job; a running one may finish within `grace` seconds. A second request stops it now."""
@@ -279,20 +273,8 @@ class Daemon:
     def status_line(self) -> str:
         """What the daemon does, in one line (systemd's STATUS=, `systemctl status`)."""
         pending = len(self.journal.jobs(self.preset.name, [JobState.PENDING]))
-        if self.running is not None:
-            job, progress = self.running.job, self.running.progress
-            detail = ""
-            if progress.get("total"):
-                detail = f" {100 * progress.get('done', 0) // progress['total']}%"
-            elif progress.get("steps"):
-                detail = f" (step {progress.get('step')} of {progress['steps']}: {progress.get('backend')})"
-            return (f"{self.running.stage}{detail} {job.checkpoint.name}/{job.variant} ({self.preset.name}); "
-                    f"{pending} more queued")  # fmt: skip
-        if self._stop_requested:
-            return "stopping"
-        if self.resources.problem:
-            return f"waiting: {self.resources.problem}; {pending} queued"
-        return f"idle, watching {self.output_dir}; {pending} queued"
+        return status_line(self.running, pending, self.preset.name, self._stop_requested, self.resources.problem,
+                           self.output_dir)  # fmt: skip
 
     # --- detect ----------------------------------------------------------------------------------------------
 
@@ -478,19 +460,6 @@ class Daemon:
         latest = self.journal.latest_checkpoint(name)
         return latest.fingerprint if latest is not None and not latest.gone else None
 
-    def _start_feed(self) -> InotifyFeed | PollingFeed:
-        if self.setup.poll is None:
-            try:
-                feed = InotifyFeed(self.output_dir, is_checkpoint=lambda name: self.config.step_of(name) is not None)
-                feed.start()
-                return feed
-            except OSError as exc:  # e.g. the inotify instance or watch limit (fs.inotify.max_user_*) is reached
-                log.warning("inotify unavailable (%s); polling every %g s instead", exc, FALLBACK_POLL)
-                self.setup.poll = FALLBACK_POLL
-        feed = PollingFeed(self.setup.poll)
-        feed.start()
-        return feed
-
     def _reconcile_interval(self) -> float:
         return self.setup.poll if self.setup.poll is not None else self.config.rescan_interval
 
@@ -507,37 +476,22 @@ class Daemon:
             return set()
         return self._feed.wait(timeout)
 
-    def _announce(self, scan: bool) -> None:
-        mode = "scan" if scan else (self._feed.mode if self._feed else "?")
-        where = f"polling every {self.setup.poll:g} s" if (self._feed and self._feed.mode == "polling") else mode
-        self._mode = where
-        log.info("ckpt-watch %s: %s (%s), preset %s, policy %s, device %s, settle %g s, results in %s",
-                 __version__, self.output_dir, where, self.preset.name, self.config.policy, self.setup.device,
-                 self.setup.settle, self.results_dir)  # fmt: skip
-        if self.setup.journal_path.parent != self.results_dir:
-            log.info("journal kept on local disk at %s", self.setup.journal_path)
+    def _on_stop_signal(self, name: str) -> None:
+        """SIGINT/SIGTERM: no new jobs; the running one may finish within stop_grace. A second one stops it now."""
+        if self._stop_requested:
+            log.info("received %s again: stopping the running job now", name)
+        elif self.running is not None:
+            log.info("received %s: no new jobs; the running one may finish within %g s", name, self.config.stop_grace)
+        else:
+            log.info("received %s: finishing up", name)
+        self.notifier.stopping()
+        self.request_stop(self.config.stop_grace)
 
-    def _install_signal_handlers(self) -> None:
-        def stop(signum, frame):
-            if self._stop_requested:
-                log.info("received %s again: stopping the running job now", signal.Signals(signum).name)
-            elif self.running is not None:
-                log.info("received %s: no new jobs; the running one may finish within %g s",
-                         signal.Signals(signum).name, self.config.stop_grace)  # fmt: skip
-            else:
-                log.info("received %s: finishing up", signal.Signals(signum).name)
-            self.notifier.stopping()
-            self.request_stop(self.config.stop_grace)
-
-        def reload(signum, frame):
-            log.info("received SIGHUP: reloading the configuration")
-            self._reload_requested = True
-            if self._feed is not None:
-                self._feed.wake()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, stop)
-        signal.signal(signal.SIGHUP, reload)
+    def _on_reload_signal(self) -> None:
+        log.info("received SIGHUP: reloading the configuration")
+        self._reload_requested = True  # done by the loop, between two stages
+        if self._feed is not None:
+            self._feed.wake()
 
     @staticmethod
     def _describe(job: Job) -> str:

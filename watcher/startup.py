@@ -1,5 +1,5 @@
 """Start-up: what happens before the daemon's loop runs: waiting for the output dir, opening the journal on a
-full disk, stopping what a killed daemon left running.
+full disk, stopping what a killed daemon left running, choosing between inotify and polling.
 """
 
 from __future__ import annotations
@@ -11,15 +11,21 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
+from watcher import __version__
 from watcher.config import ConfigError
 from watcher.journal import Journal
 from watcher.notify import Notifier
 from watcher.processes import stop_leftovers
 from watcher.resources import ResourceState, out_of_space, resource_problem
+from watcher.setup import Setup
 from watcher.sinks.wandb_run import DELIVERIES
+from watcher.watch import InotifyFeed, PollingFeed
 
 log = logging.getLogger("ckpt-watch")
+
+FALLBACK_POLL = 2.0  # seconds between looks when inotify cannot be used on a local disk
 
 
 def wait_for_output_dir(output_dir: Path, live: bool = False, interval: float = 1.0) -> bool:
@@ -82,3 +88,42 @@ def stop_left_behind(journal: Journal, results_dir: Path) -> None:
     if count:
         log.warning("stopped %d process(es) left running by the previous ckpt-watch (%s)", count,
                     ", ".join(sorted(set(roles))))  # fmt: skip
+
+
+def start_feed(output_dir: Path, poll: float | None, is_checkpoint: Callable[[str], bool]) -> InotifyFeed | PollingFeed:
+    """What wakes the loop: inotify events for `output_dir`, or with `poll` a look every `poll` seconds (also
+    where inotify cannot be used: every FALLBACK_POLL seconds, said once)."""
+    if poll is None:
+        try:
+            feed = InotifyFeed(output_dir, is_checkpoint=is_checkpoint)
+            feed.start()
+            return feed
+        except OSError as exc:  # e.g. the inotify instance or watch limit (fs.inotify.max_user_*) is reached
+            log.warning("inotify unavailable (%s); polling every %g s instead", exc, FALLBACK_POLL)
+            poll = FALLBACK_POLL
+    polling = PollingFeed(poll)
+    polling.start()
+    return polling
+
+
+def announce(setup: Setup, feed: InotifyFeed | PollingFeed | None) -> str:
+    """The start-up log line (what is watched, how, with which preset, where results go); returns how the output
+    dir is watched, as the live view shows it: "inotify", "polling every N s", or "scan" (no feed)."""
+    if feed is None:
+        mode = "scan"
+    else:
+        mode = f"polling every {setup.poll:g} s" if feed.mode == "polling" else feed.mode
+    log.info("ckpt-watch %s: %s (%s), preset %s, policy %s, device %s, settle %g s, results in %s", __version__,
+             Path(setup.config.output_dir), mode, setup.preset.name, setup.config.policy, setup.device, setup.settle,
+             setup.results_dir)  # fmt: skip
+    if setup.journal_path.parent != setup.results_dir:
+        log.info("journal kept on local disk at %s", setup.journal_path)
+    return mode
+
+
+def install_signal_handlers(stop: Callable[[str], None], reload: Callable[[], None]) -> None:
+    """SIGINT and SIGTERM call `stop(signal name)`, SIGHUP calls `reload()` (in the main thread, between two
+    bytecodes: they only set flags and wake the loop)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop(signal.Signals(signum).name))
+    signal.signal(signal.SIGHUP, lambda signum, frame: reload())

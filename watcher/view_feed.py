@@ -1,6 +1,7 @@
-"""The live view's feed: the daemon's state as a `Snapshot` (plain data, see watcher/live_view.py).
+"""What the daemon shows of itself: its state as a `Snapshot` for the live view (plain data, see
+watcher/live_view.py), and as one status line for systemd.
 
-Kept apart from the daemon's loop (which calls `snapshot` at most 4 times a second, and only with a view) and
+Kept apart from the daemon's loop (which asks for a snapshot at most 4 times a second, and only with a view) and
 from the view (which knows nothing of jobs or the journal).
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 from watcher.jobs import RunningJob
 from watcher.journal import Job, Journal
@@ -80,3 +82,21 @@ def _running_view(running: RunningJob) -> RunningView:
     return RunningView(checkpoint=job.checkpoint.name, variant=job.variant, stage=running.stage,
                        started_at=running.started, done=number("done"), total=number("total"), step=number("step"),
                        steps=number("steps"), backend=str(progress["backend"]) if "backend" in progress else None)  # fmt: skip
+
+
+def status_line(running: RunningJob | None, pending: int, preset: str, stopping: bool, problem: str | None,
+                output_dir: Path) -> str:  # fmt: skip
+    """What the daemon does, in one line (systemd's STATUS=, `systemctl status`)."""
+    if running is not None:
+        job, progress = running.job, running.progress
+        detail = ""
+        if progress.get("total"):
+            detail = f" {100 * progress.get('done', 0) // progress['total']}%"
+        elif progress.get("steps"):
+            detail = f" (step {progress.get('step')} of {progress['steps']}: {progress.get('backend')})"
+        return f"{running.stage}{detail} {job.checkpoint.name}/{job.variant} ({preset}); {pending} more queued"
+    if stopping:
+        return "stopping"
+    if problem:
+        return f"waiting: {problem}; {pending} queued"
+    return f"idle, watching {output_dir}; {pending} queued"
