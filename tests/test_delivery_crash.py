@@ -46,8 +46,9 @@ for step in range(10, 10 * checkpoints + 1, 10):
     journal.ensure_jobs(ckpt, ["regular", "ema"], "smoke")
     for job in journal.jobs("smoke", [JobState.PENDING]):
         journal.start(job)
-        journal.finish(job.id, Result(result_id=f"{step}-{job.variant}", step=step, checkpoint=name, variant=job.variant,
-                                      preset="smoke", status="ok", metrics={"arc/acc": step / 1000}))
+        journal.finish(job.id, Result(result_id=f"{step}-{job.variant}", step=step, checkpoint=name,
+                                      variant=job.variant, preset="smoke", status="ok",
+                                      metrics={"arc/acc": step / 1000}))
     outbox.deliver_pending(force=True)
 print(json.dumps(outbox.deliver_pending(force=True)))
 """

@@ -28,7 +28,7 @@ from watcher.resources import ResourceState
 from watcher.scheduler import decide
 from watcher.setup import Setup, create_dir, take_lock
 from watcher.startup import announce, install_signal_handlers, open_journal, start_feed, stop_left_behind
-from watcher.view_feed import ViewFeed, Watching, status_line
+from watcher.view_feed import ViewFeed, status_line
 from watcher.watch import InotifyFeed, PollingFeed
 
 log = logging.getLogger("ckpt-watch")
@@ -55,14 +55,9 @@ class Daemon:
         self._lock = take_lock(setup.journal_path.parent / "ckpt-watch.lock", self.results_dir)
         self.notifier = Notifier()
         self.journal = open_journal(setup.journal_path, self.notifier)
-        self.detector = Detector(
-            self.output_dir,
-            checked_step=self.config.checked_step,
-            known_fingerprint=self._known_fingerprint,
-            settle=setup.settle,
-            sentinel=self.config.sentinel,
-            base_model=lambda: self.config.base_model,
-        )
+        self.detector = Detector(self.output_dir, checked_step=self.config.checked_step,
+                                 known_fingerprint=self._known_fingerprint, settle=setup.settle,
+                                 sentinel=self.config.sentinel, base_model=lambda: self.config.base_model)  # fmt: skip
         self.outbox = Outbox(self.journal, setup.sinks)
         self.resources = ResourceState()
         self._gave_up = False  # a --scan that ended on a resource problem
@@ -104,7 +99,8 @@ class Daemon:
                 log.info("re-queued %d failed job(s)", count)
 
         if not scan:
-            self._feed = start_feed(self.output_dir, self.setup.poll, lambda name: self.config.step_of(name) is not None)
+            self._feed = start_feed(self.output_dir, self.setup.poll,
+                                    lambda name: self.config.step_of(name) is not None)  # fmt: skip
             if isinstance(self._feed, PollingFeed):
                 self.setup.poll = self._feed.interval  # FALLBACK_POLL where inotify could not be used
         self._mode = announce(self.setup, self._feed)
@@ -313,9 +309,9 @@ class Daemon:
                      ", ".join(self._variants(checkpoint.variants)))  # fmt: skip
 
     def _gone(self, checkpoint: Checkpoint, listed: set[str] | None = None) -> bool:
-        """Whether a journaled checkpoint is gone: superseded by a re-save or already found deleted (the journal
-        says so), or deleted now (its folder is not among `listed`, the names a scan of the output dir found, or
-        else not there). The one place that decides; the first time, its unfinished jobs are recorded as gone."""
+        """Whether a journaled checkpoint is gone (the one place that decides): the journal says so (a re-save,
+        or deleted before), or its folder is not among `listed` (a scan's names), else not there now. The first
+        time, its unfinished jobs are recorded as gone."""
         if self.journal.checkpoint_gone(checkpoint.id):
             return True
         if checkpoint.name in listed if listed is not None else checkpoint.path.is_dir():
@@ -342,7 +338,7 @@ class Daemon:
         if self._gone(job.checkpoint):
             return
         started = self.journal.start(job)
-        if started is None:  # no longer pending (cannot happen in this single-threaded loop; never run it twice)
+        if started is None:  # not pending any more: nothing to run
             return
         job, checkpoint = started, started.checkpoint
         paths = JobPaths.for_job(self.results_dir, self.config.resolved_scratch_dir(), job)
@@ -427,10 +423,10 @@ class Daemon:
 
     def snapshot(self) -> Snapshot:
         """What the live view shows, as plain data (see watcher/view_feed.py)."""
-        watching = Watching(str(self.output_dir), self._mode, self.preset.name, self.config.policy,
-                            str(self.setup.device))  # fmt: skip
+        header = Snapshot(str(self.output_dir), self._mode, self.preset.name, self.config.policy,
+                          str(self.setup.device))  # fmt: skip
         idle_text = self.idle_text() if self.idle_text is not None and self.running is None else None
-        return self._view_feed.snapshot(watching, self.journal.jobs(self.preset.name, [JobState.PENDING]),
+        return self._view_feed.snapshot(header, self.journal.jobs(self.preset.name, [JobState.PENDING]),
                                         self.running, self.outbox, self._stop_requested, idle_text)  # fmt: skip
 
     def _update_view(self, force: bool = False) -> None:

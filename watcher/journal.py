@@ -256,7 +256,8 @@ class Journal:
         now = time.time()
         with self._tx():
             self._db.execute(
-                f"UPDATE jobs SET state = ?, error = ?, finished_at = ?, next_attempt_at = ? WHERE id = ? AND state IN {_ACTIVE}",
+                "UPDATE jobs SET state = ?, error = ?, finished_at = ?, next_attempt_at = ?"
+                f" WHERE id = ? AND state IN {_ACTIVE}",
                 (JobState.PENDING, error, now, now + delay, job_id, *ACTIVE_STATES),
             )
 

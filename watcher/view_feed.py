@@ -8,7 +8,7 @@ from the view (which knows nothing of jobs or the journal).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 from watcher.jobs import RunningJob
@@ -21,17 +21,6 @@ from watcher.records import Result
 RECENT_RESULTS = 8  # rows in the live view's results table
 
 
-@dataclass(frozen=True)
-class Watching:
-    """What the daemon watches and how, as the view's header shows it."""
-
-    output_dir: str
-    mode: str  # "inotify", "polling every 10 s" or "scan"
-    preset: str
-    policy: str
-    device: str
-
-
 class ViewFeed:
     def __init__(self, journal: Journal):
         self._journal = journal
@@ -42,9 +31,10 @@ class ViewFeed:
         if self._recent is not None:
             self._recent.append(result)
 
-    def snapshot(self, watching: Watching, pending: list[Job], running: RunningJob | None, outbox: Outbox,
+    def snapshot(self, header: Snapshot, pending: list[Job], running: RunningJob | None, outbox: Outbox,
                  stopping: bool, idle_text: str | None) -> Snapshot:  # fmt: skip
-        """`idle_text`: what to say while no job runs (None: the view's default)."""
+        """`header` with the rest filled in. `header`: what is watched and how (its first fields, the view's
+        header); `idle_text`: what to say while no job runs (None: the view's default)."""
         if self._recent is None:
             self._recent = deque(self._journal.results()[-RECENT_RESULTS:], maxlen=RECENT_RESULTS)
         recent = list(self._recent)
@@ -55,12 +45,8 @@ class ViewFeed:
                           metrics={k: v for k, v in r.metrics.items() if k in headlines}, error=r.error)
                 for r in recent]  # fmt: skip
         pending = sorted(pending, key=lambda j: (j.checkpoint.step, j.variant))
-        return Snapshot(
-            output_dir=watching.output_dir,
-            mode=watching.mode,
-            preset=watching.preset,
-            policy=watching.policy,
-            device=watching.device,
+        return replace(
+            header,
             queue=[(j.checkpoint.name, j.variant) for j in pending],
             running=_running_view(running) if running is not None else None,
             results=rows,
@@ -81,7 +67,8 @@ def _running_view(running: RunningJob) -> RunningView:
 
     return RunningView(checkpoint=job.checkpoint.name, variant=job.variant, stage=running.stage,
                        started_at=running.started, done=number("done"), total=number("total"), step=number("step"),
-                       steps=number("steps"), backend=str(progress["backend"]) if "backend" in progress else None)  # fmt: skip
+                       steps=number("steps"),
+                       backend=str(progress["backend"]) if "backend" in progress else None)  # fmt: skip
 
 
 def status_line(running: RunningJob | None, pending: int, preset: str, stopping: bool, problem: str | None,
