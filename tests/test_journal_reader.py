@@ -24,8 +24,8 @@ def written(tmp_path) -> Path:
         journal.ensure_jobs(checkpoint, ["regular"], "smoke")
     first, _, third = journal.jobs("smoke")
     for job, status in ((first, "ok"), (third, "failed")):
-        journal.start(job.id)
-        assert journal.finish(job.id, _result(job, status).to_dict())
+        journal.start(job)
+        assert journal.finish(job.id, _result(job, status))
     journal.mark_delivered(f"r{first.id}", "files")
     journal.set_meta("sinks", ["files", "wandb"])
     journal.close()

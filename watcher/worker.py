@@ -56,7 +56,7 @@ def run_job(spec: JobSpec) -> Outcome:
 
     _report_stage("preparing")
     start = time.time()
-    model_dir, merged = prepare_model(spec.checkpoint_path, spec.variant, workdir, spec.base_model,
+    model_dir, merged = prepare_model(spec.checkpoint_path, spec.variant, workdir, spec.base_model, layout=spec.layout,
                                       progress=lambda done, total: _report_stage("preparing", done=done, total=total))
     timings["prepare_s"] = round(time.time() - start, 3)
     stages["prepare"] = _stage_usage(start)
