@@ -201,7 +201,8 @@ class Daemon:
                 self.journal.recover_interrupted()
         if self._feed is not None:
             self._feed.stop()
-        failed = [j for j in self.journal.jobs(self.preset.name, [JobState.FAILED]) if not j.checkpoint.gone] if scan else []
+        failed = [j for j in self.journal.jobs(self.preset.name, [JobState.FAILED])
+                  if not j.checkpoint.gone] if scan else []  # fmt: skip
         # A backfill (--scan) ends with every sink delivered to; a stop asked for by a signal waits for a delivery
         # already on its way (briefly) but starts no slow one: those results stay in the journal for the next start.
         finished_scan = scan and not self._stop_requested
