@@ -151,4 +151,9 @@ def test_checkpoint_progress_is_journaled_and_an_older_journal_gains_the_column(
                                    {"train/epoch": 1.5})
     assert added.progress == {"train/epoch": 1.5}
     assert [c.progress for c in journal.present_checkpoints()] == [{}, {"train/epoch": 1.5}]
+    # The older row is read from its folder once at the next start (Daemon.run); new rows never need that.
+    assert [c.name for c in journal.checkpoints_without_progress()] == ["checkpoint-5"]
+    journal.set_progress(journal.present_checkpoints()[0].id, {"train/epoch": 0.5})
+    assert journal.checkpoints_without_progress() == []
+    assert journal.present_checkpoints()[0].progress == {"train/epoch": 0.5}
     journal.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from watcher.config import ConfigError
-from watcher.detect import Detector, Ready
+from watcher.detect import Detector, Ready, read_progress
 from watcher.devices import child_environment
 from watcher.jobs import JobPaths, RunningJob, launch
 from watcher.journal import Checkpoint, Job
@@ -87,6 +87,8 @@ class Daemon:
         install_signal_handlers(self._on_stop_signal, self._on_reload_signal)
         with self.resources.guard("start up"):
             stop_left_behind(self.journal, self.results_dir)
+            for checkpoint in self.journal.checkpoints_without_progress():  # admitted by an older version
+                self.journal.set_progress(checkpoint.id, read_progress(checkpoint.path))
             self.journal.set_meta("sinks", [sink.name for sink in self.setup.sinks])
             recovered = self.journal.recover_interrupted()
             if recovered:

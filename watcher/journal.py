@@ -154,6 +154,15 @@ class Journal:
         rows = self._db.execute("SELECT * FROM checkpoints WHERE gone_at IS NULL ORDER BY step, generation")
         return [_checkpoint(r) for r in rows]
 
+    def checkpoints_without_progress(self) -> list[Checkpoint]:
+        """Present checkpoints admitted by a version that did not journal progress yet (NULL, not "{}")."""
+        rows = self._db.execute("SELECT * FROM checkpoints WHERE gone_at IS NULL AND progress IS NULL")
+        return [_checkpoint(r) for r in rows]
+
+    def set_progress(self, checkpoint_id: int, progress: dict[str, float]) -> None:
+        with self._tx():
+            self._db.execute("UPDATE checkpoints SET progress = ? WHERE id = ?", (json.dumps(progress), checkpoint_id))
+
     def add_checkpoint(
         self, name: str, step: int, path: Path, fingerprint: str, layout: str, variants: Iterable[str],
         progress: dict[str, float] | None = None,
