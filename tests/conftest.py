@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +17,45 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+
+# --- running in parallel (pytest-xdist; pyproject's addopts: -n auto --dist loadgroup) ------------------------
+#
+# Tests are spread one by one over the workers, except a module listed here: its tests stay together on one
+# worker, because they share a module- or session-scoped fixture that would otherwise be built once per worker
+# (a torchrun, an lm-eval run, a scanned run). The torchrun family shares factories' session cache.
+TOGETHER = {
+    "test_completion": "torchrun", "test_dcp_metadata": "torchrun", "test_dcp_source": "torchrun",
+    "test_merge_sharded": "torchrun", "test_rank_shards_source": "torchrun", "test_daemon_sharded": "torchrun",
+    "test_merge_memory": "merge_memory", "test_status_plot": "status_plot", "test_torchtitan": "torchtitan",
+    "test_producers": "producers", "test_lm_eval_backend": "lm_eval_smoke", "test_lmms_eval_backend": "lmms_eval",
+    "test_integrations_hf": "hf_callback", "test_wandb_sink": "hf_callback",  # plain_run, wandb_run
+}  # fmt: skip
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = getattr(item, "module", None)
+        group = TOGETHER.get(module.__name__.rpartition(".")[2]) if module else None
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A test marked `serial` runs alone: it holds an exclusive lock that every other test holds shared.
+
+    For tests that change something machine-wide (a sysctl) or assert timings (latency, watchdog intervals) that
+    a second test's load on this 2-core VM could break. Without xdist there is nothing to wait for."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return (yield)
+    # Each worker's base temp dir is popen-gwN inside the run's own, which pytest's retention cleans up.
+    shared = item.config._tmp_path_factory.getbasetemp().parent
+    mode = fcntl.LOCK_EX if item.get_closest_marker("serial") else fcntl.LOCK_SH
+    with open(shared / "serial-tests.lock", "a") as lock:
+        fcntl.flock(lock, mode)  # released when the file is closed
+        return (yield)
 
 
 @pytest.fixture(scope="session")

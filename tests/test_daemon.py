@@ -203,6 +203,7 @@ def slow_copy(source: Path, dest: Path, pause: float) -> float:
     return time.time()  # the moment the last file was closed
 
 
+@pytest.mark.serial  # measures a latency of under 2 s
 def test_the_daemon_picks_up_a_slowly_written_checkpoint_only_when_complete_and_within_2_s(
     trainer_output, config_file, tmp_path
 ):
@@ -263,7 +264,8 @@ def test_a_job_child_killed_by_the_kernel_fails_that_attempt_only(copy_trainer_o
     shutil.rmtree(output / "checkpoint-20")
     config = tmp_path / "c.toml"
     config.write_text("max_attempts = 2\nretry_backoff = 0.1\n" + CONFIG)
-    daemon = start_daemon(tmp_path / "d.log", output, "--scan", "--config", config, "--preset", "quick")
+    # `params`: the child is killed seconds before any evaluator starts, and the retry need not run lm-eval.
+    daemon = start_daemon(tmp_path / "d.log", output, "--scan", "--config", config, "--preset", "params")
     try:
         pids = wait_for(lambda: worker_processes(output / "ckpt-watch"), 120, interval=0.05, what="a job child")
         os.kill(pids[0], signal.SIGKILL)  # what the OOM killer does

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 
 from helpers import job_states, journal_jobs, wait_for, worker_processes
 from watcher.notify import Notifier
@@ -69,8 +70,11 @@ def _pings(messages) -> list[float]:
     return [at for at, lines in messages if "WATCHDOG=1" in lines]
 
 
+@pytest.mark.serial  # measures the watchdog's ping intervals
 def test_notify_ready_status_watchdog_and_stopping_and_a_wedged_loop_stops_pinging(copy_trainer_output, tmp_path):
     output = copy_trainer_output()
+    for name in ("checkpoint-10", "checkpoint-20"):
+        (output / name).rename(tmp_path / name)  # one job is enough to see a STATUS= line naming it
     config = tmp_path / "c.toml"
     config.write_text(QUICK)
     notify = NotifySocket(tmp_path / "notify.sock")
@@ -78,7 +82,7 @@ def test_notify_ready_status_watchdog_and_stopping_and_a_wedged_loop_stops_pingi
     try:
         ready = notify.wait_for("READY=1", 60)
         assert any(line.startswith("STATUS=") for line in ready)
-        wait_for(lambda: set(job_states(output).values()) == {"done"}, 120, what="the three jobs")
+        wait_for(lambda: set(job_states(output).values()) == {"done"}, 120, what="the job")
         notify.collect(1.0)
         statuses = [line for _, lines in notify.messages for line in lines if line.startswith("STATUS=")]
         assert any("checkpoint-" in s for s in statuses), statuses  # what it was doing, job by job

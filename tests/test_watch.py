@@ -141,6 +141,7 @@ def test_re_saves_under_inotify(trainer_output, tmp_path):
 MAX_QUEUED_EVENTS = Path("/proc/sys/fs/inotify/max_queued_events")
 
 
+@pytest.mark.serial  # lowers the machine-wide inotify queue limit for every daemon started meanwhile
 def test_an_inotify_queue_overflow_is_logged_once_and_rescanned_at_once(trainer_output, tmp_path):
     """With a small queue, events were dropped silently and the checkpoint whose events were lost was found only
     by the rescan (30 s by default; 300 s here). The daemon is stopped (SIGSTOP) while a burst of events and the
