@@ -19,27 +19,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
-# --- running in parallel (pytest-xdist; pyproject's addopts: -n auto --dist loadgroup) ------------------------
+# --- running in parallel (pytest-xdist; pyproject's addopts: -n auto --dist loadfile) -------------------------
 #
-# Tests are spread one by one over the workers, except a module listed here: its tests stay together on one
-# worker, because they share a module- or session-scoped fixture that would otherwise be built once per worker
-# (a torchrun, an lm-eval run, a scanned run). The torchrun family shares factories' session cache.
-TOGETHER = {
-    "test_completion": "torchrun", "test_dcp_metadata": "torchrun", "test_dcp_source": "torchrun",
-    "test_merge_sharded": "torchrun", "test_rank_shards_source": "torchrun", "test_daemon_sharded": "torchrun",
-    "test_merge_memory": "merge_memory", "test_status_plot": "status_plot", "test_torchtitan": "torchtitan",
-    "test_producers": "producers", "test_lm_eval_backend": "lm_eval_smoke", "test_lmms_eval_backend": "lmms_eval",
-    "test_integrations_hf": "hf_callback", "test_wandb_sink": "hf_callback",  # plain_run, wandb_run
-}  # fmt: skip
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = getattr(item, "module", None)
-        group = TOGETHER.get(module.__name__.rpartition(".")[2]) if module else None
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
+# loadfile keeps each module on one worker, so a module- or session-scoped fixture that one module uses (the
+# scanned run of test_status_plot, the lm-eval smoke run, producers' torchrun) is built once; a session fixture
+# several modules share (trainer_output, factories' torchrun cache) is built at most once per worker.
+# (--dist loadgroup with xdist_group marks would allow finer grouping, but pytest-xdist 3.8 cannot add its group
+# suffix to pytest 9's node ids: every test is then scheduled on its own.)
 
 
 @pytest.hookimpl(wrapper=True)
