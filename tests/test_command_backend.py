@@ -29,7 +29,7 @@ def _command(tmp_path):
 
 def test_placeholders_are_filled_and_json_metrics_flattened(tiny_model_dir, tmp_path):
     backend = get_evaluator("command")
-    out = backend.run(tiny_model_dir, "cpu", {"command": _command(tmp_path)}, tmp_path,
+    out = backend.run(tiny_model_dir, ("cpu",), {"command": _command(tmp_path)}, tmp_path,
                       JobContext(checkpoint="checkpoint-30", step=30, variant="ema"))  # fmt: skip
     assert out.metrics == {"my_task/score": 0.75, "has_config": 1.0, "gpus": 1.0}
     assert out.raw["argv"][2:] == [str(tiny_model_dir), "30", "ema"]
@@ -51,11 +51,11 @@ def test_bad_options_are_rejected(options, message):
 def test_failures(tiny_model_dir, tmp_path):
     backend = get_evaluator("command")
     with pytest.raises(EvaluatorError, match="command not found"):
-        backend.run(tiny_model_dir, "cpu", {"command": ["no-such-program-xyz"]}, tmp_path)
+        backend.run(tiny_model_dir, ("cpu",), {"command": ["no-such-program-xyz"]}, tmp_path)
     with pytest.raises(RuntimeError, match="status 3"):
-        backend.run(tiny_model_dir, "cpu", {"command": [sys.executable, "-c", "import sys; sys.exit(3)"]}, tmp_path)
+        backend.run(tiny_model_dir, ("cpu",), {"command": [sys.executable, "-c", "import sys; sys.exit(3)"]}, tmp_path)
     with pytest.raises(EvaluatorError, match="no JSON object"):
-        backend.run(tiny_model_dir, "cpu", {"command": [sys.executable, "-c", "print('hello')"]}, tmp_path)
+        backend.run(tiny_model_dir, ("cpu",), {"command": [sys.executable, "-c", "print('hello')"]}, tmp_path)
 
 
 def test_the_daemon_runs_a_command_preset(copy_trainer_output, tmp_path):

@@ -30,7 +30,7 @@ def smoke_run(tiny_model_dir, tmp_path_factory) -> tuple[EvalOutput, Path]:
     workdir = tmp_path_factory.mktemp("lm-eval-smoke")
     before = _listing(tiny_model_dir)
     output = get_evaluator("lm_eval").run(
-        tiny_model_dir, "cpu", {"tasks": SMOKE_TASKS, "limit": SMOKE_LIMIT}, workdir
+        tiny_model_dir, ("cpu",), {"tasks": SMOKE_TASKS, "limit": SMOKE_LIMIT}, workdir
     )
     assert _listing(tiny_model_dir) == before, "the evaluator must never write into the model dir"
     return output, workdir
@@ -100,7 +100,7 @@ def test_group_together_with_a_user_task_dir(tiny_model_dir, tmp_path):
     _write_user_task(user_dir)
     output = get_evaluator("lm_eval").run(
         tiny_model_dir,
-        "cpu",
+        ("cpu",),
         {"tasks": ["ckpt_watch_smoke", "my_yes_no"], "limit": 2, "include_path": str(user_dir), "batch_size": 4},
         tmp_path / "work",
     )
@@ -141,7 +141,7 @@ def test_flatten_results():
 def test_unknown_task_is_named(tiny_model_dir, tmp_path):
     with pytest.raises(EvaluatorError, match="no_such_task_xyz") as error:
         get_evaluator("lm_eval").run(
-            tiny_model_dir, "cpu", {"tasks": ["ckpt_watch_smoke_mc", "no_such_task_xyz"]}, tmp_path
+            tiny_model_dir, ("cpu",), {"tasks": ["ckpt_watch_smoke_mc", "no_such_task_xyz"]}, tmp_path
         )
     assert "ckpt_watch_smoke_mc" not in str(error.value)
 
@@ -149,7 +149,7 @@ def test_unknown_task_is_named(tiny_model_dir, tmp_path):
 def test_task_both_alone_and_in_its_group_is_an_options_error(tiny_model_dir, tmp_path):
     with pytest.raises(EvaluatorError, match="Duplicate task 'ckpt_watch_smoke_mc'"):
         get_evaluator("lm_eval").run(
-            tiny_model_dir, "cpu", {"tasks": ["ckpt_watch_smoke", "ckpt_watch_smoke_mc"]}, tmp_path
+            tiny_model_dir, ("cpu",), {"tasks": ["ckpt_watch_smoke", "ckpt_watch_smoke_mc"]}, tmp_path
         )
 
 
@@ -186,7 +186,7 @@ def test_good_options_and_defaults():
 
 def test_model_dir_without_config_is_rejected(tmp_path):
     with pytest.raises(EvaluatorError, match="config.json"):
-        get_evaluator("lm_eval").run(tmp_path, "cpu", {"tasks": ["ckpt_watch_smoke_mc"]}, tmp_path / "work")
+        get_evaluator("lm_eval").run(tmp_path, ("cpu",), {"tasks": ["ckpt_watch_smoke_mc"]}, tmp_path / "work")
 
 
 def test_registry_imports_no_heavy_modules():

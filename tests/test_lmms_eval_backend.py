@@ -180,7 +180,7 @@ def test_local_mode_runs_lmms_eval_in_its_own_environment(standin, model_dir, tm
     options = {"python": str(standin), "tasks": ["mme", "ok_vqa"], "limit": 4, "num_fewshot": 0,
                "include_path": str(tasks_dir), "model_args": {"dtype": "bfloat16", "use_cache": True}}  # fmt: skip
     workdir = tmp_path / "work"
-    out = get_evaluator("lmms_eval").run(model_dir, "cuda:0", options, workdir)
+    out = get_evaluator("lmms_eval").run(model_dir, ("cuda:0",), options, workdir)
 
     assert out.metrics["ckpt_watch_tiny_vqa/exact_match"] == 0.0
     assert out.versions == {"lmms_eval": "0.0+standin", "lmms_eval.python": "3.0", "lmms_eval.torch": "2.0+standin"}
@@ -211,7 +211,7 @@ def test_failures_raise_with_a_one_line_reason(standin, model_dir, tmp_path, mon
     monkeypatch.setenv("STANDIN_MODE", mode)
     monkeypatch.setenv("STANDIN_VERSIONS", versions)
     with pytest.raises(error, match=message) as caught:
-        get_evaluator("lmms_eval").run(model_dir, "cpu", {"python": str(standin), "tasks": ["t"]}, tmp_path / "w")
+        get_evaluator("lmms_eval").run(model_dir, ("cpu",), {"python": str(standin), "tasks": ["t"]}, tmp_path / "w")
     assert "\n" not in str(caught.value)
 
 
@@ -219,7 +219,7 @@ def test_a_run_over_its_timeout_is_stopped(standin, model_dir, tmp_path, monkeyp
     monkeypatch.setenv("STANDIN_MODE", "sleep")
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"timed out after 1 s"):
-        get_evaluator("lmms_eval").run(model_dir, "cpu", {"python": str(standin), "tasks": ["t"], "timeout": 1},
+        get_evaluator("lmms_eval").run(model_dir, ("cpu",), {"python": str(standin), "tasks": ["t"], "timeout": 1},
                                        tmp_path / "w")  # fmt: skip
     assert time.monotonic() - start < 30
 
@@ -228,7 +228,7 @@ def test_a_model_path_with_a_comma_is_refused(standin, tmp_path):
     bad = tmp_path / "a,b"
     bad.mkdir()
     with pytest.raises(EvaluatorError, match="comma"):
-        get_evaluator("lmms_eval").run(bad, "cpu", {"python": str(standin), "tasks": ["t"]}, tmp_path / "w")
+        get_evaluator("lmms_eval").run(bad, ("cpu",), {"python": str(standin), "tasks": ["t"]}, tmp_path / "w")
 
 
 def test_the_daemon_records_a_crashing_lmms_eval_and_carries_on(copy_trainer_output, standin, tmp_path):
@@ -317,7 +317,7 @@ def test_server_mode_submits_polls_and_reads_the_results_file(server_factory, mo
     server = server_factory("completed")
     options = {"server_url": server.url + "/", "tasks": ["mme"], "limit": 8, "poll_interval": 0.05,
                "model_args": {"max_pixels": 12845056}}  # fmt: skip
-    out = get_evaluator("lmms_eval").run(model_dir, "cuda:0", options, tmp_path / "w")
+    out = get_evaluator("lmms_eval").run(model_dir, ("cuda:0",), options, tmp_path / "w")
     assert out.metrics["ckpt_watch_tiny_vqa/exact_match"] == 0.0
     assert out.versions == {"lmms_eval.server": server.url}
     assert out.raw["job_id"] == "job-1" and out.raw["mode"] == "server"
@@ -339,7 +339,7 @@ def test_server_failures_raise_with_the_servers_reason(server_factory, model_dir
     server = server_factory(outcome)
     options = {"server_url": server.url, "tasks": ["mme"], "poll_interval": 0.05}
     with pytest.raises(error, match=message) as caught:
-        get_evaluator("lmms_eval").run(model_dir, "cpu", options, tmp_path / "w")
+        get_evaluator("lmms_eval").run(model_dir, ("cpu",), options, tmp_path / "w")
     assert "\n" not in str(caught.value)
 
 
@@ -349,7 +349,7 @@ def test_an_unreachable_server_is_a_transient_failure_naming_the_url(model_dir, 
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     with pytest.raises(RuntimeError, match=f"lmms-eval server at {url} is unreachable") as caught:
-        get_evaluator("lmms_eval").run(model_dir, "cpu", {"server_url": url, "tasks": ["t"]}, tmp_path / "w")
+        get_evaluator("lmms_eval").run(model_dir, ("cpu",), {"server_url": url, "tasks": ["t"]}, tmp_path / "w")
     assert not isinstance(caught.value, EvaluatorError)  # retried by the daemon, unlike a bad preset
 
 
@@ -370,7 +370,7 @@ def lmms_assets(tmp_path_factory) -> dict[str, str]:
 def test_real_lmms_eval_in_its_own_environment(lmms_assets, tmp_path):
     options = {"python": str(LMMS_PYTHON), "tasks": ["ckpt_watch_tiny_vqa"], "include_path": lmms_assets["tasks"],
                "limit": 4}  # fmt: skip
-    out = get_evaluator("lmms_eval").run(Path(lmms_assets["model"]), "cpu", options, tmp_path / "w")
+    out = get_evaluator("lmms_eval").run(Path(lmms_assets["model"]), ("cpu",), options, tmp_path / "w")
     assert set(out.metrics) >= {"ckpt_watch_tiny_vqa/exact_match", "ckpt_watch_tiny_vqa/exact_match_stderr"}
     assert 0.0 <= out.metrics["ckpt_watch_tiny_vqa/exact_match"] <= 1.0
     assert out.raw["n-samples"]["ckpt_watch_tiny_vqa"]["effective"] == 4
@@ -404,11 +404,11 @@ def test_real_lmms_eval_server(lmms_assets, tmp_path):
         options = {"server_url": url, "tasks": ["ckpt_watch_tiny_vqa"], "limit": 4, "poll_interval": 0.5,
                    "model_args": {"device": "cpu", "device_map": "cpu"}}  # fmt: skip
         backend = get_evaluator("lmms_eval")
-        out = backend.run(Path(lmms_assets["model"]), "cuda:0", options, tmp_path / "w")
+        out = backend.run(Path(lmms_assets["model"]), ("cuda:0",), options, tmp_path / "w")
         assert "ckpt_watch_tiny_vqa/exact_match" in out.metrics
         assert out.raw["config"]["model_args"].startswith(f"pretrained={lmms_assets['model']}")
         with pytest.raises(EvaluatorError, match="unknown lmms-eval task.*no_such_task"):
-            backend.run(Path(lmms_assets["model"]), "cpu", {**options, "tasks": ["no_such_task"]}, tmp_path / "w2")
+            backend.run(Path(lmms_assets["model"]), ("cpu",), {**options, "tasks": ["no_such_task"]}, tmp_path / "w2")
     finally:
         server.terminate()
         try:

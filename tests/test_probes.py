@@ -25,14 +25,14 @@ MOE_ACTIVE = MOE_TOTAL - MOE_ROUTED * (1 - 2 / 4)  # top-2 of 4: half of the rou
 def test_parameters_match_the_model(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    out = get_evaluator("probes").run(tiny_model_dir, "cpu", {"probes": ["parameters"]}, tmp_path)
+    out = get_evaluator("probes").run(tiny_model_dir, ("cpu",), {"probes": ["parameters"]}, tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert out.metrics["params/total"] == sum(p.numel() for p in model.parameters())  # tied lm_head counted once
     assert out.metrics["params/bytes"] == 4 * out.metrics["params/total"]
 
 
 def test_active_parameters_of_a_dense_model_are_all_of_them(tiny_model_dir, tmp_path):
-    out = get_evaluator("probes").run(tiny_model_dir, "cpu", {"probes": ["parameters"]}, tmp_path)
+    out = get_evaluator("probes").run(tiny_model_dir, ("cpu",), {"probes": ["parameters"]}, tmp_path)
     assert out.metrics["params/active"] == out.metrics["params/total"]
     assert out.metrics["params/embedding"] == 259 * 64  # tied: the table is stored once
     assert out.raw["parameters"] == {"moe": False}
@@ -41,7 +41,7 @@ def test_active_parameters_of_a_dense_model_are_all_of_them(tiny_model_dir, tmp_
 def test_active_parameters_of_the_tiny_moe_scale_routed_experts_by_k_over_e(tiny_moe_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    out = get_evaluator("probes").run(tiny_moe_dir, "cpu", {"probes": ["parameters"]}, tmp_path)
+    out = get_evaluator("probes").run(tiny_moe_dir, ("cpu",), {"probes": ["parameters"]}, tmp_path)
     assert (out.metrics["params/total"], out.metrics["params/active"]) == (MOE_TOTAL, MOE_ACTIVE) == (140928, 116352)
     assert out.metrics["params/embedding"] == 259 * 64
     # The same from the loaded model's modules (which hold the experts fused, as [E, ...] tensors).
@@ -77,23 +77,23 @@ def test_fused_expert_tensors_count_like_per_expert_ones(tiny_moe_dir, tmp_path)
     fused.mkdir()
     save_file(state, str(fused / "model.safetensors"))
     shutil.copy(tiny_moe_dir / "config.json", fused / "config.json")
-    out = get_evaluator("probes").run(fused, "cpu", {"probes": ["parameters"]}, tmp_path)
+    out = get_evaluator("probes").run(fused, ("cpu",), {"probes": ["parameters"]}, tmp_path)
     assert (out.metrics["params/total"], out.metrics["params/active"]) == (MOE_TOTAL, MOE_ACTIVE)
 
 
 def test_flops_per_token_follow_kaplan_plus_the_logits(tiny_moe_dir, tiny_model_dir, tmp_path):
     probes = get_evaluator("probes")
-    out = probes.run(tiny_moe_dir, "cpu", {"probes": ["flops"]}, tmp_path)
+    out = probes.run(tiny_moe_dir, ("cpu",), {"probes": ["flops"]}, tmp_path)
     # 2 * active non-embedding params + 2 * n_layer * n_ctx * d_attn + 2 * d_model * n_vocab, n_ctx = 512
     # (the config's max_position_embeddings, under the 2048 cap).
     forward = 2 * (MOE_ACTIVE - 259 * 64) + 2 * 3 * 512 * (4 * 16) + 2 * 64 * 259
     assert out.metrics["flops/per_token"] == forward == 429312
     assert out.metrics["flops/per_token_train"] == 3 * forward
     assert out.raw["flops"]["context"] == 512
-    short = probes.run(tiny_moe_dir, "cpu", {"probes": ["flops"], "flops_context": 128}, tmp_path)
+    short = probes.run(tiny_moe_dir, ("cpu",), {"probes": ["flops"], "flops_context": 128}, tmp_path)
     assert out.metrics["flops/per_token"] - short.metrics["flops/per_token"] == 2 * 3 * (512 - 128) * 64
     # The dense Llama: 2 layers, d_model 64, intermediate 128, 4 heads of 16, 2 KV heads, tied embedding.
-    dense = probes.run(tiny_model_dir, "cpu", {"probes": ["parameters", "flops"]}, tmp_path)
+    dense = probes.run(tiny_model_dir, ("cpu",), {"probes": ["parameters", "flops"]}, tmp_path)
     per_layer = 64 * 64 + 2 * (32 * 64) + 64 * 64 + 3 * 128 * 64 + 2 * 64
     assert dense.metrics["params/total"] == 259 * 64 + 2 * per_layer + 64
     assert dense.metrics["flops/per_token"] == 2 * (2 * per_layer + 64) + 2 * 2 * 512 * 64 + 2 * 64 * 259
@@ -150,7 +150,7 @@ def test_routing_statistics_of_a_forced_routing(tiny_moe_dir, tmp_path, monkeypa
 
     load = AutoModelForCausalLM.from_pretrained
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: _force_routing(load(*a, **k)))
-    out = get_evaluator("probes").run(tiny_moe_dir, "cpu", {"probes": ["routing"], "routing_tokens": 128,
+    out = get_evaluator("probes").run(tiny_moe_dir, ("cpu",), {"probes": ["routing"], "routing_tokens": 128,
                                                             "max_length": 64}, tmp_path)  # fmt: skip
     # 128 tokens in two windows of 64, top-2. Layer 0: all to {0,1}. Layer 2: per window 16 rows (row % 4 == 0)
     # to {2,3} and 48 to {0,1}, so [96, 96, 32, 32]. Layer 1 is dense: no router, no metrics.
@@ -169,14 +169,14 @@ def test_routing_statistics_of_a_forced_routing(tiny_moe_dir, tmp_path, monkeypa
 
 
 def test_routing_on_the_unforced_moe_counts_k_decisions_per_token(tiny_moe_dir, tmp_path):
-    out = get_evaluator("probes").run(tiny_moe_dir, "cpu", {"probes": ["routing"], "routing_tokens": 100}, tmp_path)
+    out = get_evaluator("probes").run(tiny_moe_dir, ("cpu",), {"probes": ["routing"], "routing_tokens": 100}, tmp_path)
     layers = out.raw["routing"]["layers"]
     assert sorted(layers) == ["0", "2"] and all(sum(v["tokens_per_expert"]) == 2 * 100 for v in layers.values())
     assert 0 <= out.metrics["routing/gini"] <= 0.75 and out.metrics["routing/tokens"] == 100
 
 
 def test_routing_on_a_dense_model_reports_nothing_and_says_why(tiny_model_dir, tmp_path):
-    out = get_evaluator("probes").run(tiny_model_dir, "cpu", {"probes": ["parameters", "routing"]}, tmp_path)
+    out = get_evaluator("probes").run(tiny_model_dir, ("cpu",), {"probes": ["parameters", "routing"]}, tmp_path)
     assert not any(name.startswith("routing/") for name in out.metrics) and "params/total" in out.metrics
     assert out.raw["routing"]["moe"] is False and "no MoE router" in out.raw["routing"]["note"]
 
@@ -186,7 +186,7 @@ def test_perplexity_is_the_token_weighted_mean_over_the_text(tiny_model_dir, tmp
 
     text = tmp_path / "t.txt"
     text.write_text("The cat sat on the mat. " * 8)
-    out = get_evaluator("probes").run(tiny_model_dir, "cpu", {"probes": ["perplexity"], "text": str(text),
+    out = get_evaluator("probes").run(tiny_model_dir, ("cpu",), {"probes": ["perplexity"], "text": str(text),
                                                               "max_length": 512}, tmp_path)  # fmt: skip
     # The text fits one window: the reference is one forward pass over all of it.
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -197,13 +197,13 @@ def test_perplexity_is_the_token_weighted_mean_over_the_text(tiny_model_dir, tmp
     assert out.metrics["ppl/nll_per_token"] == pytest.approx(loss, rel=1e-5)
     assert out.metrics["ppl/perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
     # Sliding windows over a longer text score every token exactly once.
-    windowed = get_evaluator("probes").run(tiny_model_dir, "cpu", {"probes": ["perplexity"], "text": str(text),
+    windowed = get_evaluator("probes").run(tiny_model_dir, ("cpu",), {"probes": ["perplexity"], "text": str(text),
                                                                    "max_length": 40}, tmp_path)  # fmt: skip
     assert windowed.metrics["ppl/tokens"] == ids.shape[1] - 1
 
 
 def test_inference_reports_latency_and_throughput(tiny_model_dir, tmp_path):
-    out = get_evaluator("probes").run(tiny_model_dir, "cpu", {"probes": ["inference"], "iterations": 2,
+    out = get_evaluator("probes").run(tiny_model_dir, ("cpu",), {"probes": ["inference"], "iterations": 2,
                                                               "new_tokens": 8, "batch_size": 2}, tmp_path)  # fmt: skip
     latency, rate = out.metrics["inference/latency_s"], out.metrics["inference/tokens_per_s"]
     assert latency > 0 and rate == pytest.approx(2 * 8 / latency)

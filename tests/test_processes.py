@@ -123,7 +123,7 @@ def test_a_command_timeout_stops_everything_the_command_started(tiny_model_dir, 
     script.write_text(SLOW_EVAL.replace("start_new_session=True", "start_new_session=False"))
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="timed out after 1 s"):
-        get_evaluator("command").run(tiny_model_dir, "cpu", {"command": [sys.executable, str(script), "1", "60"],
+        get_evaluator("command").run(tiny_model_dir, ("cpu",), {"command": [sys.executable, str(script), "1", "60"],
                                                              "timeout": 1}, tmp_path)  # fmt: skip
     assert time.monotonic() - start < 15
     left = [pid for pid in marked(marker) if pid != os.getpid()]

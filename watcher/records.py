@@ -28,6 +28,13 @@ def iso_time(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
 
 
+def device_text(devices: "tuple[str, ...] | list[str]") -> str:
+    """Torch devices as one string: ("cuda:0", "cuda:1") -> "cuda:0,1", ("cuda:0",) -> "cuda:0", ("cpu",) -> "cpu"."""
+    if len(devices) > 1:
+        return devices[0].split(":")[0] + ":" + ",".join(d.split(":")[1] for d in devices)
+    return devices[0]
+
+
 class JobState(str, Enum):
     """A job's state in the journal (see the transition diagram in watcher/journal.py).
 
@@ -117,9 +124,7 @@ class JobSpec:
     @property
     def device(self) -> str:
         """The devices as one string for logs and evaluators that take one: "cuda:0,1", "cuda:0", "cpu"."""
-        if len(self.devices) > 1:
-            return self.devices[0].split(":")[0] + ":" + ",".join(d.split(":")[1] for d in self.devices)
-        return self.devices[0]
+        return device_text(self.devices)
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}

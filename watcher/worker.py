@@ -78,7 +78,7 @@ def run_job(spec: JobSpec) -> Outcome:
         evaluator = get_evaluator(step.backend)
         step_dir = workdir / f"{index}-{step.backend}"
         step_dir.mkdir(parents=True, exist_ok=True)
-        output = evaluator.run(model_dir, spec.device, dict(step.options), step_dir, context)
+        output = evaluator.run(model_dir, spec.devices, dict(step.options), step_dir, context)
         metrics.update(output.metrics)
         # Keyed by backend (what `compare` looks up); a second step of the same backend gets its index.
         raw[step.backend if step.backend not in raw else f"{step.backend}#{index}"] = output.raw

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 
 @dataclass
@@ -39,18 +39,6 @@ def is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def device_list(device: str) -> list[str]:
-    """The torch devices a job may use: "cuda:0,1" -> ["cuda:0", "cuda:1"], "cuda" -> ["cuda:0"], "cpu" -> ["cpu"].
-
-    A job pinned to several GPUs gets them renumbered from 0 (CUDA_VISIBLE_DEVICES) and its device as one
-    string, "cuda:0,1"; a backend that uses one GPU takes the first, one that can spread work takes them all.
-    """
-    kind, _, indices = device.partition(":")
-    if kind != "cuda":
-        return [device]
-    return [f"cuda:{index}" for index in (indices or "0").split(",")]
-
-
 class EvaluatorError(RuntimeError):
     """The evaluation request itself is wrong (unknown task or backend, bad option, bad model dir).
 
@@ -67,10 +55,12 @@ class Evaluator(Protocol):
         ...
 
     def run(
-        self, model_dir: Path, device: str, options: dict[str, Any], workdir: Path, context: JobContext | None = None
+        self, model_dir: Path, devices: Sequence[str], options: dict[str, Any], workdir: Path,
+        context: JobContext | None = None,
     ) -> EvalOutput:
-        """Evaluate the model in `model_dir` on `device` ("cpu", "cuda:0", or "cuda:0,1" for several GPUs; see
-        `device_list`).
+        """Evaluate the model in `model_dir` on `devices`: ("cpu",), ("cuda:0",), or ("cuda:0", "cuda:1") for a job
+        pinned to several GPUs (watcher.records.JobSpec.devices; CUDA_VISIBLE_DEVICES renumbers them from 0). A
+        backend that uses one GPU takes the first, one that can spread work takes them all.
 
         `workdir` is a private scratch directory for this job; `model_dir` is never written to.
         """

@@ -22,10 +22,11 @@ import shutil
 import string
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from watcher import processes
 from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext
+from watcher.records import device_text
 
 PLACEHOLDERS = ("model_dir", "step", "variant", "checkpoint", "device", "workdir")
 _OPTIONS = {"command", "timeout"}
@@ -103,12 +104,13 @@ class CommandBackend:
             raise EvaluatorError(f"command option 'timeout' must be a positive number of seconds, got {timeout!r}")
 
     def run(
-        self, model_dir: Path, device: str, options: dict[str, Any], workdir: Path, context: JobContext | None = None
+        self, model_dir: Path, devices: Sequence[str], options: dict[str, Any], workdir: Path,
+        context: JobContext | None = None,
     ) -> EvalOutput:
         self.check_options(options)
         context = context or JobContext()
         values = {"model_dir": str(model_dir), "step": str(context.step), "variant": context.variant,
-                  "checkpoint": context.checkpoint, "device": device, "workdir": str(workdir)}  # fmt: skip
+                  "checkpoint": context.checkpoint, "device": device_text(devices), "workdir": str(workdir)}  # fmt: skip
         argv = [argument.format(**values) for argument in options["command"]]
         try:
             # Its own process group, dying with the job: a timeout stops everything the command started.

@@ -25,9 +25,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext, device_list, is_int, is_number
+from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext, is_int, is_number
 
 BUNDLED_TASKS = ("ckpt_watch_smoke", "ckpt_watch_smoke_mc", "ckpt_watch_smoke_ppl")
 
@@ -66,7 +66,8 @@ class LmEvalBackend:
         parse_options(options)
 
     def run(
-        self, model_dir: Path, device: str, options: dict[str, Any], workdir: Path, context: JobContext | None = None
+        self, model_dir: Path, devices: Sequence[str], options: dict[str, Any], workdir: Path,
+        context: JobContext | None = None,
     ) -> EvalOutput:
         opts = parse_options(options)
         model_dir = Path(model_dir)
@@ -74,7 +75,6 @@ class LmEvalBackend:
             raise EvaluatorError(f"model dir {str(model_dir)!r} does not exist or is not a directory")
         if opts.model in ("hf", "vllm") and not (model_dir / "config.json").is_file():
             raise EvaluatorError(f"model dir {str(model_dir)!r} has no config.json, so it is not a Hugging Face model")
-        devices = device_list(device)
         if opts.model == "hf" and len(devices) > 1:
             # Data-parallel: one process and one full model copy per GPU (lm-eval's own multi-GPU mode).
             from watcher.evaluators.lm_eval_parallel import run_data_parallel

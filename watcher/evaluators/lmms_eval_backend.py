@@ -46,10 +46,10 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Sequence, TextIO
 
 from watcher import processes
-from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext, device_list, is_int, is_number
+from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext, is_int, is_number
 from watcher.evaluators.lm_eval_backend import flatten_results, to_json_safe
 
 # lmms-eval's model class for LLaVA-family Hugging Face checkpoints (lmms_eval/models/simple/llava_hf.py and
@@ -131,7 +131,8 @@ class LmmsEvalBackend:
         parse_options(options)
 
     def run(
-        self, model_dir: Path, device: str, options: dict[str, Any], workdir: Path, context: JobContext | None = None
+        self, model_dir: Path, devices: Sequence[str], options: dict[str, Any], workdir: Path,
+        context: JobContext | None = None,
     ) -> EvalOutput:
         opts = parse_options(options)
         model_dir = Path(model_dir).resolve()
@@ -143,7 +144,7 @@ class LmmsEvalBackend:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + opts.timeout if opts.timeout else None
-        device = device_list(device)[0]  # lmms-eval's model classes load one copy: on several GPUs, the first
+        device = devices[0]  # lmms-eval's model classes load one copy: on several GPUs, the first
         if opts.server_url:
             from watcher.evaluators.lmms_eval_server import run_on_server  # imports this module: kept lazy
 

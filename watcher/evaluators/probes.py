@@ -59,12 +59,12 @@ import re
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from merge import MergeError
 from merge.safetensors_source import SafetensorsSource
 from merge.source import TensorSpec
-from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext, device_list
+from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext
 
 _OPTIONS = {"probes", "text", "max_length", "iterations", "new_tokens", "batch_size", "prompt_tokens",
             "routing_tokens", "flops_context"}  # fmt: skip
@@ -323,11 +323,12 @@ class ProbesBackend:
             raise EvaluatorError(f"probes option 'text': file not found: {options['text']}")
 
     def run(
-        self, model_dir: Path, device: str, options: dict[str, Any], workdir: Path, context: JobContext | None = None
+        self, model_dir: Path, devices: Sequence[str], options: dict[str, Any], workdir: Path,
+        context: JobContext | None = None,
     ) -> EvalOutput:
         self.check_options(options)
         names = options.get("probes", ["parameters"])
-        device = device_list(device)[0]  # probes measure one model copy: on a multi-GPU job, the first GPU
+        device = devices[0]  # probes measure one model copy: on a multi-GPU job, the first GPU
         loaded: list = []
 
         def model():
