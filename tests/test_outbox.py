@@ -7,20 +7,17 @@ import pytest
 from watcher.journal import Journal
 from watcher.outbox import FIRST_RETRY, Outbox
 from watcher.records import Result
-from watcher.sinks import SinkUnavailable
+from watcher.sinks import SinkBase, SinkUnavailable
 
 
-class FlakySink:
+class FlakySink(SinkBase):
     def __init__(self, name, failures):
         self.name, self.failures, self.batches = name, list(failures), []
 
     def deliver(self, records):
         if self.failures:
             raise self.failures.pop(0)
-        self.batches.append([r["result_id"] for r in records])
-
-    def close(self):
-        pass
+        self.batches.append([r.result_id for r in records])
 
 
 @pytest.fixture
@@ -76,15 +73,17 @@ def test_pending_results_survive_a_restart(tmp_path):
 class CheckedSink(FlakySink):
     """A sink whose target holds `held` already (as W&B or TensorBoard would answer after a crash)."""
 
+    idempotent = False
+
     def __init__(self, name, failures, held=(), check_error=None):
         super().__init__(name, failures)
         self.held, self.check_error, self.asked = set(held), check_error, []
 
     def holds(self, records):
-        self.asked.append([r["result_id"] for r in records])
+        self.asked.append([r.result_id for r in records])
         if self.check_error:
             raise self.check_error
-        return {r["result_id"] for r in records} & self.held
+        return {r.result_id for r in records} & self.held
 
 
 def test_a_batch_left_in_flight_is_checked_against_the_target_before_it_is_sent_again(journal, caplog):

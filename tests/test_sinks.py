@@ -2,13 +2,15 @@
 
 import json
 import shutil
+from dataclasses import replace
 
+from watcher.records import Result
 from watcher.sinks import FileSink
 
 
 def _record(rid, step=10):
-    return {"result_id": rid, "step": step, "checkpoint": f"checkpoint-{step}", "variant": "regular",
-            "preset": "smoke", "status": "ok", "metrics": {"t/acc": 0.5}, "raw": {"big": [1, 2, 3]}}
+    return Result(result_id=rid, step=step, checkpoint=f"checkpoint-{step}", variant="regular", preset="smoke",
+                  status="ok", metrics={"t/acc": 0.5}, raw={"big": [1, 2, 3]})
 
 
 def _lines(sink):
@@ -37,7 +39,7 @@ def test_a_torn_last_line_is_replaced(tmp_path):
 
 def test_a_complete_line_missing_its_newline_is_terminated(tmp_path):
     sink = FileSink(tmp_path)
-    sink.jsonl.write_text(json.dumps(_record("a")))
+    sink.jsonl.write_text(json.dumps({k: v for k, v in _record("a").to_dict().items() if k != "raw"}))
     sink.deliver([_record("a")])
     sink.deliver([_record("b", 20)])
     assert [r["result_id"] for r in _lines(sink)] == ["a", "b"]
@@ -108,7 +110,8 @@ def test_a_scan_appends_after_foreign_lines_and_fails_when_it_cannot_write(train
 def test_each_generation_of_a_checkpoint_keeps_its_own_record_file(tmp_path):
     """The per-job record of generation 1 was overwritten by a re-save's (results.jsonl kept both)."""
     sink = FileSink(tmp_path)
-    sink.deliver([{**_record("a"), "generation": 1}, {**_record("b"), "generation": 2}, {**_record("c"), "generation": 3}])
+    sink.deliver([replace(_record("a"), generation=1), replace(_record("b"), generation=2),
+                  replace(_record("c"), generation=3)])
     folder = tmp_path / "checkpoint-10" / "regular"
     assert sorted(p.name for p in folder.iterdir()) == ["smoke.g2.json", "smoke.g3.json", "smoke.json"]
     assert [json.loads((folder / n).read_text())["result_id"] for n in ("smoke.json", "smoke.g2.json")] == ["a", "b"]

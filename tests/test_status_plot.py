@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from helpers import ckpt_watch
+from watcher.records import Result
 from watcher.sinks import FileSink, read_results
 from watcher.cli.status import ROW_KEYS
 from watcher.metrics import headline_metrics
@@ -52,7 +53,7 @@ def scanned(trainer_output, tmp_path_factory):
     ema = [dict(r, variant="ema", result_id=uuid.uuid4().hex,
                 metrics={**r["metrics"], "mc/acc": r["metrics"]["mc/acc"] + 0.05})
            for r in read_results(results_dir) if r["preset"] == "quick"]  # fmt: skip
-    FileSink(results_dir).deliver(ema)
+    FileSink(results_dir).deliver([Result.from_dict(r) for r in ema])
     return output
 
 

@@ -5,6 +5,7 @@ import hashlib
 import struct
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import datetime
 
 import pytest
@@ -12,6 +13,8 @@ import pytest
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+from watcher.records import Result  # noqa: E402
+from watcher.sinks import event_files  # noqa: E402
 from watcher.sinks import tensorboard as tb  # noqa: E402
 from watcher.sinks.tensorboard import TensorBoardSink, resolve_tensorboard_dir  # noqa: E402
 
@@ -21,9 +24,9 @@ EPOCH = datetime.fromisoformat(WHEN).timestamp()
 
 def _record(step, variant="regular", status="ok", metrics=None, finished_at=WHEN):
     metrics = {"arc/acc": step / 1000 + (0.5 if variant == "ema" else 0), "arc/acc_norm": 1 / 3} if metrics is None else metrics
-    return {"result_id": f"{step}-{variant}", "step": step, "checkpoint": f"checkpoint-{step}", "variant": variant,
-            "preset": "smoke", "status": status, "metrics": metrics, "finished_at": finished_at,
-            "progress": {"train/epoch": step / 100, "train/tokens": step * 4096.0}}  # fmt: skip
+    return Result(result_id=f"{step}-{variant}", step=step, checkpoint=f"checkpoint-{step}", variant=variant,
+                  preset="smoke", status=status, metrics=metrics, finished_at=finished_at,
+                  progress={"train/epoch": step / 100, "train/tokens": step * 4096.0})  # fmt: skip
 
 
 def _f32(value):
@@ -39,12 +42,12 @@ def _read(folder):
 
 def _expected(records):
     points = {}
-    for r in sorted(records, key=lambda r: r["step"]):
-        if r["status"] != "ok":
+    for r in sorted(records, key=lambda r: r.step):
+        if r.status != "ok":
             continue
-        prefix = "eval" if r["variant"] == "regular" else "eval_ema"
-        for name, value in r["metrics"].items():
-            points.setdefault(f"{prefix}/{name}", []).append((r["step"], _f32(value), EPOCH))
+        prefix = "eval" if r.variant == "regular" else "eval_ema"
+        for name, value in r.metrics.items():
+            points.setdefault(f"{prefix}/{name}", []).append((r.step, _f32(value), EPOCH))
     return points
 
 
@@ -106,17 +109,17 @@ def test_a_write_error_raises_and_leaves_no_half_batch(tmp_path, monkeypatch):
     folder = tmp_path / "eval"
     sink = TensorBoardSink(folder)
     sink.deliver([_record(100)])
-    real_write = tb.os.write
+    real_write = event_files.os.write
 
     def disk_full(fd, data):
         real_write(fd, bytes(data[: len(data) // 2]))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(tb.os, "write", disk_full)
+    monkeypatch.setattr(event_files.os, "write", disk_full)
     with pytest.raises(OSError, match="No space"):
         sink.deliver([_record(200), _record(300)])
     assert _read(folder) == _expected([_record(100)])  # cut back to what was delivered
-    monkeypatch.setattr(tb.os, "write", real_write)
+    monkeypatch.setattr(event_files.os, "write", real_write)
     sink.deliver([_record(200), _record(300)])  # the outbox retries the batch: a new file
     sink.close()
     assert len(_events(folder)) == 2
@@ -168,15 +171,16 @@ def test_resolve_tensorboard_dir(tmp_path):
 
 
 def test_finished_at_is_the_wall_time(tmp_path):
-    assert tb._walltime({"finished_at": "2026-11-21T15:04:05Z"}) == EPOCH
-    assert tb._walltime({"finished_at": WHEN}) == EPOCH
-    assert abs(tb._walltime({"finished_at": "garbage"}) - datetime.now().timestamp()) < 60
+    assert tb._walltime(_record(1, finished_at="2026-11-21T15:04:05Z")) == EPOCH
+    assert tb._walltime(_record(1, finished_at=WHEN)) == EPOCH
+    assert abs(tb._walltime(_record(1, finished_at="garbage")) - datetime.now().timestamp()) < 60
 
 
 def test_the_sink_imports_neither_torch_nor_tensorboard(tmp_path):
     """tensorboardX would import torch; the daemon process must never import it."""
     code = (
         "import sys; from pathlib import Path\n"
+        "from watcher.records import Result\n"
         "from watcher.sinks.tensorboard import TensorBoardSink\n"
         f"s = TensorBoardSink(Path({str(tmp_path)!r})); s.deliver([{_record(100)!r}]); s.close()\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'tensorboardX', 'tensorboard', 'numpy'))\n"
@@ -190,8 +194,8 @@ def test_holds_is_what_the_event_files_have_at_that_step_and_value(tmp_path):
     sink = TensorBoardSink(tmp_path)
     sink.deliver([_record(100), _record(200)])
     sink.close()
-    other = dict(_record(200), result_id="200-again", metrics={"arc/acc": 0.9, "arc/acc_norm": 1 / 3})
-    failed = dict(_record(300, status="failed"), result_id="300-failed")  # no points: nothing to send
+    other = replace(_record(200), result_id="200-again", metrics={"arc/acc": 0.9, "arc/acc_norm": 1 / 3})
+    failed = replace(_record(300, status="failed"), result_id="300-failed")  # no points: nothing to send
     asked = [_record(100), other, _record(300), failed, _record(100, "ema")]
     assert TensorBoardSink(tmp_path).holds(asked) == {"100-regular", "300-failed"}
 

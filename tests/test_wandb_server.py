@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from watcher.records import Result
 from watcher.sinks import SinkUnavailable
 from watcher.sinks.naming import STEP_KEY
 from watcher.sinks import wandb_run
@@ -52,9 +53,9 @@ def trainer(tmp_path: Path, run_id: str, mode: str = "online", steps: int = 6, p
     return process, lambda: go.touch()
 
 
-def record(step: int, variant: str = "regular") -> dict:
-    return {"result_id": f"{step}-{variant}", "step": step, "variant": variant, "status": "ok",
-            "metrics": {"mmlu/acc": step / 100}, "progress": {"train/epoch": step / 10}}  # fmt: skip
+def record(step: int, variant: str = "regular") -> Result:
+    return Result(result_id=f"{step}-{variant}", step=step, checkpoint=f"checkpoint-{step}", variant=variant,
+                  preset="smoke", status="ok", metrics={"mmlu/acc": step / 100}, progress={"train/epoch": step / 10})
 
 
 def eval_steps(rows: list[dict]) -> list[int]:

@@ -11,6 +11,7 @@ import pytest
 
 from helpers import ckpt_watch, read_journal
 from watcher.journal import JournalReader
+from watcher.records import Result
 from watcher.sinks import SinkUnavailable
 from watcher.sinks.naming import STEP_KEY
 from watcher.sinks.tensorboard import read_points
@@ -37,9 +38,10 @@ def logged(results_dir: Path) -> dict[str, list]:
 
 
 def _record(step, variant="regular", status="ok", metrics=None):
-    return {"result_id": f"{step}-{variant}", "step": step, "variant": variant, "status": status,
-            "metrics": metrics if metrics is not None else {"mmlu/acc": step / 1000, "routing/gini": 0.25},
-            "progress": {"train/epoch": step / 100}}  # fmt: skip
+    return Result(result_id=f"{step}-{variant}", step=step, checkpoint=f"checkpoint-{step}", variant=variant,
+                  preset="smoke", status=status,
+                  metrics=metrics if metrics is not None else {"mmlu/acc": step / 1000, "routing/gini": 0.25},
+                  progress={"train/epoch": step / 100})  # fmt: skip
 
 
 def test_out_of_order_results_and_both_variants_land_on_the_step_axis(tmp_path, monkeypatch):

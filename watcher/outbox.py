@@ -7,9 +7,10 @@ At most once per (result, sink), even across kill -9: a batch is noted in the jo
 sink sees it. A result still in flight when a sink is next asked to take it (the daemon was killed between the
 sink's write and the journal's note, or an attempt failed half-way) is first checked against what the target
 already holds (`sink.holds`: our own offline `.wandb` files, the W&B run's history through the public API,
-our TensorBoard event files); only what the target lacks is sent, and what it holds is marked delivered. A sink
-without `holds` (the files sink) is idempotent and simply takes the batch again. A check that cannot be made
-(W&B unreachable) leaves the results pending: they are never sent blind.
+our TensorBoard event files); only what the target lacks is sent, and what it holds is marked delivered. An
+`idempotent` sink (the files sink) is not asked: it simply takes the batch again. A check that cannot be made
+(W&B unreachable) leaves the results pending: they are never sent blind. What a sink can do it declares
+(watcher/sinks/base.py): `slow`, `wait_for_idle`, `idempotent`.
 
 W&B being unreachable, unauthenticated or waiting for a live training run to end
 (`SinkUnavailable`) only delays that sink: its results stay pending, in the journal, across restarts, and the
@@ -78,20 +79,19 @@ class Outbox:
         self.waiting_for_idle = False
         for sink in self.sinks:
             state = self._state.setdefault(sink.name, _SinkState())
-            results = self.journal.undelivered(sink.name)
-            slow = getattr(sink, "slow", False)
-            due = results and (force or now >= state.next_attempt) and sink.name not in self._running
-            if due and slow and not include_slow:
+            records = self.journal.undelivered(sink.name)
+            due = records and (force or now >= state.next_attempt) and sink.name not in self._running
+            if due and sink.slow and not include_slow:
                 due = False
-            if due and not idle and getattr(sink, "wait_for_idle", False):
+            if due and not idle and sink.wait_for_idle:
                 due, self.waiting_for_idle = False, True
             if due:
-                ids = [r.result_id for r in results]
+                ids = [r.result_id for r in records]
                 suspect = self.journal.in_flight(sink.name).intersection(ids)
                 self.journal.mark_in_flight(ids, sink.name)
                 delivery = _Delivery(ids, suspect=suspect)
-                if slow and background:
-                    delivery.thread = threading.Thread(target=_send, args=(sink, results, suspect, delivery),
+                if sink.slow and background:
+                    delivery.thread = threading.Thread(target=_send, args=(sink, records, suspect, delivery),
                                                        name=f"deliver-{sink.name}", daemon=True)  # fmt: skip
                     self._running[sink.name] = delivery
                     delivery.thread.start()
@@ -175,16 +175,16 @@ class Outbox:
             state.last_reason = reason
 
 
-def _send(sink: Sink, results: list[Result], suspect: set[str], delivery: _Delivery) -> None:
-    """Hand `results` to `sink`, less those among `suspect` (in flight before) that its target already holds.
+def _send(sink: Sink, records: list[Result], suspect: set[str], delivery: _Delivery) -> None:
+    """Hand `records` to `sink`, less those among `suspect` (in flight before) that its target already holds
+    (asked of a sink that is not idempotent; an idempotent one takes them again).
 
     Runs in the caller's thread or a background one; touches no journal (the main thread records the outcome).
-    Sinks take records as dicts (`Result.to_dict`), as they are written to results.jsonl.
     """
     try:
-        if suspect and hasattr(sink, "holds"):
-            delivery.held = set(sink.holds([r.to_dict() for r in results if r.result_id in suspect])) & suspect
-        rest = [r.to_dict() for r in results if r.result_id not in delivery.held]
+        if suspect and not sink.idempotent:
+            delivery.held = set(sink.holds([r for r in records if r.result_id in suspect])) & suspect
+        rest = [r for r in records if r.result_id not in delivery.held]
         if rest:
             sink.deliver(rest)
     except BaseException as exc:  # noqa: BLE001 - a broken sink must not stop the daemon or lose results

@@ -18,9 +18,7 @@ from watcher.config import ConfigError, WatchConfig
 from watcher.devices import DeviceSpec
 from watcher.journal import ProcessLedger
 from watcher.presets import Preset
-from watcher.sinks import FileSink, Sink
-from watcher.sinks.tensorboard import AutoTensorBoardSink
-from watcher.sinks.wandb_run import WandbSink
+from watcher.sinks import Sink, SinkPlace, build_sinks
 from watcher.watch import is_network_filesystem
 
 NETWORK_POLL = 10.0
@@ -134,15 +132,11 @@ def resolve_setup_paths(config: WatchConfig) -> tuple[Path, Path]:
 
 
 def make_sinks(config: WatchConfig, results_dir: Path, force: bool = False, journal_path: Path | None = None) -> list[Sink]:
-    """Files always; W&B and TensorBoard unless "off". `force`: `ckpt-watch sync` (see WandbSink).
-    `journal_path`: where the W&B delivery child's process group is recorded while it runs."""
-    sinks: list[Sink] = [FileSink(results_dir)]
-    if config.wandb != "off":
-        ledger = ProcessLedger(journal_path) if journal_path is not None else None
-        sinks.append(WandbSink(config.wandb, config.wandb_live, Path(config.output_dir), results_dir, force, ledger))
-    if config.tensorboard != "off":
-        sinks.append(AutoTensorBoardSink(config.tensorboard, Path(config.output_dir)))
-    return sinks
+    """The registered sinks the configuration turns on (watcher/sinks/__init__.py): files always, W&B and
+    TensorBoard unless "off". `force`: `ckpt-watch sync` (see WandbSink). `journal_path`: where a sink's child
+    processes (the W&B delivery child) are recorded while they run."""
+    ledger = ProcessLedger(journal_path) if journal_path is not None else None
+    return build_sinks(config, SinkPlace(Path(config.output_dir), results_dir, force, ledger))
 
 
 def create_dir(path: Path, what: str) -> None:

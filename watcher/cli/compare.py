@@ -19,6 +19,7 @@ from typing import Any
 
 from watcher.config import ConfigError
 from watcher.metrics import GROUPS, group_of, higher_is_better
+from watcher.records import Result
 from watcher.sinks import FileSink, read_results
 from watcher.sinks.files import is_result_record
 
@@ -79,7 +80,7 @@ def find_records(results_dir: Path, steps: list[int], variant: str, preset: str)
     for step in steps:
         if step not in newest:
             raise ConfigError(f"no successful {preset} result for step {step} ({variant}) in {results_dir}")
-        full = FileSink(results_dir).result_path(newest[step])
+        full = FileSink(results_dir).result_path(Result.from_dict(newest[step]))
         found.append(load_record(full) if full.is_file() else newest[step])
     return found
 

@@ -1,53 +1,60 @@
-"""Sinks: where committed results are delivered (files, W&B, TensorBoard), one module each.
+"""Sinks: where committed results are delivered (files, W&B, TensorBoard), one module each, built by name.
 
-The contract is small: a sink has a `name` (its key in the journal's deliveries table) and
-`deliver(records)`, which delivers a batch of result records (the journal's commit order) or raises. The
-journal commits every result first; the daemon then hands each sink the records it has not acknowledged (the
-outbox), noting them in flight first, and marks them delivered only when `deliver` returned. A crash in between
-leaves them in flight: at the next attempt the outbox asks the sink's optional `holds(records)` which of them
-its target already has and sends only the others (watcher/outbox.py). A sink without `holds` must tolerate a
-repeat (the files sink is idempotent).
-
-`SinkUnavailable` says "not now": W&B unreachable, or a training run still being written in `defer` mode. The
-daemon keeps the records pending and retries with backoff (`retry_after`, when the sink knows better).
+The contract (`Sink`, its capabilities and `SinkUnavailable`) is in watcher/sinks/base.py. Each sink's module
+has a `build(config, place)` that returns the sink as the configuration asks for it, or None when it is off;
+`build_sinks` asks every registered one, in delivery order (the files sink first: it is the record). Sink
+modules are imported only when built, like the evaluators (watcher/evaluators/__init__.py).
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from watcher.sinks.base import Sink, SinkBase, SinkUnavailable
 from watcher.sinks.files import FileSink, read_results
 
-__all__ = ["CheckedSink", "FileSink", "Sink", "SinkUnavailable", "read_results"]
+if TYPE_CHECKING:
+    from watcher.config import WatchConfig
+    from watcher.processes import Ledger
+
+__all__ = ["FileSink", "Sink", "SinkBase", "SinkPlace", "SinkUnavailable", "build_sink", "build_sinks",
+           "known_sinks", "read_results"]  # fmt: skip
+
+# sink name (its key in the journal) -> the module whose `build(config, place)` makes it; in delivery order.
+_SINKS: dict[str, str] = {
+    "files": "watcher.sinks.files",
+    "wandb": "watcher.sinks.wandb_run",
+    "tensorboard": "watcher.sinks.tensorboard",
+}
 
 
-class SinkUnavailable(RuntimeError):
-    """The sink cannot take results now; they stay pending. The message is one line for the log.
+@dataclass(frozen=True)
+class SinkPlace:
+    """Where a daemon's sinks deliver, resolved by watcher/setup.py."""
 
-    `nothing_sent`: raised before anything reached the target (e.g. waiting for the training run to end), so
-    the batch is not left in flight and will not need checking against the target at the next attempt."""
-
-    def __init__(self, reason: str, retry_after: float | None = None, nothing_sent: bool = False):
-        super().__init__(reason)
-        self.retry_after = retry_after
-        self.nothing_sent = nothing_sent
+    output_dir: Path  # the training run's output_dir
+    results_dir: Path
+    force: bool = False  # `ckpt-watch sync`: a person says training is over (watcher/sinks/wandb_run.py)
+    ledger: Ledger | None = None  # where a sink's child processes are recorded while they run
 
 
-class Sink(Protocol):
-    name: str
-
-    def deliver(self, records: list[dict[str, Any]]) -> None:
-        """Deliver all of `records` or raise (SinkUnavailable for "later", anything else is logged as an error)."""
-        ...
-
-    def close(self) -> None:
-        """Release what the sink holds (open runs, writers); called when the daemon stops."""
-        ...
+def known_sinks() -> list[str]:
+    """The registered sinks, in delivery order."""
+    return list(_SINKS)
 
 
-class CheckedSink(Sink, Protocol):
-    """A sink whose target can be asked what it already holds (W&B, TensorBoard): at-most-once delivery."""
+def build_sink(name: str, config: WatchConfig, place: SinkPlace) -> Sink | None:
+    """The sink registered as `name`, as `config` asks for it; None when the configuration turns it off."""
+    try:
+        module = _SINKS[name]
+    except KeyError:
+        raise ValueError(f"unknown sink {name!r}; known sinks: {', '.join(known_sinks())}") from None
+    return importlib.import_module(module).build(config, place)
 
-    def holds(self, records: list[dict[str, Any]]) -> set[str]:
-        """The result ids among `records` that the target already has (raise when it cannot be asked)."""
-        ...
+
+def build_sinks(config: WatchConfig, place: SinkPlace) -> list[Sink]:
+    """Every sink the configuration turns on, in delivery order."""
+    return [sink for name in _SINKS if (sink := build_sink(name, config, place)) is not None]

@@ -1,7 +1,7 @@
 """The files sink: RESULTS_DIR/<checkpoint>/<variant>/<preset>.json per job (<preset>.gN.json for a re-save's
 generation N), and results.jsonl.
 
-Idempotent, as the outbox needs (see watcher/sinks/__init__.py): delivering the same record twice leaves the
+Idempotent, as the outbox needs (see watcher/sinks/base.py): delivering the same result twice leaves the
 same files.
 """
 
@@ -11,36 +11,46 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from watcher.atomic import write_json_atomic
+from watcher.records import Result
+from watcher.sinks.base import SinkBase
+
+if TYPE_CHECKING:
+    from watcher.config import WatchConfig
+    from watcher.sinks import SinkPlace
 
 log = logging.getLogger("ckpt-watch")
 
 
-class FileSink:
+def build(config: WatchConfig, place: SinkPlace) -> FileSink:
+    """Always on: the results dir is the record every other reader (status, compare, plot) reads."""
+    return FileSink(place.results_dir)
+
+
+class FileSink(SinkBase):
     """RESULTS_DIR/<checkpoint>/<variant>/<preset>[.gN].json per job, plus one line per job in results.jsonl."""
 
     name = "files"
+    idempotent = True  # see `_append_once`
 
     def __init__(self, results_dir: Path):
         self.results_dir = results_dir
         self.jsonl = results_dir / "results.jsonl"
 
-    def result_path(self, record: dict[str, Any]) -> Path:
+    def result_path(self, result: Result) -> Path:
         """RESULTS_DIR/<checkpoint>/<variant>/<preset>.json for a checkpoint's first generation, and
         <preset>.gN.json for its re-saves (generation N), so that no generation's record replaces another's."""
-        generation = record.get("generation")
+        generation = result.generation
         suffix = f".g{generation}" if type(generation) is int and generation > 1 else ""
-        return self.results_dir / record["checkpoint"] / record["variant"] / f"{record['preset']}{suffix}.json"
+        return self.results_dir / result.checkpoint / result.variant / f"{result.preset}{suffix}.json"
 
-    def deliver(self, records: list[dict[str, Any]]) -> None:
-        for record in records:
-            write_json_atomic(self.result_path(record), record)
+    def deliver(self, results: Sequence[Result]) -> None:
+        for result in results:
+            record = result.to_dict()
+            write_json_atomic(self.result_path(result), record)
             self._append_once(record)
-
-    def close(self) -> None:
-        pass
 
     def _append_once(self, record: dict[str, Any]) -> None:
         # Deliveries happen one at a time, in commit order, so a crash after the append but before the journal
@@ -100,13 +110,8 @@ def read_results(results_dir: Path) -> list[dict[str, Any]]:
 
 
 def is_result_record(value: Any) -> bool:
-    """A JSON object with the fields every reader relies on (see Daemon._build_record)."""
-    return (
-        isinstance(value, dict)
-        and type(value.get("step")) is int
-        and all(isinstance(value.get(key), str) for key in ("checkpoint", "variant", "preset", "status"))
-        and isinstance(value.get("metrics", {}), dict)
-    )
+    """A JSON object with the fields every reader relies on (watcher.records.Result.is_record)."""
+    return Result.is_record(value)
 
 
 def _last_line(handle) -> tuple[bytes | None, int, bool]:

@@ -10,7 +10,7 @@ already "task/metric" (watcher/evaluators); probes are "params/total", "routing/
 from __future__ import annotations
 
 import math
-from typing import Any
+from watcher.records import Result
 
 STEP_KEY = "train/global_step"  # the HF Trainer's own x-axis (transformers' WandbCallback defines it)
 PREFIXES = {"regular": "eval", "ema": "eval_ema"}
@@ -20,10 +20,10 @@ def prefix_of(variant: str) -> str:
     return PREFIXES.get(variant, f"eval_{variant}")
 
 
-def metric_row(record: dict[str, Any]) -> dict[str, float]:
+def metric_row(result: Result) -> dict[str, float]:
     """The named metrics of one ok result; {} for a failed one (a failure has no point on a curve)."""
-    if record.get("status") != "ok":
+    if not result.ok:
         return {}
-    prefix = prefix_of(record.get("variant", "regular"))
-    return {f"{prefix}/{name}": float(value) for name, value in sorted(record.get("metrics", {}).items())
+    prefix = prefix_of(result.variant)
+    return {f"{prefix}/{name}": float(value) for name, value in sorted(result.metrics.items())
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}  # fmt: skip

@@ -53,13 +53,18 @@ import sys
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from watcher import processes
 from watcher.integrations.run_record import RUN_RECORD, process_alive, read_run_record
-from watcher.sinks import SinkUnavailable
+from watcher.records import Result
+from watcher.sinks.base import SinkBase, SinkUnavailable
 from watcher.sinks.naming import STEP_KEY, metric_row, prefix_of
 from watcher.sinks.wandb_files import LocalRun, find_local_runs
+
+if TYPE_CHECKING:
+    from watcher.config import WatchConfig
+    from watcher.sinks import SinkPlace
 
 log = logging.getLogger("ckpt-watch")
 
@@ -154,9 +159,17 @@ def training_is_live(target: WandbTarget) -> tuple[bool | None, str]:
     return None, why
 
 
-class WandbSink:
+def build(config: WatchConfig, place: SinkPlace) -> WandbSink | None:
+    """`wandb = "off"`: none; else the run is found at delivery (`find_target`)."""
+    if config.wandb == "off":
+        return None
+    return WandbSink(config.wandb, config.wandb_live, place.output_dir, place.results_dir, place.force, place.ledger)
+
+
+class WandbSink(SinkBase):
     name = "wandb"
     slow = True  # the daemon delivers in the background (watcher/outbox.py): a resume can take minutes
+    idempotent = False  # a repeated row is a second point: `holds` asks the run's history instead
 
     def __init__(self, setting: str, live_mode: str, output_dir: Path, results_dir: Path, force: bool = False,
                  ledger: processes.Ledger | None = None):  # fmt: skip
@@ -174,9 +187,8 @@ class WandbSink:
                         "overwrite a run's earliest history rows (wandb/wandb#12269). Prefer \"defer\" (the default) "
                         "unless you need the curves during training.")  # fmt: skip
 
-    def deliver(self, records: list[dict[str, Any]]) -> None:
-        rows = [row for record in sorted(records, key=lambda r: (r["step"], r.get("variant", "")))
-                if (row := wandb_row(record))]  # fmt: skip
+    def deliver(self, results: Sequence[Result]) -> None:
+        rows = [row for result in sorted(results, key=lambda r: (r.step, r.variant)) if (row := wandb_row(result))]
         if not rows:
             return  # only failed results: nothing to draw
         target = find_target(self.setting, self.output_dir)
@@ -205,10 +217,10 @@ class WandbSink:
         self._run_child({"target": asdict(target), "rows": rows, "shared": shared,
                          "dir": str(self.results_dir), "definitions": metric_definitions()})  # fmt: skip
 
-    def holds(self, records: list[dict[str, Any]]) -> set[str]:
+    def holds(self, results: Sequence[Result]) -> set[str]:
         """The results whose row the training run already has (see `RunHistory`); raises SinkUnavailable when
         W&B cannot be asked (the results then stay pending: never sent blind)."""
-        rows = {record["result_id"]: wandb_row(record) for record in records}
+        rows = {result.result_id: wandb_row(result) for result in results}
         target = find_target(self.setting, self.output_dir)
         if target is None or target.project is None:
             return set()  # `deliver` says why; nothing of ours can be there
@@ -221,9 +233,6 @@ class WandbSink:
             raise SinkUnavailable(f"cannot check which rows the W&B run {target.path} has ({type(exc).__name__}: "
                                   f"{str(exc)[:200]}); results stay pending", retry_after=WAIT,
                                   nothing_sent=True) from None  # fmt: skip
-
-    def close(self) -> None:
-        pass
 
     def _run_child(self, spec: dict[str, Any]) -> None:
         folder = self.results_dir / DELIVERIES / uuid.uuid4().hex
@@ -324,9 +333,9 @@ def upload_note(setting: str, output_dir: Path, results_dir: Path) -> str | None
             f"own offline run first), run:\n  {command}")  # fmt: skip
 
 
-def wandb_row(record: dict[str, Any]) -> dict[str, float | int]:
-    metrics = metric_row(record)
-    return {STEP_KEY: int(record["step"]), **record.get("progress", {}), **metrics} if metrics else {}
+def wandb_row(result: Result) -> dict[str, float | int]:
+    metrics = metric_row(result)
+    return {STEP_KEY: result.step, **result.progress, **metrics} if metrics else {}
 
 
 def metric_definitions() -> list[dict[str, Any]]:
