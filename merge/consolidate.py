@@ -122,6 +122,9 @@ class OverlaySource:
     def read(self, name: str, out: memoryview) -> None:
         (self.top if name in self._top_specs else self.base).read(name, out)
 
+    def byte_ranges(self, name: str) -> None:
+        return None  # every tensor goes through `read`
+
     def close(self) -> None:
         self.top.close()
         self.base.close()
@@ -165,6 +168,9 @@ class AverageSource:
         total /= len(self.sources)
         result = total.to(getattr(torch, spec.dtype))
         out[:] = memoryview(result.view(torch.uint8).numpy())
+
+    def byte_ranges(self, name: str) -> None:
+        return None  # computed on `read`
 
     def close(self) -> None:
         for source in self.sources:

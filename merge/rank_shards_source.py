@@ -318,6 +318,9 @@ class RankShardSource:
             if not torch.equal(reference, _raw_bytes(copy)):
                 raise MergeError(f"{path.name}: plain tensor {name} differs from {self._files[0].name}'s copy")
 
+    def byte_ranges(self, name: str) -> None:
+        return None  # assembled from the ranks' shards (checked against each other) on `read`
+
     def close(self) -> None:
         # Each file's mapping goes away with the last tensor that views it.
         self._tensors = {}

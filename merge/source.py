@@ -63,14 +63,13 @@ class WeightSource(Protocol):
         """Write the full tensor `name`, C-contiguous and in its own dtype, into `out` (exactly nbytes long)."""
         ...
 
+    def byte_ranges(self, name: str) -> list[tuple[Path, int, int]] | None:
+        """Where the tensor's bytes lie on disk, as (file, offset, length) runs that concatenate to the row-major
+        tensor in its own dtype, or None when they do not lie so (converted, assembled or checked on `read`).
+        With runs, the writer copies in the kernel (copy_file_range) instead of through user space."""
+        ...
+
     def close(self) -> None: ...
-
-
-def byte_ranges(source: WeightSource, name: str) -> list[tuple[Path, int, int]] | None:
-    """Optional capability: a source that can say where a tensor's bytes lie on disk, as (file, offset, length)
-    runs that concatenate to the row-major tensor, returns them from `byte_ranges(name)`; None otherwise."""
-    method = getattr(source, "byte_ranges", None)
-    return method(name) if method is not None else None
 
 
 # Wrappers that torch.compile, DDP/FSDP1 and activation checkpointing insert into parameter names.

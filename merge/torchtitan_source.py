@@ -189,5 +189,8 @@ class TorchtitanSource:
         if self._outputs[group] == 1:
             self._cache = None  # one-to-one: nothing to reuse, keep memory at one tensor
 
+    def byte_ranges(self, name: str) -> None:
+        return None  # converted by the adapter on `read`: not bytes on disk
+
     def close(self) -> None:
         pass  # `inner` belongs to the caller, which closes it

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from merge.source import DTYPES, FLOATING, MergeError, TensorSpec, WeightSource, byte_ranges
+from merge.source import DTYPES, FLOATING, MergeError, TensorSpec, WeightSource
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # what transformers' save_pretrained uses ("5GB")
 INDEX_NAME = "model.safetensors.index.json"
@@ -138,7 +138,7 @@ def write_weights(
             name, fd, position = task
             with source_lock:
                 same_dtype = specs[name].dtype == source_specs[name].dtype
-                runs = byte_ranges(source, name) if same_dtype else None
+                runs = source.byte_ranges(name) if same_dtype else None
                 if runs is None:
                     data = buffer.view(source_specs[name].nbytes)
                     if len(data):

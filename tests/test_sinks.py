@@ -115,3 +115,16 @@ def test_each_generation_of_a_checkpoint_keeps_its_own_record_file(tmp_path):
     folder = tmp_path / "checkpoint-10" / "regular"
     assert sorted(p.name for p in folder.iterdir()) == ["smoke.g2.json", "smoke.g3.json", "smoke.json"]
     assert [json.loads((folder / n).read_text())["result_id"] for n in ("smoke.json", "smoke.g2.json")] == ["a", "b"]
+
+
+def test_a_whole_batch_delivered_again_writes_each_line_once(tmp_path):
+    """A crash after a batch of several was appended, before the journal noted it: the batch comes again (the
+    outbox hands an idempotent sink all it has not acknowledged). Only the last line used to be checked, so
+    every record but the batch's last was appended twice. Found by tests/test_contracts.py."""
+    sink = FileSink(tmp_path)
+    sink.deliver([_record("a"), _record("b", 20)])
+    sink.deliver([_record("a"), _record("b", 20), _record("c", 30)])  # again, with one committed since
+    with open(sink.jsonl, "ab") as handle:  # a crash mid-way through the next batch: "d" whole, "e" torn
+        handle.write(json.dumps({"result_id": "d", "step": 40}).encode() + b'\n{"result_id": "e", "st')
+    sink.deliver([_record("d", 40), _record("e", 50)])
+    assert [r["result_id"] for r in _lines(sink)] == ["a", "b", "c", "d", "e"]

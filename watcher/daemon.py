@@ -29,7 +29,7 @@ from watcher.scheduler import decide
 from watcher.setup import Setup, create_dir, take_lock
 from watcher.startup import announce, install_signal_handlers, open_journal, start_feed, stop_left_behind
 from watcher.view_feed import ViewFeed, status_line
-from watcher.watch import InotifyFeed, PollingFeed
+from watcher.watch import Feed, PollingFeed
 
 log = logging.getLogger("ckpt-watch")
 
@@ -67,7 +67,7 @@ class Daemon:
         self._stop_requested = False
         self._stop_deadline = 0.0  # time.monotonic() until which a running job may still finish
         self._reload_requested = False
-        self._feed: InotifyFeed | PollingFeed | None = None
+        self._feed: Feed | None = None
         self._mode = "?"  # inotify, polling every N s, or scan (set by startup.announce)
         self.view = view
         self._next_view = 0.0

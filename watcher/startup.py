@@ -21,7 +21,7 @@ from watcher.processes import stop_leftovers
 from watcher.resources import ResourceState, out_of_space, resource_problem
 from watcher.setup import Setup
 from watcher.sinks.wandb_run import DELIVERIES
-from watcher.watch import InotifyFeed, PollingFeed
+from watcher.watch import Feed, InotifyFeed, PollingFeed
 
 log = logging.getLogger("ckpt-watch")
 
@@ -90,7 +90,7 @@ def stop_left_behind(journal: Journal, results_dir: Path) -> None:
                     ", ".join(sorted(set(roles))))  # fmt: skip
 
 
-def start_feed(output_dir: Path, poll: float | None, is_checkpoint: Callable[[str], bool]) -> InotifyFeed | PollingFeed:
+def start_feed(output_dir: Path, poll: float | None, is_checkpoint: Callable[[str], bool]) -> Feed:
     """What wakes the loop: inotify events for `output_dir`, or with `poll` a look every `poll` seconds (also
     where inotify cannot be used: every FALLBACK_POLL seconds, said once)."""
     if poll is None:
@@ -106,7 +106,7 @@ def start_feed(output_dir: Path, poll: float | None, is_checkpoint: Callable[[st
     return polling
 
 
-def announce(setup: Setup, feed: InotifyFeed | PollingFeed | None) -> str:
+def announce(setup: Setup, feed: Feed | None) -> str:
     """The start-up log line (what is watched, how, with which preset, where results go); returns how the output
     dir is watched, as the live view shows it: "inotify", "polling every N s", or "scan" (no feed)."""
     if feed is None:

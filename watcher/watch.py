@@ -1,8 +1,8 @@
 """Change feeds: tell the main loop which checkpoint folders may have changed.
 
-Two backends with one shape, like watchdog's own observers: `InotifyFeed` (watchdog, recursive, for local
-disks) and `PollingFeed` (no watching at all; the main loop re-lists the output dir one level deep every poll
-interval). Network filesystems (NFS, Lustre, GPFS, CIFS, FUSE, ...) deliver no inotify events for writes made
+Two backends behind one contract, `Feed` (as watchdog's observers share `observers/api.py`): `InotifyFeed`
+(watchdog, recursive, for local disks) and `PollingFeed` (no watching at all; the main loop re-lists the output
+dir one level deep every poll interval). Network filesystems (NFS, Lustre, GPFS, CIFS, FUSE, ...) deliver no inotify events for writes made
 on other hosts, so they get polling. Either way the main loop also runs a periodic reconciliation scan; an
 inotify queue overflow (events dropped by the kernel) is reported by `overflowed()` so that the loop rescans at
 once instead of waiting for it.
@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal, Protocol
 
 log = logging.getLogger("ckpt-watch")
 
@@ -50,10 +50,38 @@ def is_network_filesystem(path: Path) -> bool:
     return fstype in NETWORK_FILESYSTEMS or fstype.startswith("fuse.") or fstype.startswith("nfs")
 
 
+class Feed(Protocol):
+    """What the main loop asks of a change feed. Only `wake` may be called from another thread or a signal
+    handler; everything else is called from the main loop."""
+
+    mode: Literal["inotify", "polling"]  # how the daemon says it watches (the live view, the start-up line)
+
+    def start(self) -> None:
+        """Begin watching; raises OSError when the backend cannot (the caller falls back to polling)."""
+        ...
+
+    def wait(self, timeout: float) -> set[str]:
+        """The checkpoint folder names that may have changed since the last call, waiting up to `timeout`
+        seconds for the first one; an empty set when nothing is known (polling) or `wake` was called."""
+        ...
+
+    def wake(self) -> None:
+        """End the current `wait` early (safe to call from a signal handler or another thread)."""
+        ...
+
+    def overflowed(self) -> bool:
+        """True once after events were lost: the caller must rescan everything now."""
+        ...
+
+    def stop(self) -> None:
+        """Stop watching and end a `wait` in progress."""
+        ...
+
+
 class PollingFeed:
     """No events: the main loop re-lists the output dir every poll interval."""
 
-    mode = "polling"
+    mode: Literal["polling"] = "polling"
 
     def __init__(self, interval: float):
         self.interval = interval
@@ -85,7 +113,7 @@ class InotifyFeed:
     whole tree: the results dir, TensorBoard's `runs/` or W&B's `wandb/` would otherwise flood the queue.
     """
 
-    mode = "inotify"
+    mode: Literal["inotify"] = "inotify"
 
     def __init__(self, output_dir: Path, is_checkpoint: Callable[[str], bool]):
         from watchdog.events import FileSystemEventHandler
@@ -105,7 +133,7 @@ class InotifyFeed:
             def on_any_event(self, event):
                 if event.is_directory and event.event_type in ("deleted", "moved"):
                     feed._note_gone(os.fsdecode(event.src_path))
-                for path in (event.src_path, getattr(event, "dest_path", "")):
+                for path in (event.src_path, event.dest_path):  # dest_path: "" unless moved
                     if path:
                         feed._note(os.fsdecode(path))
 

@@ -112,6 +112,7 @@ class CommandBackend:
         values = {"model_dir": str(model_dir), "step": str(context.step), "variant": context.variant,
                   "checkpoint": context.checkpoint, "device": device_text(devices), "workdir": str(workdir)}  # fmt: skip
         argv = [argument.format(**values) for argument in options["command"]]
+        Path(workdir).mkdir(parents=True, exist_ok=True)  # its cwd: a missing one read as "command not found"
         try:
             # Its own process group, dying with the job: a timeout stops everything the command started.
             done = processes.run(argv, cwd=workdir, capture_output=True, text=True, timeout=options.get("timeout"))

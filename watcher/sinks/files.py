@@ -48,38 +48,35 @@ class FileSink(SinkBase):
 
     def deliver(self, results: Sequence[Result]) -> None:
         for result in results:
-            record = result.to_dict()
-            write_json_atomic(self.result_path(result), record)
-            self._append_once(record)
+            write_json_atomic(self.result_path(result), result.to_dict())
+        self._append_once(results)
 
-    def _append_once(self, record: dict[str, Any]) -> None:
-        # Deliveries happen one at a time, in commit order, so a crash after the append but before the journal
-        # noted it can only have left this record as the file's last line: checking that line makes the append
-        # idempotent. A crash mid-append leaves a torn last line, which is cut off before appending.
-        summary = {k: v for k, v in record.items() if k != "raw"}  # raw backend output stays in the per-job JSON
-        line = (json.dumps(summary, sort_keys=True, allow_nan=False) + "\n").encode()
+    def _append_once(self, results: Sequence[Result]) -> None:
+        # Deliveries happen in commit order, so a crash after an append but before the journal noted it can only
+        # have left a first part of this batch (all of it, at most) as the file's last lines: records found among
+        # the last len(results) lines are not appended again. A crash mid-append leaves a torn last line, which
+        # is cut off before appending.
         self.jsonl.parent.mkdir(parents=True, exist_ok=True)
         with open(self.jsonl, "a+b") as handle:
-            last, last_start, terminated = _last_line(handle)
-            if last is not None:
-                try:
-                    previous = json.loads(last)
-                except (ValueError, RecursionError):
-                    if not terminated:  # torn by a crash mid-append: cut off
-                        handle.truncate(last_start)
-                        previous = None
-                    else:  # a whole line that is not JSON (someone else's): kept, appended after
-                        previous = {}
-                if previous is not None:
-                    # A line that is JSON but not an object (`[]`, `null`) is someone else's too: kept.
-                    same = isinstance(previous, dict) and previous.get("result_id") == record["result_id"]
-                    if not terminated:
-                        line = b"\n" if same else b"\n" + line
-                    elif same:
-                        return
-            handle.write(line)  # "a" mode: always at the end
-            handle.flush()
-            os.fsync(handle.fileno())
+            lines, last_start, terminated = _last_lines(handle, len(results))
+            data = b""
+            if lines and not terminated:
+                if _parsed(lines[-1]) is None:  # torn by a crash mid-append: cut off
+                    handle.truncate(last_start)
+                    lines = lines[:-1]
+                else:  # whole but for its newline
+                    data = b"\n"
+            # A line that is not a JSON object (`[]`, `null`, a note: someone else's) is kept, appended after.
+            present = {record.get("result_id") for line in lines if isinstance(record := _parsed(line), dict)}
+            for result in results:
+                if result.result_id not in present:
+                    # raw backend output stays in the per-job JSON
+                    summary = {k: v for k, v in result.to_dict().items() if k != "raw"}
+                    data += (json.dumps(summary, sort_keys=True, allow_nan=False) + "\n").encode()
+            if data:
+                handle.write(data)  # "a" mode: always at the end
+                handle.flush()
+                os.fsync(handle.fileno())
 
 
 def read_results(results_dir: Path) -> list[dict[str, Any]]:
@@ -114,15 +111,32 @@ def is_result_record(value: Any) -> bool:
     return Result.is_record(value)
 
 
-def _last_line(handle) -> tuple[bytes | None, int, bool]:
-    """The file's last line, where it starts, and whether it ends with a newline; (None, 0, True) if empty."""
+def _parsed(line: bytes) -> Any:
+    """A line as JSON, or None when it is not JSON."""
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):  # also UnicodeDecodeError
+        return None
+
+
+def _last_lines(handle, count: int) -> tuple[list[bytes], int, bool]:
+    """Up to the file's last `count` lines (fewer if it has fewer), where the last one starts, and whether the
+    file ends with a newline; ([], 0, True) if it is empty."""
     size = handle.seek(0, os.SEEK_END)
-    if size == 0:
-        return None, 0, True
-    block = min(size, 1 << 20)
-    handle.seek(size - block)
-    data = handle.read(block)
-    terminated = data.endswith(b"\n")
-    body = data[:-1] if terminated else data
-    cut = body.rfind(b"\n")
-    return body[cut + 1 :], size - block + cut + 1, terminated
+    if size == 0 or count < 1:
+        return [], size, True
+    block = 1 << 16
+    while True:  # read back from the end until the block holds `count` whole lines, or is the whole file
+        block = min(size, block)
+        handle.seek(size - block)
+        data = handle.read(block)
+        terminated = data.endswith(b"\n")
+        body = data[:-1] if terminated else data
+        if body.count(b"\n") >= count or block == size:
+            break
+        block *= 4
+    lines = body.split(b"\n")
+    if block < size:
+        lines = lines[1:]  # the first piece may be part of a longer line
+    lines = lines[-count:]
+    return lines, size - (len(lines[-1]) + (1 if terminated else 0)), terminated
