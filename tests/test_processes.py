@@ -186,11 +186,13 @@ def test_the_wandb_delivery_child_and_its_wandb_core_go_with_a_killed_daemon(tmp
 import threading, sys
 from pathlib import Path
 from watcher.journal import Journal
+from watcher.records import Result
 from watcher.sinks.wandb_run import WandbSink
 results = Path({str(tmp_path / 'results')!r})
 journal = Journal(results / "journal.sqlite")
 sink = WandbSink("proj/run42", "defer", Path({str(tmp_path)!r}), results, force=True, ledger=journal.processes)  # as sync
-record = {{"result_id": "a", "step": 10, "variant": "regular", "status": "ok", "metrics": {{"x/acc": 0.5}}}}
+record = Result(result_id="a", step=10, checkpoint="checkpoint-10", variant="regular", preset="smoke", status="ok",
+                metrics={{"x/acc": 0.5}})
 thread = threading.Thread(target=sink.deliver, args=([record],))  # as watcher/outbox.py does
 thread.start()
 thread.join()
