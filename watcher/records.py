@@ -28,7 +28,7 @@ def iso_time(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
 
 
-def device_text(devices: "tuple[str, ...] | list[str]") -> str:
+def device_text(devices: tuple[str, ...] | list[str]) -> str:
     """Torch devices as one string: ("cuda:0", "cuda:1") -> "cuda:0,1", ("cuda:0",) -> "cuda:0", ("cpu",) -> "cpu"."""
     if len(devices) > 1:
         return devices[0].split(":")[0] + ":" + ",".join(d.split(":")[1] for d in devices)
