@@ -2,8 +2,8 @@
 
 Two backends behind one contract, `Feed` (as watchdog's observers share `observers/api.py`): `InotifyFeed`
 (watchdog, recursive, for local disks) and `PollingFeed` (no watching at all; the main loop re-lists the output
-dir one level deep every poll interval). Network filesystems (NFS, Lustre, GPFS, CIFS, FUSE, ...) deliver no inotify events for writes made
-on other hosts, so they get polling. Either way the main loop also runs a periodic reconciliation scan; an
+dir one level deep every poll interval). Network filesystems (NFS, Lustre, GPFS, CIFS, FUSE, ...) deliver no
+inotify events for writes made on other hosts, so they get polling. Either way the main loop also runs a periodic reconciliation scan; an
 inotify queue overflow (events dropped by the kernel) is reported by `overflowed()` so that the loop rescans at
 once instead of waiting for it.
 """

@@ -110,7 +110,8 @@ class CommandBackend:
         self.check_options(options)
         context = context or JobContext()
         values = {"model_dir": str(model_dir), "step": str(context.step), "variant": context.variant,
-                  "checkpoint": context.checkpoint, "device": device_text(devices), "workdir": str(workdir)}  # fmt: skip
+                  "checkpoint": context.checkpoint, "device": device_text(devices),
+                  "workdir": str(workdir)}  # fmt: skip
         argv = [argument.format(**values) for argument in options["command"]]
         Path(workdir).mkdir(parents=True, exist_ok=True)  # its cwd: a missing one read as "command not found"
         try:

@@ -13,15 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from watcher.sinks.base import Sink, SinkBase, SinkUnavailable
+from watcher.sinks.base import Sink, SinkBase, SinkSettings, SinkUnavailable
 from watcher.sinks.files import FileSink, read_results
 
 if TYPE_CHECKING:
-    from watcher.config import WatchConfig
     from watcher.processes import Ledger
 
-__all__ = ["FileSink", "Sink", "SinkBase", "SinkPlace", "SinkUnavailable", "build_sink", "build_sinks",
-           "known_sinks", "read_results"]  # fmt: skip
+__all__ = ["FileSink", "Sink", "SinkBase", "SinkPlace", "SinkSettings", "SinkUnavailable", "build_sink",
+           "build_sinks", "known_sinks", "read_results"]  # fmt: skip
 
 # sink name (its key in the journal) -> the module whose `build(config, place)` makes it; in delivery order.
 _SINKS: dict[str, str] = {
@@ -46,7 +45,7 @@ def known_sinks() -> list[str]:
     return list(_SINKS)
 
 
-def build_sink(name: str, config: WatchConfig, place: SinkPlace) -> Sink | None:
+def build_sink(name: str, config: SinkSettings, place: SinkPlace) -> Sink | None:
     """The sink registered as `name`, as `config` asks for it; None when the configuration turns it off."""
     try:
         module = _SINKS[name]
@@ -55,6 +54,6 @@ def build_sink(name: str, config: WatchConfig, place: SinkPlace) -> Sink | None:
     return importlib.import_module(module).build(config, place)
 
 
-def build_sinks(config: WatchConfig, place: SinkPlace) -> list[Sink]:
+def build_sinks(config: SinkSettings, place: SinkPlace) -> list[Sink]:
     """Every sink the configuration turns on, in delivery order."""
     return [sink for name in _SINKS if (sink := build_sink(name, config, place)) is not None]

@@ -57,6 +57,15 @@ class Sink(Protocol):
         ...
 
 
+class SinkSettings(Protocol):
+    """The configuration a sink's `build` reads (watcher.config.WatchConfig has these; named here so that the
+    sinks do not import the configuration, which imports them to check its W&B settings)."""
+
+    wandb: str
+    wandb_live: str
+    tensorboard: str
+
+
 class SinkBase:
     """The defaults of the contract: a fast, idempotent sink with nothing to release."""
 

@@ -15,16 +15,15 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from watcher.atomic import write_json_atomic
 from watcher.records import Result
-from watcher.sinks.base import SinkBase
+from watcher.sinks.base import SinkBase, SinkSettings
 
 if TYPE_CHECKING:
-    from watcher.config import WatchConfig
     from watcher.sinks import SinkPlace
 
 log = logging.getLogger("ckpt-watch")
 
 
-def build(config: WatchConfig, place: SinkPlace) -> FileSink:
+def build(config: SinkSettings, place: SinkPlace) -> FileSink:
     """Always on: the results dir is the record every other reader (status, compare, plot) reads."""
     return FileSink(place.results_dir)
 

@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from watcher.records import Result
-from watcher.sinks.base import SinkBase, SinkUnavailable
+from watcher.sinks.base import SinkBase, SinkSettings, SinkUnavailable
 from watcher.sinks.event_files import FILE_TAG, EventFileWriter, event_files, f32, read_points
 from watcher.sinks.naming import metric_row
 
 if TYPE_CHECKING:
-    from watcher.config import WatchConfig
     from watcher.sinks import SinkPlace
 
 __all__ = ["AutoTensorBoardSink", "TensorBoardSink", "build", "read_points", "resolve_tensorboard_dir"]
@@ -38,7 +37,7 @@ __all__ = ["AutoTensorBoardSink", "TensorBoardSink", "build", "read_points", "re
 EVAL_RUN = "ckpt-watch-eval"  # the folder, and so the run's name in TensorBoard
 
 
-def build(config: WatchConfig, place: SinkPlace) -> AutoTensorBoardSink | None:
+def build(config: SinkSettings, place: SinkPlace) -> AutoTensorBoardSink | None:
     """`tensorboard = "off"`: none; else the folder is resolved at delivery (see AutoTensorBoardSink)."""
     return AutoTensorBoardSink(config.tensorboard, place.output_dir) if config.tensorboard != "off" else None
 
@@ -62,7 +61,8 @@ class TensorBoardSink(SinkBase):
         disk: after a crash that is the only truth). A result without points holds trivially."""
         on_disk = {(step, tag): value for step, _, row in read_points(self.log_dir) for tag, value in row.items()}
         return {result.result_id for result in results
-                if all(on_disk.get((result.step, tag)) == f32(value) for tag, value in metric_row(result).items())}  # fmt: skip
+                if all(on_disk.get((result.step, tag)) == f32(value)
+                       for tag, value in metric_row(result).items())}  # fmt: skip
 
     def close(self) -> None:
         self._writer.close()

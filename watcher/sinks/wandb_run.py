@@ -58,12 +58,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 from watcher import processes
 from watcher.integrations.run_record import RUN_RECORD, process_alive, read_run_record
 from watcher.records import Result
-from watcher.sinks.base import SinkBase, SinkUnavailable
+from watcher.sinks.base import SinkBase, SinkSettings, SinkUnavailable
 from watcher.sinks.naming import STEP_KEY, metric_row, prefix_of
 from watcher.sinks.wandb_files import LocalRun, find_local_runs
 
 if TYPE_CHECKING:
-    from watcher.config import WatchConfig
     from watcher.sinks import SinkPlace
 
 log = logging.getLogger("ckpt-watch")
@@ -159,7 +158,7 @@ def training_is_live(target: WandbTarget) -> tuple[bool | None, str]:
     return None, why
 
 
-def build(config: WatchConfig, place: SinkPlace) -> WandbSink | None:
+def build(config: SinkSettings, place: SinkPlace) -> WandbSink | None:
     """`wandb = "off"`: none; else the run is found at delivery (`find_target`)."""
     if config.wandb == "off":
         return None
