@@ -214,8 +214,8 @@ def test_a_batch_lands_once_even_when_handed_over_again(sink_case, tmp_path):
                                               "hf", (result.variant,))  # fmt: skip
                 journal.ensure_jobs(ckpt, (result.variant,), "smoke")
                 job = next(j for j in journal.jobs("smoke") if j.checkpoint.step == result.step)
-                journal.start(job.id)
-                journal.finish(job.id, result.to_dict())
+                journal.start(job)
+                journal.finish(job.id, result)
             journal.mark_in_flight([r.result_id for r in batch], name)
             assert Outbox(journal, [sink]).deliver_pending(force=True) == {name: 0}
         finally:

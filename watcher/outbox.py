@@ -96,11 +96,11 @@ class Outbox:
                     self._running[sink.name] = delivery
                     delivery.thread.start()
                 else:
-                    _send(sink, results, suspect, delivery)
+                    _send(sink, records, suspect, delivery)
                     self._ended(sink.name, delivery)
                     if delivery.error is None:
-                        results = []
-            pending[sink.name] = len(results)
+                        records = []
+            pending[sink.name] = len(records)
         return pending
 
     def poll(self) -> None:
