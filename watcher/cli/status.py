@@ -16,14 +16,14 @@ import os
 import sqlite3
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
 
 from watcher.config import ConfigError
 from watcher.journal import JobRow, JournalReader
 from watcher.metrics import headline_metrics
-from watcher.records import Result
+from watcher.records import Result, iso_time
 
 
 # --- reading the journal -------------------------------------------------------------------------------------
@@ -128,9 +128,7 @@ def resource_problems(journal_path: Path, results_dir: Path) -> list[str]:
 
 
 def _iso(seconds: float | None) -> str | None:
-    if not seconds:
-        return None
-    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
+    return iso_time(seconds) if seconds else None
 
 
 # --- the command ---------------------------------------------------------------------------------------------

@@ -41,11 +41,12 @@ import json
 import os
 import socket
 import sys
-from datetime import datetime, timezone
+import time
 from pathlib import Path
 from typing import Any
 
 from watcher.atomic import write_json_atomic
+from watcher.records import iso_time
 
 RUN_RECORD = "ckpt-watch-run.json"
 FORMAT = 1
@@ -123,7 +124,7 @@ def process_alive(record: dict[str, Any]) -> bool | None:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return iso_time(time.time())
 
 
 def _text(get) -> str | None:
