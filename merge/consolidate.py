@@ -34,7 +34,7 @@ from merge.layouts import (
 from merge.safetensors_source import SafetensorsSource, has_safetensors
 from merge.source import FLOATING, MergeError, TensorSpec, WeightSource
 from merge.torchtitan_source import TorchtitanSource, looks_like_torchtitan
-from merge.writer import DEFAULT_SHARD_BYTES, Progress, write_weights
+from merge.writer import DEFAULT_SHARD_BYTES, ByteProgress, write_weights
 
 log = logging.getLogger("ckpt-watch")
 
@@ -184,7 +184,7 @@ def merge_checkpoint(
     dtype: str | None = None,
     base_model: Path | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    progress: Progress | None = None,
+    progress: ByteProgress | None = None,
     layout: Layout | str | None = None,
 ) -> Path:
     """Write `variant`'s weights of `checkpoint` as a Hugging Face model folder at `out`.
@@ -205,7 +205,7 @@ def average_checkpoints(
     dtype: str | None = None,
     base_model: Path | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    progress: Progress | None = None,
+    progress: ByteProgress | None = None,
 ) -> Path:
     checkpoints = [Path(c) for c in checkpoints]
     sources: list[WeightSource] = []
@@ -226,7 +226,7 @@ def _write_model(
     dtype: str | None,
     base_model: Path | None,
     max_shard_bytes: int,
-    progress: Progress | None,
+    progress: ByteProgress | None,
 ) -> Path:
     if out.exists() and any(out.iterdir()):
         raise MergeError(f"output folder {out} already exists and is not empty")

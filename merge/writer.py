@@ -22,14 +22,11 @@ from merge.source import DTYPES, FLOATING, MergeError, TensorSpec, WeightSource
 DEFAULT_SHARD_BYTES = 5 * 10**9  # what transformers' save_pretrained uses ("5GB")
 INDEX_NAME = "model.safetensors.index.json"
 
-# Called with the number of bytes just written, from the copy threads (so it must be thread-safe). If it also has
-# a `start(total)` method, that is called first with the bytes the whole write will add up to (see ByteProgress).
-Progress = Callable[[int], None]
-
-
 class ByteProgress:
-    """A `Progress` that hands (bytes done, bytes total) to `report`, at most every `interval` seconds and always
-    for the first and the last bytes, so that the last report has done == total. Thread-safe."""
+    """A write's progress: `start(total)` once with the bytes the whole write adds up to, then a call with the
+    bytes just written, from the copy threads. Hands (bytes done, bytes total) to `report`, at most every
+    `interval` seconds and always for the first and the last bytes, so that the last report has done == total.
+    Thread-safe."""
 
     def __init__(self, report: Callable[[int, int], None], interval: float = 0.2):
         self.report, self.interval = report, interval
@@ -106,7 +103,7 @@ def write_weights(
     names: list[str],
     cast: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    progress: Progress | None = None,
+    progress: ByteProgress | None = None,
     threads: int = COPY_THREADS,
 ) -> dict:
     """Write `names` from `source` as model-0000i-of-0000N.safetensors + index into `folder`; return the index.
@@ -123,9 +120,8 @@ def write_weights(
     source_lock = threading.Lock()  # sources and the buffer are not thread-safe; the kernel copies are
     fds: list[int] = []
     tasks = []  # (name, fd, position in the file)
-    start = getattr(progress, "start", None)
-    if start is not None:
-        start(sum(specs[n].nbytes for n in names))
+    if progress is not None:
+        progress.start(sum(specs[n].nbytes for n in names))
     try:
         for file, shard in zip(files, shards):
             fds.append(os.open(folder / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))

@@ -56,6 +56,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     from merge import MergeError, average_checkpoints, merge_checkpoint, variants_of
+    from merge.writer import ByteProgress
     from watcher.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, print_error
 
     args = parser().parse_args(argv)
@@ -66,19 +67,16 @@ def main(argv: list[str]) -> int:
     first = args.checkpoints[0]
     variants = variants_of(first) if args.variant == "all" else [args.variant]
     written = 0
-
-    def progress(count: int) -> None:
-        nonlocal written
-        written += count
-
     start = time.monotonic()
     try:
         for variant in variants:
             out = args.output / variant if args.variant == "all" else args.output
+            counted = ByteProgress(lambda done, total: None)
             if args.average:
-                average_checkpoints(args.checkpoints, out, variant, dtype, args.base_model, args.shard_size, progress)
+                average_checkpoints(args.checkpoints, out, variant, dtype, args.base_model, args.shard_size, counted)
             else:
-                merge_checkpoint(first, out, variant, dtype, args.base_model, args.shard_size, progress)
+                merge_checkpoint(first, out, variant, dtype, args.base_model, args.shard_size, counted)
+            written += counted.done
     except MergeError as exc:
         print_error("ckpt-watch merge", str(exc))
         return EXIT_FAILED
