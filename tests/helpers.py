@@ -29,7 +29,8 @@ def start_daemon(log: Path, *args) -> subprocess.Popen:
 
 
 def results(output: Path) -> list[dict]:
-    return read_results(output / "ckpt-watch")
+    """The run's results.jsonl records as the JSON objects on disk (what a user's script reads)."""
+    return [result.to_dict() for result in read_results(output / "ckpt-watch")]
 
 
 def read_journal(output: Path, read: Callable[[JournalReader], T], empty: T) -> T:

@@ -10,18 +10,24 @@ import sys
 from helpers import ckpt_watch
 from watcher.cli.compare import compare
 from watcher.metrics import higher_is_better
+from watcher.records import Result
+
+
+def _result(step: int, metrics: dict[str, float]) -> Result:
+    return Result(result_id=f"r{step}", step=step, checkpoint=f"checkpoint-{step}", variant="regular",
+                  preset="smoke", status="ok", metrics=metrics)  # fmt: skip
 
 
 def test_direction_comes_from_lm_eval_when_it_declares_one():
-    record = {"raw": {"lm_eval": {"higher_is_better": {"task": {"acc": True, "weird": False}}}}}
-    assert higher_is_better("task/acc", record) is True
-    assert higher_is_better("task/weird", record) is False  # declared wins over the name
-    assert higher_is_better("task/word_perplexity", {}) is False
-    assert higher_is_better("inference/tokens_per_s", {}) is True
-    assert higher_is_better("inference/peak_reserved_mb", {}) is False
-    assert higher_is_better("params/total", {}) is None
-    rows = compare({"metrics": {"t/acc": 0.5, "t/acc_stderr": 0.1, "params/total": 5}},
-                   {"metrics": {"t/acc": 0.75, "params/total": 5, "ppl/perplexity": 3.0}})  # fmt: skip
+    raw = {"lm_eval": {"higher_is_better": {"task": {"acc": True, "weird": False}}}}
+    assert higher_is_better("task/acc", raw) is True
+    assert higher_is_better("task/weird", raw) is False  # declared wins over the name
+    assert higher_is_better("task/word_perplexity") is False
+    assert higher_is_better("inference/tokens_per_s") is True
+    assert higher_is_better("inference/peak_reserved_mb") is False
+    assert higher_is_better("params/total") is None
+    rows = compare(_result(10, {"t/acc": 0.5, "t/acc_stderr": 0.1, "params/total": 5}),
+                   _result(20, {"t/acc": 0.75, "params/total": 5, "ppl/perplexity": 3.0}))  # fmt: skip
     assert [(r["group"], r["metric"], r["better"]) for r in rows] == [
         ("accuracy", "t/acc", "B"), ("perplexity", "ppl/perplexity", None), ("cost", "params/total", None)]  # fmt: skip
 

@@ -125,9 +125,9 @@ def _files_target(root: Path) -> list[tuple]:
 
     records = read_results(root / "results")
     for record in records:  # the per-job record too, whole
-        per_job = json.loads((root / "results" / record["checkpoint"] / record["variant"] / "smoke.json").read_text())
-        assert per_job["result_id"] == record["result_id"]
-    return sorted((r["step"], r["variant"], r["status"]) for r in records)
+        per_job = json.loads((root / "results" / record.checkpoint / record.variant / "smoke.json").read_text())
+        assert per_job["result_id"] == record.result_id
+    return sorted((r.step, r.variant, r.status) for r in records)
 
 
 def _tensorboard_target(root: Path) -> list[tuple]:

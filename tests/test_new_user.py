@@ -283,14 +283,16 @@ def _compare(*args):
 def test_compare_usage_noise_groups_and_config(tmp_path):
     from watcher.cli.compare import compare
     from watcher.metrics import group_of
+    from watcher.records import Result
 
     output = tmp_path / "output"
     output.mkdir()
     line = one_line_error(_compare(output, 10))
     assert "give it two steps" in line and "Is a directory" not in line, line
-    rows = {r["metric"]: r for r in compare(
-        {"metrics": {"t/acc": 0.50, "t/acc_stderr": 0.03, "u/acc": 0.50, "u/acc_stderr": 0.01}},
-        {"metrics": {"t/acc": 0.55, "t/acc_stderr": 0.03, "u/acc": 0.55, "u/acc_stderr": 0.01}})}  # fmt: skip
+    a, b = (Result(result_id=f"r{s}", step=s, checkpoint=f"checkpoint-{s}", variant="regular", preset="mine",
+                   status="ok", metrics={"t/acc": v, "t/acc_stderr": 0.03, "u/acc": v, "u/acc_stderr": 0.01})
+            for s, v in ((10, 0.50), (20, 0.55)))  # fmt: skip
+    rows = {r["metric"]: r for r in compare(a, b)}
     assert rows["t/acc"]["better"] == "~" and rows["u/acc"]["better"] == "B"  # 0.05 < 2 x 0.042; 0.05 > 2 x 0.014
     assert group_of("ckpt_watch_smoke_ppl/word_perplexity") == "perplexity" and group_of("t/acc") == "accuracy"
     helps = _compare("--help").stdout
@@ -300,9 +302,9 @@ def test_compare_usage_noise_groups_and_config(tmp_path):
     # --config: the results dir and preset come from the daemon's config file.
     results_dir = tmp_path / "elsewhere"
     results_dir.mkdir()
-    records = [{"step": s, "checkpoint": f"checkpoint-{s}", "variant": "regular", "preset": "mine", "status": "ok",
-                "metrics": {"t/acc": a}} for s, a in ((10, 0.25), (20, 0.75))]  # fmt: skip
-    (results_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    records = [Result(result_id=f"r{s}", step=s, checkpoint=f"checkpoint-{s}", variant="regular", preset="mine",
+                      status="ok", metrics={"t/acc": a}) for s, a in ((10, 0.25), (20, 0.75))]  # fmt: skip
+    (results_dir / "results.jsonl").write_text("".join(r.to_json() + "\n" for r in records))
     config = tmp_path / "c.toml"
     config.write_text('results_dir = "elsewhere"\npreset = "mine"\n')
     run = _compare(output, 10, 20, "--config", config, "--json")

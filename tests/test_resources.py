@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers import ckpt_watch, results, wait_for
+from watcher.sinks import read_results
 
 NOBODY = 65534
 EVAL = 'import json, sys; print(json.dumps({{"score": int(sys.argv[1]) / 10}}))'  # braces doubled: placeholders
@@ -120,7 +121,7 @@ def test_a_full_disk_is_one_line_and_a_wait_and_the_daemon_goes_on_when_there_is
                                    "--results-dir", results_dir, "--log-format", "plain"], env=env, stdout=handle,
                                   stderr=subprocess.STDOUT)  # fmt: skip
     try:
-        wait_for(lambda: len(_lines(results_dir)) == 1, 60, what="the first result")
+        wait_for(lambda: len(read_results(results_dir)) == 1, 60, what="the first result")
         filler = fill(disk)
         shutil.move(later / "checkpoint-20", output / "checkpoint-20")  # found while the disk is full
         wait_for(lambda: "cannot " in log.read_text(), 30, what="the disk-full line")
@@ -140,22 +141,16 @@ def test_a_full_disk_is_one_line_and_a_wait_and_the_daemon_goes_on_when_there_is
 
         filler.unlink()  # room again
         shutil.move(later / "checkpoint-30", output / "checkpoint-30")
-        wait_for(lambda: len(_lines(results_dir)) == 3, 90, what="every result once there is room")
+        wait_for(lambda: len(read_results(results_dir)) == 3, 90, what="every result once there is room")
         assert "resolved" in log.read_text()
         assert daemon.poll() is None
     finally:
         daemon.terminate()
         daemon.wait(timeout=60)
         listener.close()
-    lines = _lines(results_dir)
-    assert sorted(r["step"] for r in lines) == [10, 20, 30]
-    assert len({r["result_id"] for r in lines}) == 3
-
-
-def _lines(results_dir: Path) -> list[dict]:
-    from watcher.sinks import read_results
-
-    return read_results(results_dir)
+    lines = read_results(results_dir)
+    assert sorted(r.step for r in lines) == [10, 20, 30]
+    assert len({r.result_id for r in lines}) == 3
 
 
 def test_merge_into_a_full_disk_is_one_line_and_leaves_nothing(tiny_model_dir, small_disk):

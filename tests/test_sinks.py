@@ -52,7 +52,7 @@ def test_read_results_skips_a_torn_last_line(tmp_path):
     sink.deliver([_record("a")])
     with open(sink.jsonl, "ab") as handle:
         handle.write(b'{"result_id": "b", "ste')
-    assert [r["result_id"] for r in read_results(tmp_path)] == ["a"]
+    assert [r.result_id for r in read_results(tmp_path)] == ["a"]
     assert read_results(tmp_path / "nowhere") == []
 
 
@@ -70,7 +70,7 @@ def test_lines_that_are_not_result_records_are_skipped_with_one_warning(tmp_path
     sink.deliver([_record("b", 20)])
     sink.deliver([_record("b", 20)])  # idempotent as before
     caplog.clear()
-    assert [r["result_id"] for r in read_results(tmp_path)] == ["a", "b"]
+    assert [r.result_id for r in read_results(tmp_path)] == ["a", "b"]
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "skipped 7 line(s)" in warnings[0].getMessage(), caplog.text
     assert sink.jsonl.read_bytes().startswith(FOREIGN)

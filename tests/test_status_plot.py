@@ -8,6 +8,7 @@ import sqlite3
 import struct
 import sys
 import uuid
+from dataclasses import replace
 
 import pytest
 
@@ -50,10 +51,9 @@ def scanned(trainer_output, tmp_path_factory):
     assert (run := ckpt_watch(output, "--scan", "--config", config, "--preset", "quick")).returncode == 0, run.stderr
     assert ckpt_watch(output, "--scan", "--config", config, "--preset", "flaky").returncode == 1  # one job failed
     results_dir = output / "ckpt-watch"
-    ema = [dict(r, variant="ema", result_id=uuid.uuid4().hex,
-                metrics={**r["metrics"], "mc/acc": r["metrics"]["mc/acc"] + 0.05})
-           for r in read_results(results_dir) if r["preset"] == "quick"]  # fmt: skip
-    FileSink(results_dir).deliver([Result.from_dict(r) for r in ema])
+    ema = [replace(r, variant="ema", result_id=uuid.uuid4().hex, metrics={**r.metrics, "mc/acc": r.metrics["mc/acc"] + 0.05})
+           for r in read_results(results_dir) if r.preset == "quick"]  # fmt: skip
+    FileSink(results_dir).deliver(ema)
     return output
 
 

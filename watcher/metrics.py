@@ -37,11 +37,12 @@ def group_of(metric: str) -> str:
     return "accuracy"
 
 
-def higher_is_better(metric: str, record: dict[str, Any]) -> bool | None:
-    """True/False when known, None for metrics with no direction (counts, sizes of the model)."""
+def higher_is_better(metric: str, raw: dict[str, Any] | None = None) -> bool | None:
+    """True/False when known, None for metrics with no direction (counts, sizes of the model). `raw` is a result's
+    raw backend output (Result.raw): lm-eval's own `higher_is_better` there wins over the metric's name."""
     task, _, name = metric.rpartition("/")
     name = name.split("@", 1)[0]
-    declared = (record.get("raw", {}).get("lm_eval", {}).get("higher_is_better", {}) or {}).get(task, {})
+    declared = ((raw or {}).get("lm_eval", {}).get("higher_is_better", {}) or {}).get(task, {})
     if name in declared:
         return bool(declared[name])
     if group_of(metric) == "cost" or name.endswith("_stderr") or name == "tokens":
@@ -64,14 +65,14 @@ def headline_metrics(names: Iterable[str], fallback: int = 0) -> list[str]:
     names = set(names)
     by_task: dict[str, list[str]] = {}
     for name in sorted(names):
-        if group_of(name) not in ("accuracy", "perplexity") or name.endswith("_stderr") or higher_is_better(name, {}) is None:
+        if group_of(name) not in ("accuracy", "perplexity") or name.endswith("_stderr") or higher_is_better(name) is None:
             continue
         by_task.setdefault(name.rpartition("/")[0], []).append(name)
 
     def rank(name: str) -> tuple:
         base = name.rpartition("/")[2].split("@", 1)[0]
         preferred = PREFERRED.index(base) if base in PREFERRED else len(PREFERRED)
-        return preferred, not higher_is_better(name, {}), name
+        return preferred, not higher_is_better(name), name
 
     chosen = [min(candidates, key=rank) for _, candidates in sorted(by_task.items())[:MAX_TASKS]]
     return (chosen + [name for name in EXTRA_HEADLINES if name in names]

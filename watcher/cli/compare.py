@@ -21,18 +21,17 @@ from watcher.config import ConfigError
 from watcher.metrics import GROUPS, group_of, higher_is_better
 from watcher.records import Result
 from watcher.sinks import FileSink, read_results
-from watcher.sinks.files import is_result_record
 
 NOISE_STDERRS = 2.0  # a difference within 2 combined standard errors (about 95%) is noise
 
 
-def compare(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+def compare(a: Result, b: Result) -> list[dict[str, Any]]:
     rows = []
-    for metric in sorted(set(a.get("metrics", {})) | set(b.get("metrics", {}))):
+    for metric in sorted(set(a.metrics) | set(b.metrics)):
         if metric.endswith("_stderr"):
             continue
-        va, vb = a.get("metrics", {}).get(metric), b.get("metrics", {}).get(metric)
-        direction = higher_is_better(metric, a) if metric in a.get("metrics", {}) else higher_is_better(metric, b)
+        va, vb = a.metrics.get(metric), b.metrics.get(metric)
+        direction = higher_is_better(metric, (a if metric in a.metrics else b).raw)
         better = None
         noise = _noise(metric, a, b)
         if va is not None and vb is not None and direction is not None and va != vb:
@@ -44,43 +43,43 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _noise(metric: str, a: dict[str, Any], b: dict[str, Any]) -> float | None:
+def _noise(metric: str, a: Result, b: Result) -> float | None:
     """NOISE_STDERRS x the combined standard error of the difference, when both results have the stderr."""
     task, _, name = metric.rpartition("/")
     base, at, filter_name = name.partition("@")
     key = f"{task}/{base}_stderr{at}{filter_name}" if task else f"{base}_stderr{at}{filter_name}"
-    errors = [record.get("metrics", {}).get(key) for record in (a, b)]
+    errors = [result.metrics.get(key) for result in (a, b)]
     if any(not isinstance(e, (int, float)) for e in errors):
         return None
     return NOISE_STDERRS * (errors[0] ** 2 + errors[1] ** 2) ** 0.5
 
 
-def load_record(path: Path) -> dict[str, Any]:
+def load_record(path: Path) -> Result:
     try:
         record = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"result file not found: {path}") from None
     except (OSError, ValueError, RecursionError) as exc:
         raise ConfigError(f"not a result file: {path} ({exc})") from None
-    if not is_result_record(record):
+    if not Result.is_record(record):
         raise ConfigError(f"not a result file: {path} (not a result record)")
-    return record
+    return Result.from_dict(record)
 
 
-def find_records(results_dir: Path, steps: list[int], variant: str, preset: str) -> list[dict[str, Any]]:
+def find_records(results_dir: Path, steps: list[int], variant: str, preset: str) -> list[Result]:
     """The newest successful result for each step (this variant and preset), from one read of
     RESULTS_DIR/results.jsonl; the per-job file's full record where it is there."""
     if not (results_dir / "results.jsonl").is_file():
         raise ConfigError(f"no results in {results_dir} (results.jsonl is missing)")
-    newest = {}
-    for record in read_results(results_dir):
-        if (record["variant"], record["preset"], record["status"]) == (variant, preset, "ok"):
-            newest[record["step"]] = record
+    newest: dict[int, Result] = {}
+    for result in read_results(results_dir):
+        if (result.variant, result.preset, result.ok) == (variant, preset, True):
+            newest[result.step] = result
     found = []
     for step in steps:
         if step not in newest:
             raise ConfigError(f"no successful {preset} result for step {step} ({variant}) in {results_dir}")
-        full = FileSink(results_dir).result_path(Result.from_dict(newest[step]))
+        full = FileSink(results_dir).result_path(newest[step])
         found.append(load_record(full) if full.is_file() else newest[step])
     return found
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from watcher.cli.common import EXIT_FAILED, EXIT_OK, _Parser, resolve_log_format, setup_logging
 from watcher.config import LOG_FORMATS, WatchConfig, build_config
+from watcher.records import Result
 from watcher.sinks import read_results
 
 # The eval events go here whether or not the trainer logs TensorBoard (that needs the tensorboard package).
@@ -89,8 +90,8 @@ def run_demo(args: argparse.Namespace, output_dir: Path) -> int:
         return EXIT_FAILED
     records = read_results(setup.results_dir)
     print_results(records)
-    print(next_steps(output_dir, sorted({r["step"] for r in records if r["status"] == "ok"})), flush=True)
-    failed = any(r["status"] != "ok" for r in records)
+    print(next_steps(output_dir, sorted({r.step for r in records if r.ok})), flush=True)
+    failed = any(not r.ok for r in records)
     return EXIT_FAILED if failed or status else EXIT_OK
 
 
@@ -126,11 +127,11 @@ def _run_daemon(setup, log_format: str, finish_when, idle_text) -> int:
         return daemon.run(finish_when=finish_when)
 
 
-def print_results(records: list[dict]) -> None:
+def print_results(records: list[Result]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    names = sorted({k for r in records for k in r.get("metrics", {}) if not k.endswith("_stderr")})
+    names = sorted({k for r in records for k in r.metrics if not k.endswith("_stderr")})
     # Task names share long prefixes (ckpt_watch_smoke_mc, ckpt_watch_smoke_ppl): show only what differs.
     tasks = sorted({n.rpartition("/")[0] for n in names})
     common = os.path.commonprefix(tasks) if len(tasks) > 1 else ""
@@ -142,7 +143,7 @@ def print_results(records: list[dict]) -> None:
     for name in names:
         table.add_column(name[len(common) :], justify="right", min_width=len(name) - len(common))
     table.add_column("time (s)", justify="right")
-    for r in sorted(records, key=lambda r: (r["step"], r["variant"])):
-        cells = [f"{r['metrics'][n]:.4g}" if n in r.get("metrics", {}) else "" for n in names]
-        table.add_row(str(r["step"]), r["variant"], r["status"], *cells, f"{r['walltime_s']:.1f}")
+    for r in sorted(records, key=lambda r: (r.step, r.variant)):
+        cells = [f"{r.metrics[n]:.4g}" if n in r.metrics else "" for n in names]
+        table.add_row(str(r.step), r.variant, r.status, *cells, f"{r.walltime_s:.1f}")
     Console(width=max(140, Console().width)).print(table)

@@ -15,10 +15,10 @@ import difflib
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from watcher.config import ConfigError
 from watcher.metrics import group_of, headline_metrics, higher_is_better
+from watcher.records import Result
 
 FORMATS = (".png", ".svg", ".pdf")
 STYLES = {  # variant -> line style: EMA dashed with hollow squares, so the two read apart in grey scale too
@@ -27,15 +27,13 @@ STYLES = {  # variant -> line style: EMA dashed with hollow squares, so the two 
 }
 
 
-def collect(records: list[dict[str, Any]], preset: str | None = None) -> dict[tuple[str, str], dict[int, dict]]:
+def collect(results: list[Result], preset: str | None = None) -> dict[tuple[str, str], dict[int, dict]]:
     """(preset, variant) -> step -> metrics of the newest successful result."""
     series: dict[tuple[str, str], dict[int, dict]] = {}
-    for record in records:
-        if record.get("status") != "ok" or (preset is not None and record.get("preset") != preset):
+    for result in results:
+        if not result.ok or (preset is not None and result.preset != preset) or not result.metrics:
             continue
-        if not isinstance(record.get("step"), int) or not record.get("metrics"):
-            continue
-        series.setdefault((record["preset"], record["variant"]), {})[record["step"]] = record["metrics"]
+        series.setdefault((result.preset, result.variant), {})[result.step] = result.metrics
     return series
 
 
@@ -65,7 +63,7 @@ def plot(series: dict[tuple[str, str], dict[int, dict]], metrics: list[str], out
             style = STYLES.get(variant, {"linestyle": ":", "marker": "^"})
             ax.plot([s for s, _ in points], [v for _, v in points], label=label, color=colors[(preset, variant)],
                     markersize=4, linewidth=1.5, **style)  # fmt: skip
-        direction = higher_is_better(metric, {})
+        direction = higher_is_better(metric)
         ax.set_title(metric + {True: "  (higher is better)", False: "  (lower is better)"}.get(direction, ""),
                      loc="left", fontsize=10)  # fmt: skip
         ax.grid(True, alpha=0.3)

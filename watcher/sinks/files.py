@@ -78,12 +78,13 @@ class FileSink(SinkBase):
                 os.fsync(handle.fileno())
 
 
-def read_results(results_dir: Path) -> list[dict[str, Any]]:
+def read_results(results_dir: Path) -> list[Result]:
     """Every result record in RESULTS_DIR/results.jsonl, in order. The file is a user's file too (edited, appended
     to by scripts), so a line that is not a result record (`[]`, `null`, a note) is skipped with one warning per
     read naming the lines; a torn last line (a crash mid-append, repaired by the next append) is skipped quietly."""
     path = results_dir / "results.jsonl"
-    records, skipped = [], []
+    records: list[Result] = []
+    skipped: list[int] = []
     try:
         lines = path.read_bytes().split(b"\n")
     except FileNotFoundError:
@@ -95,19 +96,14 @@ def read_results(results_dir: Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except (ValueError, RecursionError):  # also UnicodeDecodeError
             record = None
-        if is_result_record(record):
-            records.append(record)
+        if Result.is_record(record):
+            records.append(Result.from_dict(record))
         elif number < len(lines):  # the last piece has no newline after it: torn, not foreign
             skipped.append(number)
     if skipped:
         shown = ", ".join(map(str, skipped[:5])) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         log.warning("%s: skipped %d line(s) that are not result records (line %s)", path, len(skipped), shown)
     return records
-
-
-def is_result_record(value: Any) -> bool:
-    """A JSON object with the fields every reader relies on (watcher.records.Result.is_record)."""
-    return Result.is_record(value)
 
 
 def _parsed(line: bytes) -> Any:
