@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from watcher.evaluators import EvalOutput, EvaluatorError, get_evaluator, known_backends
-from watcher.evaluators.lm_eval_backend import BUNDLED_TASKS, flatten_results, parse_options, render_bundled_tasks
+from watcher.evaluators.lm_eval_run import BUNDLED_TASKS, flatten_results, parse_options, render_bundled_tasks
 
 SMOKE_TASKS = ["ckpt_watch_smoke_mc", "ckpt_watch_smoke_ppl"]
 SMOKE_LIMIT = 8

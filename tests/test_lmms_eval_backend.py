@@ -147,7 +147,7 @@ def test_backend_settings_fill_in_every_lmms_eval_evaluator(tmp_path):
 
 
 def test_a_real_results_file_is_flattened_like_lm_eval():
-    from watcher.evaluators.lmms_eval_backend import parse_results
+    from watcher.evaluators.lmms_eval_results import parse_results
 
     out = parse_results(json.loads(FIXTURE.read_text()))
     # "exact_match_stderr_clustered,none" is "N/A" in the file: dropped, like lm-eval's.
@@ -159,7 +159,7 @@ def test_a_real_results_file_is_flattened_like_lm_eval():
 
 
 def test_filters_and_groups_are_named_like_lm_eval():
-    from watcher.evaluators.lmms_eval_backend import parse_results
+    from watcher.evaluators.lmms_eval_results import parse_results
 
     out = parse_results({"results": {"mme": {"alias": "mme", "score,none": 1.5, "acc,flex": float("nan")}},
                          "groups": {"grp": {"acc,strict-match": 0.5}}})  # fmt: skip

@@ -17,7 +17,7 @@ def needs_network(preset) -> str:
     lm-eval tasks other than the bundled offline ones (and user task folders, `include_path`) fetch their data
     sets from the Hugging Face Hub unless the datasets cache already holds them; lmms-eval's tasks always do.
     """
-    from watcher.evaluators.lm_eval_backend import BUNDLED_TASKS
+    from watcher.evaluators.lm_eval_run import BUNDLED_TASKS
 
     answer = "no"
     for step in preset.evaluators:

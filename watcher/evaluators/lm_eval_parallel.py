@@ -7,7 +7,8 @@ a full copy of the model on its own GPU; rank 0 gathers the results. So a job pi
     python -m watcher.evaluators.lm_eval_parallel launch PARENT_PID --config_file ... -m watcher.evaluators.lm_eval_parallel rank REQUEST
 
 from the job's child process: `launch` starts accelerate's launcher (torch elastic), `rank` is one evaluation
-process. Rank 0 writes the EvalOutput as JSON next to the request, and the backend reads it back.
+process (lm_eval_run.py's `evaluate`). Rank 0 writes the EvalOutput as JSON next to the request, and the backend
+reads it back.
 
 Process hygiene, since a training job shares the host: accelerate is given its own config file (a user's
 ~/.cache/huggingface/accelerate/default_config.yaml may ask for DeepSpeed or another GPU count) and a free
@@ -31,6 +32,7 @@ from typing import Any
 from watcher import processes as process_groups
 from watcher.atomic import write_json_atomic
 from watcher.evaluators.base import EvalOutput, EvaluatorError
+from watcher.evaluators.lm_eval_run import evaluate, parse_options
 
 
 def run_data_parallel(model_dir: Path, options: dict[str, Any], workdir: Path, processes: int,
@@ -78,8 +80,6 @@ def _launch(parent_pid: int, accelerate_args: list[str]) -> int:
 
 
 def _rank(request_path: Path) -> int:
-    from watcher.evaluators.lm_eval_backend import evaluate, parse_options
-
     process_groups.die_with_parent(os.getppid(), signal.SIGKILL)
     request = json.loads(request_path.read_text(encoding="utf-8"))
     rank = int(os.environ.get("RANK", "0"))

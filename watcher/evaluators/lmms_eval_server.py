@@ -3,7 +3,8 @@
 POST /evaluate, then GET /jobs/{id} until the job is completed, failed or cancelled; the results come back as a
 file path on a filesystem both sides share (lmms_eval/entrypoints/protocol.py, http_server.py and
 job_scheduler.py in lmms-eval 0.7.3). The server runs the evaluation on a GPU of its own choosing: it accepts
-the request's `device` and ignores it. Options and results parsing are the local mode's (lmms_eval_backend.py).
+the request's `device` and ignores it. The options (lmms_eval_options.py) and the results parsing (lmms_eval_results.py) are the
+local mode's.
 """
 
 from __future__ import annotations
@@ -20,13 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from watcher.evaluators.base import EvalOutput, EvaluatorError
-from watcher.evaluators.lmms_eval_backend import (
-    LmmsEvalOptions,
-    failure_reason,
-    versions_from_results,
-    parse_results,
-    read_results_file,
-)
+from watcher.evaluators.lmms_eval_options import LmmsEvalOptions
+from watcher.evaluators.lmms_eval_results import failure_reason, parse_results, read_results_file, versions_from_results
 
 # urllib from the standard library, not requests/httpx: three plain JSON calls do not justify a new dependency
 # of ckpt-watch (and httpx is one of the packages whose pins clash between environments).

@@ -1,0 +1,290 @@
+"""One lm-eval run in this process (`lm_eval.simple_evaluate`): the options, the tasks, the results.
+
+Used by the lm_eval backend (lm_eval_backend.py) for a run on one device, and by each rank of a data-parallel
+run (lm_eval_parallel.py).
+
+Besides lm-eval's own tasks and any user task directories (`include_path`), the bundled offline
+tasks of `watcher/data/tasks/` (`ckpt_watch_smoke_mc`, `ckpt_watch_smoke_ppl` and their group
+`ckpt_watch_smoke`) are always available. Their YAMLs are templates: `datasets` resolves relative
+`data_files` against the process's cwd, not against the YAML, so each run renders them into its
+workdir with the absolute path of the installed data and a private `datasets` cache.
+
+torch, lm_eval and datasets are imported inside `evaluate()` only, so that importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import math
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from watcher.evaluators.base import EvalOutput, EvaluatorError, is_int, is_number
+
+BUNDLED_TASKS = ("ckpt_watch_smoke", "ckpt_watch_smoke_mc", "ckpt_watch_smoke_ppl")
+
+# A fixed size, not "auto", also on cuda: every checkpoint is then batched (and padded) the same
+# way, so differences between checkpoints are not partly batching noise; "auto" would also re-probe
+# the GPU with trial forward passes in every job, since each job is a fresh process.
+DEFAULT_BATCH_SIZE = 8
+
+_DATA_PLACEHOLDER = "__CKPT_WATCH_DATA__"
+_CACHE_PLACEHOLDER = "__CKPT_WATCH_CACHE__"
+_KNOWN_OPTIONS = frozenset(
+    {"tasks", "limit", "num_fewshot", "batch_size", "dtype", "model", "include_path", "model_args"}
+)
+# The parts of simple_evaluate's return worth keeping; "samples" (per-sample logs) is deliberately absent.
+_RAW_KEYS = (
+    "results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "config",
+)
+
+
+@dataclass(frozen=True)
+class LmEvalOptions:
+    tasks: list[str]
+    limit: int | float | None = None
+    num_fewshot: int | None = None
+    batch_size: int | str = DEFAULT_BATCH_SIZE
+    dtype: str = "auto"
+    model: str = "hf"
+    include_paths: tuple[Path, ...] = ()
+    model_args: Mapping[str, Any] | None = None
+
+
+def evaluate(model_dir: Path, device: str, opts: LmEvalOptions, workdir: Path) -> EvalOutput | None:
+    """One lm-eval run in this process; None on the non-zero ranks of a data-parallel run."""
+    import lm_eval
+    from lm_eval.api.registry import get_model
+
+    try:
+        get_model(opts.model)
+    except ValueError:
+        raise EvaluatorError(f"unknown lm-eval model type {opts.model!r}") from None
+
+    _disable_datasets_telemetry()
+    model_args = {"pretrained": str(model_dir.resolve()), "dtype": opts.dtype, **(opts.model_args or {})}
+    bundled_dir = render_bundled_tasks(workdir)
+    task_manager = _task_manager(opts, bundled_dir, metadata=dict(model_args))
+
+    try:
+        results = lm_eval.simple_evaluate(
+            model=opts.model,
+            model_args=model_args,
+            tasks=list(opts.tasks),
+            num_fewshot=opts.num_fewshot,
+            batch_size=opts.batch_size,
+            device=device,
+            limit=opts.limit,
+            task_manager=task_manager,
+            log_samples=False,
+        )
+    except ValueError as error:
+        # A task asked for both alone and inside a requested group: a preset mistake, not a crash.
+        if str(error).startswith("Duplicate task"):
+            raise EvaluatorError(f"lm-eval: {error}") from None
+        raise
+    if results is None:  # the non-zero ranks of a data-parallel run
+        return None
+    raw = {key: to_json_safe(results[key]) for key in _RAW_KEYS if key in results}
+    return EvalOutput(metrics=flatten_results(results["results"]), raw=raw, versions=_versions(opts.model))
+
+
+def parse_options(options: Mapping[str, Any]) -> LmEvalOptions:
+    """Validate the user's options up front, so mistakes fail in a second, before any model is loaded."""
+    if not isinstance(options, Mapping):
+        raise EvaluatorError(f"lm_eval options must be a table, got {type(options).__name__}")
+    # Rejected rather than ignored: a misspelt "limit" would silently turn a quick eval into a full one.
+    unknown = sorted(set(options) - _KNOWN_OPTIONS)
+    if unknown:
+        raise EvaluatorError(
+            f"unknown lm_eval option(s): {', '.join(unknown)}; known: {', '.join(sorted(_KNOWN_OPTIONS))}"
+        )
+
+    tasks = options.get("tasks")
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    if not tasks or not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) and t for t in tasks):
+        raise EvaluatorError("lm_eval option 'tasks' must be a non-empty list of task names")
+
+    limit = options.get("limit")
+    if limit is not None and (not is_number(limit) or not 0 < limit < math.inf):
+        raise EvaluatorError(f"lm_eval option 'limit' must be a positive number (<1 is a fraction), got {limit!r}")
+
+    num_fewshot = options.get("num_fewshot")
+    if num_fewshot is not None and (not is_int(num_fewshot) or num_fewshot < 0):
+        raise EvaluatorError(f"lm_eval option 'num_fewshot' must be a non-negative integer, got {num_fewshot!r}")
+
+    batch_size = options.get("batch_size", DEFAULT_BATCH_SIZE)
+    if not (is_int(batch_size) and batch_size > 0) and not _is_auto_batch_size(batch_size):
+        raise EvaluatorError(
+            f"lm_eval option 'batch_size' must be a positive integer, 'auto' or 'auto:N', got {batch_size!r}"
+        )
+
+    for key in ("dtype", "model"):
+        if key in options and not (isinstance(options[key], str) and options[key]):
+            raise EvaluatorError(f"lm_eval option {key!r} must be a non-empty string, got {options[key]!r}")
+    if options.get("model") == "vllm" and importlib.util.find_spec("vllm") is None:
+        # Checked here, where the daemon validates presets at start, rather than in every job.
+        raise EvaluatorError("lm_eval model 'vllm' needs vLLM installed in ckpt-watch's environment "
+                             "(pip install vllm), or use model = \"hf\"")  # fmt: skip
+
+    model_args = options.get("model_args") or {}
+    if not isinstance(model_args, Mapping):
+        raise EvaluatorError(f"lm_eval option 'model_args' must be a table, got {model_args!r}")
+    if "pretrained" in model_args:
+        raise EvaluatorError("lm_eval option 'model_args' must not set 'pretrained': the checkpoint is the model")
+
+    return LmEvalOptions(
+        tasks=list(tasks),
+        limit=limit,
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        dtype=options.get("dtype", "auto"),
+        model=options.get("model", "hf"),
+        include_paths=_include_paths(options.get("include_path")),
+        model_args=dict(model_args),
+    )
+
+
+def _include_paths(value: Any) -> tuple[Path, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, (str, Path)) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(p, (str, Path)) and str(p) for p in items):
+        raise EvaluatorError(f"lm_eval option 'include_path' must be a path or a list of paths, got {value!r}")
+    paths = tuple(Path(p).expanduser().resolve() for p in items)
+    for path in paths:
+        # lm-eval silently indexes nothing from a missing directory; say so instead of "unknown task".
+        if not path.exists():
+            raise EvaluatorError(f"lm_eval include_path {str(path)!r} does not exist")
+    return paths
+
+
+def _is_auto_batch_size(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    head, _, tail = value.partition(":")
+    return head == "auto" and (not tail or (tail.isdigit() and int(tail) > 0))
+
+
+def bundled_data_dir() -> Path:
+    """The installed `watcher/data` directory, as a real path (datasets needs files on disk)."""
+    data = resources.files("watcher").joinpath("data")
+    path = Path(str(data))
+    if not path.joinpath("tasks").is_dir():
+        raise EvaluatorError(f"bundled data not found at {str(path)!r}; is ckpt-watch installed from a zip?")
+    return path
+
+
+def render_bundled_tasks(workdir: Path) -> Path:
+    """Write the bundled task YAMLs, with absolute data paths filled in, to `workdir/lm_eval_tasks`."""
+    data_dir = bundled_data_dir()
+    out = workdir / "lm_eval_tasks"
+    out.mkdir(parents=True, exist_ok=True)
+    # A private cache: the bundled data is tiny, and a job must not leave arrow files in ~/.cache.
+    cache_dir = workdir / "hf_datasets_cache"
+    for template in sorted(data_dir.joinpath("tasks").glob("*.yaml")):
+        text = template.read_text(encoding="utf-8")
+        # The placeholders sit inside double-quoted YAML strings, and JSON escaping is valid there.
+        text = text.replace(_DATA_PLACEHOLDER, json.dumps(str(data_dir))[1:-1])
+        text = text.replace(_CACHE_PLACEHOLDER, json.dumps(str(cache_dir))[1:-1])
+        out.joinpath(template.name).write_text(text, encoding="utf-8")
+    return out
+
+
+def _task_manager(opts: LmEvalOptions, bundled_dir: Path, metadata: dict[str, Any]):
+    """A TaskManager that knows every requested task, or EvaluatorError naming the unknown ones."""
+    from lm_eval.tasks import TaskManager
+
+    # Indexing lm-eval's ~15k built-in task names takes several seconds; the smoke preset runs on
+    # every checkpoint and needs none of them, so skip them when only bundled tasks are asked for.
+    # (`metadata` mirrors what simple_evaluate would pass: some tasks read model args from it.)
+    manager = TaskManager(include_path=str(bundled_dir), include_defaults=False, metadata=metadata)
+    if opts.include_paths or not all(task in manager.all_tasks for task in opts.tasks):
+        # Bundled first: later include paths win, so a user's task can shadow a bundled one.
+        paths = [str(bundled_dir), *(str(p) for p in opts.include_paths)]
+        manager = TaskManager(include_path=paths, metadata=metadata)
+
+    unknown = [task for task in opts.tasks if task not in manager.all_tasks and not _is_task_file(task)]
+    if unknown:
+        raise EvaluatorError(
+            f"unknown lm-eval task(s): {', '.join(unknown)} "
+            "(not a built-in task, group or tag, not bundled with ckpt-watch, not in include_path)"
+        )
+    return manager
+
+
+def _is_task_file(task: str) -> bool:
+    """lm-eval also accepts a path to a task YAML in place of a name."""
+    return task.endswith((".yaml", ".yml")) and Path(task).is_file()
+
+
+def flatten_results(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """Turn lm-eval's `results` into flat "task/metric" names with finite float values.
+
+    lm-eval keys are "metric,filter" ("acc,none", "acc_stderr,none", "exact_match,strict-match").
+    The common filter "none" is left out of the name and any other becomes "@filter", so two
+    filters of one metric never collide. Keys without a filter (alias, name, sample_len) are not
+    metrics; "N/A", NaN and infinite values are dropped, since they cannot be plotted or compared.
+    Group entries have the same shape and are flattened the same way.
+    """
+    flat: dict[str, float] = {}
+    for task, values in results.items():
+        for key, value in values.items():
+            metric, sep, filter_name = key.partition(",")
+            if not sep or not is_number(value) or not math.isfinite(value):
+                continue
+            suffix = "" if filter_name == "none" else f"@{filter_name}"
+            flat[f"{task}/{metric}{suffix}"] = float(value)
+    return flat
+
+
+def to_json_safe(value: Any) -> Any:
+    """A copy of `value` that json.dumps(..., allow_nan=False) accepts.
+
+    lm-eval's configs can hold callables (`!function` hooks) and numpy scalars, and its results NaN;
+    those become strings (non-finite floats as "nan"/"inf"/"-inf") rather than being dropped.
+    """
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if is_int(value):
+        return int(value)
+    if is_number(value):
+        number = float(value)
+        return number if math.isfinite(number) else str(number)
+    if isinstance(value, Mapping):
+        return {str(key): to_json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [to_json_safe(item) for item in value]
+    return str(value)
+
+
+def _disable_datasets_telemetry() -> None:
+    # Unless HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set, `datasets` sends a download-count HEAD
+    # request to S3 whenever it loads even a local json/text file. It only counts downloads, but on
+    # an air-gapped GPU box it is a network attempt (with a 3 s timeout) per task.
+    import datasets.config
+
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+
+
+def _versions(model_type: str = "hf") -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    packages = ["lm_eval", "transformers", "torch", "datasets", "accelerate"] + (["vllm"] if model_type == "vllm" else [])
+    for package in packages:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    import torch  # already imported by the evaluation; its own version string names the build (e.g. +cu130)
+
+    versions["torch"] = torch.__version__
+    if torch.version.cuda:
+        versions["cuda"] = torch.version.cuda
+    return versions
