@@ -9,7 +9,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 
 @dataclass
@@ -44,6 +44,16 @@ class EvaluatorError(RuntimeError):
 
     The message is one line meant for the user, so callers can report it without a traceback.
     """
+
+
+def reject_unknown_options(backend: str, options: Iterable[str], known: Iterable[str]) -> None:
+    """EvaluatorError naming the option names that `backend` does not know, and those it does.
+
+    Rejected rather than ignored: a misspelt "limit" would silently turn a quick eval into a full one.
+    """
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise EvaluatorError(f"unknown {backend} option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
 
 
 class Evaluator(Protocol):

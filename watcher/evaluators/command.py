@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from watcher import processes
-from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext
+from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext, reject_unknown_options
 from watcher.records import device_text
 
 PLACEHOLDERS = ("model_dir", "step", "variant", "checkpoint", "device", "workdir")
@@ -82,9 +82,7 @@ class CommandBackend:
     name = "command"
 
     def check_options(self, options: dict[str, Any]) -> None:
-        unknown = set(options) - _OPTIONS
-        if unknown:
-            raise EvaluatorError(f"unknown command option(s): {', '.join(sorted(unknown))}; known: command, timeout")
+        reject_unknown_options("command", options, _OPTIONS)
         command = options.get("command")
         if isinstance(command, str):
             raise EvaluatorError("command must be an argument list like [\"python\", \"eval.py\", \"{model_dir}\"], "

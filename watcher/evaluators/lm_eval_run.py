@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from watcher.evaluators.base import EvalOutput, EvaluatorError, is_int, is_number
+from watcher.evaluators.base import EvalOutput, EvaluatorError, is_int, is_number, reject_unknown_options
 
 BUNDLED_TASKS = ("ckpt_watch_smoke", "ckpt_watch_smoke_mc", "ckpt_watch_smoke_ppl")
 
@@ -99,12 +99,7 @@ def parse_options(options: Mapping[str, Any]) -> LmEvalOptions:
     """Validate the user's options up front, so mistakes fail in a second, before any model is loaded."""
     if not isinstance(options, Mapping):
         raise EvaluatorError(f"lm_eval options must be a table, got {type(options).__name__}")
-    # Rejected rather than ignored: a misspelt "limit" would silently turn a quick eval into a full one.
-    unknown = sorted(set(options) - _KNOWN_OPTIONS)
-    if unknown:
-        raise EvaluatorError(
-            f"unknown lm_eval option(s): {', '.join(unknown)}; known: {', '.join(sorted(_KNOWN_OPTIONS))}"
-        )
+    reject_unknown_options("lm_eval", options, _KNOWN_OPTIONS)
 
     tasks = options.get("tasks")
     if isinstance(tasks, str):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from watcher.evaluators.base import EvaluatorError, is_int, is_number
+from watcher.evaluators.base import EvaluatorError, is_int, is_number, reject_unknown_options
 
 # lmms-eval's model class for LLaVA-family Hugging Face checkpoints (lmms_eval/models/simple/llava_hf.py and
 # chat/llava_hf.py: llava, llava_next, llava_onevision via AutoProcessor): the one verified end to end here.
@@ -52,11 +52,7 @@ def parse_options(options: Mapping[str, Any]) -> LmmsEvalOptions:
     """Validate the user's options up front (cheap: no lmms-eval, no network), so a preset typo stops the daemon."""
     if not isinstance(options, Mapping):
         raise EvaluatorError(f"lmms_eval options must be a table, got {type(options).__name__}")
-    unknown = sorted(set(options) - _KNOWN_OPTIONS)
-    if unknown:
-        raise EvaluatorError(
-            f"unknown lmms_eval option(s): {', '.join(unknown)}; known: {', '.join(sorted(_KNOWN_OPTIONS))}"
-        )
+    reject_unknown_options("lmms_eval", options, _KNOWN_OPTIONS)
 
     python, server_url = options.get("python"), options.get("server_url")
     if python is None and server_url is None:

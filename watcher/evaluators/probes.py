@@ -64,7 +64,7 @@ from typing import Any, Callable, Mapping, Sequence
 from merge import MergeError
 from merge.safetensors_source import SafetensorsSource
 from merge.source import TensorSpec
-from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext
+from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext, reject_unknown_options
 
 _OPTIONS = {"probes", "text", "max_length", "iterations", "new_tokens", "batch_size", "prompt_tokens",
             "routing_tokens", "flops_context"}  # fmt: skip
@@ -305,10 +305,7 @@ class ProbesBackend:
     name = "probes"
 
     def check_options(self, options: dict[str, Any]) -> None:
-        unknown_keys = set(options) - _OPTIONS
-        if unknown_keys:
-            raise EvaluatorError(f"unknown probes option(s): {', '.join(sorted(unknown_keys))}; "
-                                 f"known: {', '.join(sorted(_OPTIONS))}")  # fmt: skip
+        reject_unknown_options("probes", options, _OPTIONS)
         names = options.get("probes", ["parameters"])
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise EvaluatorError(f"probes option 'probes' must be a list of probe names, got {names!r}")
