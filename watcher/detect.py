@@ -38,7 +38,6 @@ class Ready:
     path: Path
     fingerprint: str
     verdict: Verdict
-    complete_since: float  # when it was first seen complete (for detection latency figures)
     progress: dict[str, float]  # train/epoch, train/tokens as it records them (`read_progress`), for the journal
 
 
@@ -184,7 +183,7 @@ class Detector:
         if now - current.since < self.settle:
             return None
         del self._settling[name]
-        return Ready(name, step, path, digest, verdict, current.since, read_progress(path))
+        return Ready(name, step, path, digest, verdict, read_progress(path))
 
     def _note_incomplete(self, name: str, verdict: Verdict, newest_change: float) -> None:
         quiet = self._clock() - newest_change

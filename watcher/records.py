@@ -6,7 +6,7 @@
 - `Outcome`: what the worker found (ok, or a failure that is transient, permanent or "gone"), written atomically
   by the worker and read back by the daemon.
 - `Result`: the committed record of one finished job, exactly as the journal stores it and every reader sees it.
-- `JobState`: the journal's job states.
+- `JobState`: the journal's job states (ACTIVE_STATES: a worker is on the job).
 
 A leaf: imports nothing from the rest of ckpt-watch, so every stage may import it. Readers are tolerant of
 records written by older versions (missing fields take their defaults) and keep fields they do not know, so
@@ -52,18 +52,8 @@ class JobState(str, Enum):
     def __str__(self) -> str:
         return self.value
 
-    @property
-    def active(self) -> bool:
-        """A worker is (or was, before a crash) working on it."""
-        return self in (JobState.PREPARING, JobState.EVALUATING)
 
-    @property
-    def final(self) -> bool:
-        return self in (JobState.DONE, JobState.FAILED, JobState.GONE, JobState.SKIPPED)
-
-
-ACTIVE_STATES = (JobState.PREPARING, JobState.EVALUATING)
-FINAL_STATES = (JobState.DONE, JobState.FAILED, JobState.GONE, JobState.SKIPPED)
+ACTIVE_STATES = (JobState.PREPARING, JobState.EVALUATING)  # a worker is (or was, before a crash) on it
 
 
 # --- presets (what a job runs) ---------------------------------------------------------------------------------
