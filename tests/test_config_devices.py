@@ -47,6 +47,15 @@ def test_device_indices_go_through_the_daemons_own_visible_devices(monkeypatch):
         devices.check_available(devices.parse_device("cuda:2"), environ={"CUDA_VISIBLE_DEVICES": "4,6"})
 
 
+def test_the_fake_gpu_seam_stands_in_for_nvidia_smi_in_the_gpu_count(monkeypatch):
+    """CKPT_WATCH_FAKE_GPUS (watcher/gpu_inventory.py) is the one seam: the device check counts those GPUs too."""
+    monkeypatch.setenv("CKPT_WATCH_FAKE_GPUS", "0:81000:0,1:81000:0,2:81000:30000")
+    assert devices.physical_gpu_count() == 3
+    assert devices.check_available(devices.parse_device("cuda:1,2"), environ={}) == ["1", "2"]
+    with pytest.raises(ConfigError, match="3 visible GPU"):
+        devices.check_available(devices.parse_device("cuda:3"), environ={})
+
+
 def test_no_gpu_at_all(monkeypatch):
     monkeypatch.setattr(devices, "physical_gpu_count", lambda: 0)
     with pytest.raises(ConfigError, match="no NVIDIA GPU"):

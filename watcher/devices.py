@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from watcher.config import ConfigError
+from watcher.gpu_inventory import query_gpus
 
 
 @dataclass(frozen=True)
@@ -72,15 +71,11 @@ def visible_gpus(environ: dict[str, str] | None = None) -> list[str]:
 
 
 def physical_gpu_count() -> int:
-    """How many NVIDIA GPUs the machine has, without touching CUDA."""
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
-            if out.returncode == 0:
-                return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
-        except (OSError, subprocess.TimeoutExpired):
-            pass
+    """How many NVIDIA GPUs the machine has, without touching CUDA: nvidia-smi's inventory (which also carries
+    the tests' fake GPUs, see watcher/gpu_inventory.py), else the driver's /proc entries."""
+    readings = query_gpus()
+    if readings:
+        return len(readings)
     proc = Path("/proc/driver/nvidia/gpus")
     return len(list(proc.iterdir())) if proc.is_dir() else 0
 
