@@ -44,11 +44,13 @@ for step in range(10, 10 * checkpoints + 1, 10):
     name = f"checkpoint-{step}"
     ckpt = journal.latest_checkpoint(name) or journal.add_checkpoint(name, step, root / name, "fp", "hf", ["regular", "ema"])
     journal.ensure_jobs(ckpt, ["regular", "ema"], "smoke")
+    # Every pending job, this checkpoint's and those a kill left behind: each result is named by its own job.
     for job in journal.jobs("smoke", [JobState.PENDING]):
         journal.start(job)
-        journal.finish(job.id, Result(result_id=f"{step}-{job.variant}", step=step, checkpoint=name,
+        own = job.checkpoint.step
+        journal.finish(job.id, Result(result_id=f"{own}-{job.variant}", step=own, checkpoint=job.checkpoint.name,
                                       variant=job.variant, preset="smoke", status="ok",
-                                      metrics={"arc/acc": step / 1000}))
+                                      metrics={"arc/acc": own / 1000}))
     outbox.deliver_pending(force=True)
 print(json.dumps(outbox.deliver_pending(force=True)))
 """
