@@ -170,6 +170,13 @@ class Detector:
             return None
         self._last_reason.pop(name, None)
         self.stuck.pop(name, None)
+        try:
+            # Again, after the verdict: a file created between the first walk and the verdict's own listing would
+            # otherwise be missing from `newest_change`, and a folder quiet before it would look settled at once.
+            state = snapshot(path)
+        except FileNotFoundError:
+            return None
+        digest = state.digest
         now = self._clock()
         current = self._settling.get(name)
         if current is None or current.activity != state.activity:
