@@ -182,8 +182,8 @@ def test_verl_layout_is_detected_merged_from_the_actor_and_evaluated(producers, 
     assert record["status"] == "ok" and record["step"] == 20 and record["layout"] == "verl", record
 
 
-# Serial: a writer stalled for longer than the settle window between the halves of a file looks finished (that is
-# what settling means); another test's load on a 2-core machine once stalled this replay that long.
+# Serial under -n auto: its pauses are measured against a 1 s settle window. (It caught a real race twice: a file
+# created between the detector's walk and the verdict's listing; see Detector._check_one.)
 @pytest.mark.serial
 def test_a_slow_writer_with_trainer_state_first_is_evaluated_once_after_its_last_file(trainer_output, config_file,
                                                                                       tmp_path):  # fmt: skip
