@@ -174,7 +174,8 @@ class Detector:
             # Again, after the verdict: a file created between the first walk and the verdict's own listing would
             # otherwise be missing from `newest_change`, and a folder quiet before it would look settled at once.
             state = snapshot(path)
-        except FileNotFoundError:
+        except FileNotFoundError:  # deleted meanwhile: nothing of it may stay in the settle window
+            self._settling.pop(name, None)
             return None
         digest = state.digest
         now = self._clock()
