@@ -26,17 +26,17 @@ def test_step_from_folder_names():
     assert custom.step_of("global_step500") == 500
 
 
-@pytest.mark.parametrize("text, visible", [("cpu", []), ("cuda", ["0"]), ("cuda:2", ["2"]), ("cuda:1,3", ["1", "3"])])
+@pytest.mark.parametrize("text, visible", [("cpu", []), ("cuda", ["0", "1", "2", "3"]), ("cuda:2", ["2"]),
+                                           ("cuda:1,3", ["1", "3"])])  # fmt: skip
 def test_device_pinning(monkeypatch, text, visible):
     monkeypatch.setattr(devices, "physical_gpu_count", lambda: 4)
-    spec = devices.parse_device(text)
-    entries = devices.check_available(spec, environ={})
+    spec, entries = devices.resolve_device(text, environ={})
     assert entries == visible
     env = devices.child_environment(entries, base={})
     assert env["CUDA_VISIBLE_DEVICES"] == ",".join(visible)
-    # Inside the child the pinned GPUs are renumbered from 0, and all of them are named.
-    assert list(spec.child_devices) == {"cpu": ["cpu"], "cuda": ["cuda:0"], "cuda:2": ["cuda:0"],
-                                        "cuda:1,3": ["cuda:0", "cuda:1"]}[text]  # fmt: skip
+    # Plain `cuda` is every visible GPU; inside a child the pinned GPUs are renumbered from 0.
+    assert list(spec.child_devices) == {"cpu": ["cpu"], "cuda": ["cuda:0", "cuda:1", "cuda:2", "cuda:3"],
+                                        "cuda:2": ["cuda:0"], "cuda:1,3": ["cuda:0", "cuda:1"]}[text]  # fmt: skip
 
 
 def test_device_indices_go_through_the_daemons_own_visible_devices(monkeypatch):

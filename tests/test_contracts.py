@@ -212,7 +212,7 @@ def test_a_batch_lands_once_even_when_handed_over_again(sink_case, tmp_path):
             for result in batch:
                 ckpt = journal.add_checkpoint(result.checkpoint, result.step, tmp_path / result.checkpoint, "fp",
                                               "hf", (result.variant,))  # fmt: skip
-                journal.ensure_jobs(ckpt, (result.variant,), "smoke")
+                journal.ensure_jobs((ckpt, v, "smoke") for v in (result.variant,))
                 job = next(j for j in journal.jobs("smoke") if j.checkpoint.step == result.step)
                 journal.start(job)
                 journal.finish(job.id, result)

@@ -43,7 +43,7 @@ outbox = Outbox(journal, [wandb, TensorBoardSink(root / "tb")])
 for step in range(10, 10 * checkpoints + 1, 10):
     name = f"checkpoint-{step}"
     ckpt = journal.latest_checkpoint(name) or journal.add_checkpoint(name, step, root / name, "fp", "hf", ["regular", "ema"])
-    journal.ensure_jobs(ckpt, ["regular", "ema"], "smoke")
+    journal.ensure_jobs((ckpt, v, "smoke") for v in ["regular", "ema"])
     # Every pending job, this checkpoint's and those a kill left behind: each result is named by its own job.
     for job in journal.jobs("smoke", [JobState.PENDING]):
         journal.start(job)

@@ -17,7 +17,7 @@ def journal(tmp_path):
 
 def _add(journal, name="checkpoint-10", step=10, fp="fp1", variants=("regular",)):
     ckpt = journal.add_checkpoint(name, step, Path("/x") / name, fp, "hf", variants)
-    journal.ensure_jobs(ckpt, variants, "smoke")
+    journal.ensure_jobs((ckpt, v, "smoke") for v in variants)
     return ckpt
 
 
@@ -31,7 +31,7 @@ def test_a_new_checkpoint_gets_one_pending_job_per_variant(journal):
     jobs = journal.jobs("smoke")
     assert [(j.variant, j.state, j.attempts) for j in jobs] == [("regular", "pending", 0), ("ema", "pending", 0)]
     # ensure_jobs is idempotent
-    journal.ensure_jobs(journal.present_checkpoints()[0], ("regular", "ema"), "smoke")
+    journal.ensure_jobs((journal.present_checkpoints()[0], v, "smoke") for v in ("regular", "ema"))
     assert len(journal.jobs("smoke")) == 2
 
 

@@ -21,7 +21,7 @@ def written(tmp_path) -> Path:
     journal = Journal(path)
     for name, step, fingerprint in (("checkpoint-10", 10, "a"), ("checkpoint-20", 20, "b"), ("checkpoint-20", 20, "c")):
         checkpoint = journal.add_checkpoint(name, step, Path("/x") / name, fingerprint, "hf", ["regular"])
-        journal.ensure_jobs(checkpoint, ["regular"], "smoke")
+        journal.ensure_jobs((checkpoint, v, "smoke") for v in ["regular"])
     first, _, third = journal.jobs("smoke")
     for job, status in ((first, "ok"), (third, "failed")):
         journal.start(job)

@@ -29,7 +29,7 @@ def journal(tmp_path):
 
 def _commit(journal, step):
     ckpt = journal.add_checkpoint(f"checkpoint-{step}", step, Path(f"/x/checkpoint-{step}"), "fp", "hf", ("regular",))
-    journal.ensure_jobs(ckpt, ("regular",), "smoke")
+    journal.ensure_jobs((ckpt, v, "smoke") for v in ("regular",))
     job = [j for j in journal.jobs("smoke") if j.checkpoint.step == step][0]
     journal.start(job)
     assert journal.finish(job.id, Result(result_id=f"r{step}", step=step, checkpoint=f"checkpoint-{step}",

@@ -12,7 +12,7 @@ def test_a_result_carries_the_journaled_progress_and_millisecond_times(tmp_path)
     journal = Journal(tmp_path / "journal.sqlite")
     checkpoint = journal.add_checkpoint("checkpoint-10", 10, tmp_path / "gone-already", "fp", "dcp", ("regular",),
                                         {"train/epoch": 0.5, "train/tokens": 1024.0})  # fmt: skip
-    journal.ensure_jobs(checkpoint, ("regular",), "smoke")
+    journal.ensure_jobs((checkpoint, v, "smoke") for v in ("regular",))
     job = journal.start(journal.jobs("smoke")[0])
     outcome = Outcome(OutcomeKind.OK, metrics={"arc/acc": 0.25}, versions={"lm_eval": "0.4"})
     result = build_result(job, outcome, attempt=job.attempts, started=1_700_000_000.1234, device="cpu",

@@ -3,6 +3,10 @@
 Read `Daemon.run` top to bottom: everything else is one stage each. The loop is single-threaded (the only
 other thread is watchdog's observer, which just queues folder names), and heavy work happens in job child
 processes, so the daemon stays small and responsive and never touches CUDA itself.
+
+Several jobs run at once, one per free slot of the pool (watcher/pool.py: the GPUs of `device`, or `cpu_jobs`
+cpu slots); which job takes a free slot is the schedule's call (watcher/scheduler.py). Each watched run's own
+state (journal, results, sinks, detection) is a `WatchedRun` (watcher/watched_run.py).
 """
 
 from __future__ import annotations
@@ -11,29 +15,31 @@ import logging
 import os
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from watcher.config import ConfigError
-from watcher.detect import Detector, Ready, read_progress
 from watcher.devices import child_environment
+from watcher.gpu_inventory import GpuInventory
 from watcher.jobs import JobPaths, RunningJob, launch
-from watcher.journal import Checkpoint, Job
+from watcher.journal import Job
 from watcher.live_view import Snapshot
 from watcher.notify import Notifier
-from watcher.outbox import Outbox
+from watcher.pool import Allocation, Pool
 from watcher.recording import build_result, headline_text, keep_merged
 from watcher.records import ACTIVE_STATES, JobSpec, JobState, Outcome, OutcomeKind
 from watcher.resources import ResourceState
-from watcher.scheduler import decide
-from watcher.setup import Setup, create_dir, take_lock
-from watcher.startup import announce, install_signal_handlers, open_journal, start_feed, stop_left_behind
-from watcher.view_feed import ViewFeed, status_line
+from watcher.scheduler import plan
+from watcher.setup import Setup
+from watcher.startup import announce, install_signal_handlers, start_feed
+from watcher.view_feed import ActiveView, status_line
 from watcher.watch import Feed, PollingFeed
+from watcher.watched_run import WatchedRun
 
 log = logging.getLogger("ckpt-watch")
 
-TICK = 0.5  # seconds between looks at a running job; events wake the loop sooner
+TICK = 0.5  # seconds between looks at running jobs; events wake the loop sooner
 VIEW_INTERVAL = 0.25  # seconds between snapshots for the live view (it redraws 4 times a second)
 THOROUGH_RESCAN = 300.0  # seconds between re-walks of every journaled checkpoint (re-saves that kept names)
 SCAN_PATIENCE = 120.0  # seconds a --scan waits for a resource problem to pass before it ends with status 1
@@ -41,40 +47,54 @@ STOP_GRACE = 10.0  # seconds a job's process group gets between SIGTERM and SIGK
 # Settings a reload cannot change: they name what is watched and where its state lives (restart for those).
 FIXED_ON_RELOAD = ("output_dir", "results_dir", "journal_dir", "scratch_dir", "poll", "settle", "sentinel",
                    "checkpoint_pattern")  # fmt: skip
+# Settings that make a new pool on reload: it takes over once the jobs running on the old one have ended.
+POOL_SETTINGS = ("device", "cpu_jobs", "gpu_busy_mib")
+
+
+@dataclass
+class ActiveJob:
+    """A job running now: its run, the journal's row, its child process and the slots it holds (of `pool`)."""
+
+    run: WatchedRun
+    job: Job
+    running: RunningJob
+    allocation: Allocation
+    pool: Pool
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.run.name, self.job.id)
 
 
 class Daemon:
     def __init__(self, setup: Setup, view: Any = None):
         """`view`: something with `update(Snapshot)` (watcher/live_view.py's LiveView), fed from the main loop."""
         self.setup = setup
-        self.config = setup.config
-        self.preset = setup.preset
-        self.output_dir = Path(self.config.output_dir)
-        self.results_dir = setup.results_dir
-        create_dir(self.results_dir, "results dir")
-        self._lock = take_lock(setup.journal_path.parent / "ckpt-watch.lock", self.results_dir)
         self.notifier = Notifier()
-        self.journal = open_journal(setup.journal_path, self.notifier)
-        self.detector = Detector(self.output_dir, checked_step=self.config.checked_step,
-                                 known_fingerprint=self._known_fingerprint, settle=setup.settle,
-                                 sentinel=self.config.sentinel, base_model=lambda: self.config.base_model)  # fmt: skip
-        self.outbox = Outbox(self.journal, setup.sinks)
+        self.runs = [WatchedRun(setup, self.notifier)]
+        self.pool = _build_pool(setup)
+        self._next_pool: Pool | None = None  # a reload's new pool, waiting for the old one's jobs to end
+        self.active: dict[tuple[str, int], ActiveJob] = {}
+        self._uncommitted: list[tuple[ActiveJob, Outcome]] = []  # outcomes the journal did not take yet
+        self._last_run: str | None = None  # the run of the job started last (round-robin goes on after it)
+        self.waiting: list[tuple[str, Job, str]] = []  # why pending jobs wait, as the last schedule saw it
+        self._noted_pool: Any = None  # the pool state as the journals last recorded it (for `status`)
         self.resources = ResourceState()
         self._gave_up = False  # a --scan that ended on a resource problem
         self._noted_problem: str | None = None  # the resource problem as the journal last recorded it
-        self._uncommitted: tuple[Job, RunningJob, Outcome] | None = None  # an outcome the journal did not take yet
-        self.running: RunningJob | None = None
         self._stop_requested = False
-        self._stop_deadline = 0.0  # time.monotonic() until which a running job may still finish
+        self._stop_deadline = 0.0  # time.monotonic() until which running jobs may still finish
         self._reload_requested = False
         self._feed: Feed | None = None
         self._mode = "?"  # inotify, polling every N s, or scan (set by startup.announce)
         self.view = view
         self._next_view = 0.0
-        self._view_feed = ViewFeed(self.journal)
-        self._finished_this_session = 0  # jobs that ended (ok or failed for good) since start: the scan summary
         # What the live view says while no job runs (the demo: "training is running ..."); None: the default.
         self.idle_text: Callable[[], str] | None = None
+
+    @property
+    def config(self):
+        return self.setup.config
 
     # --- the main loop ---------------------------------------------------------------------------------------
 
@@ -82,27 +102,18 @@ class Daemon:
         """Watch until stopped (SIGINT/SIGTERM), or with `scan`, until every complete checkpoint is done.
 
         `finish_when`: also end once idle and this returns True (used by `ckpt-watch demo`).
-        Returns the exit status: 1 if a job of this preset is failed (scan), else 0.
+        Returns the exit status: 1 if a job of this schedule is failed (scan), else 0.
         """
         install_signal_handlers(self._on_stop_signal, self._on_reload_signal)
         with self.resources.guard("start up"):
-            stop_left_behind(self.journal, self.results_dir)
-            for checkpoint in self.journal.checkpoints_without_progress():  # admitted by an older version
-                self.journal.set_progress(checkpoint.id, read_progress(checkpoint.path))
-            self.journal.set_meta("sinks", [sink.name for sink in self.setup.sinks])
-            recovered = self.journal.recover_interrupted()
-            if recovered:
-                log.info("%d job(s) interrupted by the last stop are pending again", recovered)
+            for run in self.runs:
+                run.start_up(scan, self.setup.retry_failed)
             self.deliver_pending()
-            if scan and self.config.policy == "all":
-                self.journal.requeue(self.preset.name, [JobState.SKIPPED])
-            if self.setup.retry_failed:
-                count = self.journal.requeue(self.preset.name, [JobState.FAILED])
-                log.info("re-queued %d failed job(s)", count)
 
         if not scan:
-            self._feed = start_feed(self.output_dir, self.setup.poll,
-                                    lambda name: self.config.step_of(name) is not None)  # fmt: skip
+            run = self.runs[0]
+            self._feed = run.feed = start_feed(run.output_dir, self.setup.poll,
+                                               lambda name: self.config.step_of(name) is not None)  # fmt: skip
             if isinstance(self._feed, PollingFeed):
                 self.setup.poll = self._feed.interval  # FALLBACK_POLL where inotify could not be used
         self._mode = announce(self.setup, self._feed)
@@ -120,7 +131,7 @@ class Daemon:
                 with self.resources.guard("reload the configuration"):
                     self.reload()
             self.run_stages(changed)
-            if self._stop_requested and (self.running is None or time.monotonic() >= self._stop_deadline):
+            if self._stop_requested and (not self.active or time.monotonic() >= self._stop_deadline):
                 break
             if scan and self.resources.problem and time.time() - self.resources.since > SCAN_PATIENCE:
                 log.error("giving up the scan after %.0f s: %s (what is finished is kept; run it again later)",
@@ -154,22 +165,25 @@ class Daemon:
     def run_stages(self, changed: set[str]) -> None:
         """One round of the pipeline after the watchdog ping. A full disk, a quota or a folder we may not write
         is a state, not a crash (watcher/resources.py): the stage is tried again after a backoff while the loop
-        goes on; the running job is followed every round regardless."""
+        goes on; the running jobs are followed every round regardless."""
         resources, failures = self.resources, self.resources.failures
-        with resources.guard("follow the running job"):
+        with resources.guard("follow the running jobs"):
             self.supervise()
         if not resources.due():
             return
         with resources.guard("look at new checkpoints"):
-            self.detect(changed)
+            for run in self.runs:
+                run.detect(changed)
         with resources.guard("commit a result to the journal"):
             self._commit_pending()
         with resources.guard("deliver results"):
-            self.outbox.poll()
-            # A sink that was down is due for another try, or one that batches waits for the jobs to be done.
-            if self.outbox.next_attempt_in() == 0 or (self.outbox.waiting_for_idle and self.idle()):
-                self.deliver_pending()
-        if self.running is None and self._uncommitted is None and not self._stop_requested:
+            idle = self.idle()
+            for run in self.runs:
+                run.outbox.poll()
+                # A sink that was down is due for another try, or one that batches waits for the jobs to be done.
+                if run.outbox.next_attempt_in() == 0 or (run.outbox.waiting_for_idle and idle):
+                    run.deliver_pending(idle)
+        if not self._uncommitted and not self._stop_requested:
             with resources.guard("start a job"):
                 self.schedule()
         if resources.problem and resources.failures == failures:
@@ -187,54 +201,69 @@ class Daemon:
         if problem == self._noted_problem:
             return
         try:
-            self.journal.set_meta("resources", {"problem": problem, "since": self.resources.since} if problem else None)
+            for run in self.runs:
+                run.journal.set_meta("resources", {"problem": problem, "since": self.resources.since} if problem
+                                     else None)  # fmt: skip
         except (sqlite3.Error, OSError):
             return  # the disk is full: `status` sees that itself; noted at a later round
         self._noted_problem = problem
 
     def shutdown(self, scan: bool) -> int:
         self.notifier.stopping()
-        if self.running is not None:
-            log.info("stopping the running job (%s); it will run again at the next start", self._describe(self.running.job))
-            self.running.stop(STOP_GRACE)
-            self.running.close()
-            self.running = None
+        if self.active:
+            log.info("stopping %d running job(s) (%s); they will run again at the next start", len(self.active),
+                     ", ".join(_describe(a.job) for a in self.active.values()))  # fmt: skip
+            self._stop_all()
             with self.resources.guard("stop"):
-                self.journal.recover_interrupted()
+                for run in self.runs:
+                    run.journal.recover_interrupted()
         if self._feed is not None:
             self._feed.stop()
-        failed = [j for j in self.journal.jobs(self.preset.name, [JobState.FAILED])
-                  if not j.checkpoint.gone] if scan else []  # fmt: skip
+        failed = {run.name: [j for j in run.journal.jobs(states=[JobState.FAILED])
+                             if j.preset in self.setup.presets and not j.checkpoint.gone] if scan else []
+                  for run in self.runs}  # fmt: skip
         # A backfill (--scan) ends with every sink delivered to; a stop asked for by a signal waits for a delivery
         # already on its way (briefly) but starts no slow one: those results stay in the journal for the next start.
         finished_scan = scan and not self._stop_requested
-        pending = {sink.name: self.journal.undelivered_count(sink.name) for sink in self.outbox.sinks}  # if it fails
-        pending = {name: n for name, n in pending.items() if n}
-        with self.resources.guard("deliver results"):
-            self.outbox.wait(None if finished_scan else STOP_GRACE)
-            pending = {name: n for name, n in self.outbox.deliver_pending(include_slow=finished_scan).items() if n}
-        if pending:
-            log.warning("results not yet delivered (they stay in the journal; `ckpt-watch sync %s` delivers them): %s",
-                        self.output_dir, ", ".join(f"{name} {n}" for name, n in pending.items()))  # fmt: skip
-        self.outbox.close()
+        unwritten = False
+        for run in self.runs:
+            pending = {sink.name: run.journal.undelivered_count(sink.name) for sink in run.outbox.sinks}  # if it fails
+            pending = {name: n for name, n in pending.items() if n}
+            with self.resources.guard("deliver results"):
+                run.outbox.wait(None if finished_scan else STOP_GRACE)
+                pending = {name: n for name, n in run.outbox.deliver_pending(include_slow=finished_scan).items() if n}
+            if pending:
+                log.warning("results not yet delivered (they stay in the journal; `ckpt-watch sync %s` delivers "
+                            "them): %s", run.output_dir, ", ".join(f"{name} {n}" for name, n in pending.items()))  # fmt: skip
+            run.outbox.close()
+            # The files sink is local and always on: a backfill that could not write its results did not finish
+            # (W&B waiting for a live run, by contrast, is the normal `defer` case).
+            unwritten = unwritten or (finished_scan and pending.get("files", 0) > 0)
+            if finished_scan:  # its last line: what it did and where to look
+                deliveries = ", ".join(f"{name} {n}" for name, n in pending.items()) or "none"
+                log.info("scan done: %d job(s) evaluated, %d failed, pending deliveries: %s; results in %s "
+                         "(`ckpt-watch status %s`)", run.finished_this_session, len(failed[run.name]), deliveries,
+                         run.results_dir, run.output_dir)  # fmt: skip
         if self.view is not None:
             self._update_view(force=True)
-        self.journal.close()
-        if failed:
-            log.error("%d job(s) failed; see the logs under %s (use --retry-failed to run them again)",
-                      len(failed), self.results_dir)  # fmt: skip
-        # The files sink is local and always on: a backfill that could not write its results did not finish
-        # (W&B waiting for a live run, by contrast, is the normal `defer` case).
-        unwritten = finished_scan and pending.get("files", 0) > 0
-        if finished_scan:  # its last line: what it did and where to look
-            deliveries = ", ".join(f"{name} {n}" for name, n in pending.items()) or "none"
-            log.info("scan done: %d job(s) evaluated, %d failed, pending deliveries: %s; results in %s "
-                     "(`ckpt-watch status %s`)", self._finished_this_session, len(failed), deliveries,
-                     self.results_dir, self.output_dir)  # fmt: skip
-        return 1 if failed or unwritten or self._gave_up else 0
+        for run in self.runs:
+            run.journal.close()
+        for run in self.runs:
+            if failed[run.name]:
+                log.error("%d job(s) failed; see the logs under %s (use --retry-failed to run them again)",
+                          len(failed[run.name]), run.results_dir)  # fmt: skip
+        return 1 if any(failed.values()) or unwritten or self._gave_up else 0
+
+    def _stop_all(self) -> None:
+        """Stop every running job: all are sent SIGTERM at once and share one grace period."""
+        for active in self.active.values():
+            active.running.terminate()
+        deadline = time.monotonic() + STOP_GRACE
+        for active in list(self.active.values()):
+            self._end(active, stop=True, grace=max(0.5, deadline - time.monotonic()))
 
     def request_stop(self, grace: float = 0.0) -> None:
-        """Take no new job; a running one may finish within `grace` seconds. A second request stops it now."""
+        """Take no new job; running ones may finish within `grace` seconds. A second request stops them now."""
         now = time.monotonic()
         self._stop_deadline = now if self._stop_requested else now + grace
         self._stop_requested = True
@@ -245,7 +274,8 @@ class Daemon:
         """SIGHUP: build the set-up again from the config file and use it from the next job on; the queue stays.
 
         A config that does not load (bad TOML, unknown preset, unavailable device) or that changes what is watched
-        is rejected with a log line, and the old one stays.
+        is rejected with a log line, and the old one stays. A new schedule entry gets its jobs on every present
+        checkpoint at once (a backfill at its priority).
         """
         self._reload_requested = False
         self.notifier.reloading()
@@ -261,176 +291,185 @@ class Daemon:
             self.notifier.ready(self.status_line())
             return
         new.retry_failed = False
-        self.setup, self.config, self.preset = new, new.config, new.preset
-        self.outbox.replace_sinks(new.sinks)
-        self.journal.set_meta("sinks", [sink.name for sink in new.sinks])
-        log.info("configuration reloaded: preset %s, policy %s, device %s", self.preset.name, self.config.policy,
-                 self.setup.device)  # fmt: skip
-        self.reconcile()  # every present checkpoint gets its job of the (new) preset
+        if any(getattr(new.config, name) != getattr(self.config, name) for name in POOL_SETTINGS):
+            self._next_pool = _build_pool(new)
+        self.setup = new
+        for run in self.runs:
+            run.setup = new
+            run.outbox.replace_sinks(new.sinks)
+            run.journal.set_meta("sinks", [sink.name for sink in new.sinks])
+        log.info("configuration reloaded: %s, device %s", new.schedule_text(), new.device)
+        self.reconcile()  # every present checkpoint gets the jobs of the (new) schedule
         self.notifier.ready(self.status_line())
 
     def status_line(self) -> str:
         """What the daemon does, in one line (systemd's STATUS=, `systemctl status`)."""
-        pending = len(self.journal.jobs(self.preset.name, [JobState.PENDING]))
-        return status_line(self.running, pending, self.preset.name, self._stop_requested, self.resources.problem,
-                           self.output_dir)  # fmt: skip
+        pending = sum(len(run.pending()) for run in self.runs)
+        return status_line(self._active_views(), pending, self._stop_requested, self.resources.problem,
+                           ", ".join(str(run.output_dir) for run in self.runs))  # fmt: skip
 
     # --- detect ----------------------------------------------------------------------------------------------
 
     def reconcile(self, thorough: bool = True) -> None:
-        """Scan of the output dir: catches what events missed (inotify overflow), deletions, and under polling
-        everything. Checkpoints already journaled are walked again only when `thorough` (every
-        THOROUGH_RESCAN seconds) or when their folder's own stat changed."""
-        names = self.detector.candidates()
-        if names is None:
-            return
-        listed = set(names)
-        for checkpoint in self.journal.present_checkpoints():
-            self._gone(checkpoint, listed)
-        self.admit(self.detector.check(names, thorough))
-        for checkpoint in self.journal.present_checkpoints():
-            self.journal.ensure_jobs(checkpoint, self._variants(checkpoint.variants), self.preset.name)
-
-    def detect(self, changed: set[str]) -> None:
-        names = {n for n in changed if self.config.step_of(n) is not None} | set(self.detector.due())
-        for name in names:
-            latest = self.journal.latest_checkpoint(name)
-            if latest is not None and not latest.gone:
-                self._gone(latest)
-        self.admit(self.detector.check(names))
-
-    def admit(self, ready: list[Ready]) -> None:
-        """Journal newly complete checkpoints and create their jobs."""
-        for found in ready:
-            checkpoint = self.journal.add_checkpoint(
-                found.name, found.step, found.path, found.fingerprint, found.verdict.layout,
-                found.verdict.variants or ("regular",), found.progress,
-            )  # fmt: skip
-            self.journal.ensure_jobs(checkpoint, self._variants(checkpoint.variants), self.preset.name)
-            generation = f" (generation {checkpoint.generation})" if checkpoint.generation > 1 else ""
-            log.info("%s complete%s: layout %s, variants %s", found.name, generation, found.verdict.layout,
-                     ", ".join(self._variants(checkpoint.variants)))  # fmt: skip
-
-    def _gone(self, checkpoint: Checkpoint, listed: set[str] | None = None) -> bool:
-        """Whether a journaled checkpoint is gone (the one place that decides): the journal says so (a re-save,
-        or deleted before), or its folder is not among `listed` (a scan's names), else not there now. The first
-        time, its unfinished jobs are recorded as gone."""
-        if self.journal.checkpoint_gone(checkpoint.id):
-            return True
-        if checkpoint.name in listed if listed is not None else checkpoint.path.is_dir():
-            return False
-        self.journal.mark_gone(checkpoint.id)
-        log.info("%s was deleted (checkpoint rotation?); its unfinished jobs are recorded as gone", checkpoint.name)
-        return True
+        for run in self.runs:
+            run.reconcile(thorough)
 
     # --- schedule and run --------------------------------------------------------------------------------------
 
     def schedule(self) -> None:
-        if self.journal.jobs(states=ACTIVE_STATES):  # nothing runs: a start cut short by a full disk left it so
-            self.journal.recover_interrupted()
-        pending = self.journal.jobs(self.preset.name, [JobState.PENDING])
-        decision = decide(pending, self.config.policy, time.time(), settling_steps=self.detector.settling_steps())
-        if decision.skip:
-            newest = max(j.checkpoint.step for j in pending)
-            self.journal.skip([j.id for j in decision.skip], f"policy latest: overtaken by step {newest}")
-            log.info("policy latest: skipping %s", ", ".join(sorted({j.checkpoint.name for j in decision.skip})))
-        if decision.run is not None:
-            self.start(decision.run)
-
-    def start(self, job: Job) -> None:
-        if self._gone(job.checkpoint):
+        """Start what the schedule wants on the free slots; skip what `latest` gave up on; note why the rest
+        waits."""
+        if self._next_pool is not None and not self.active:
+            self.pool, self._next_pool = self._next_pool, None
+            log.info("the pool is now %s", self.pool.describe())
+        queues = []
+        for run in self.runs:
+            running = [job_id for (name, job_id) in self.active if name == run.name]
+            if len(run.journal.jobs(states=ACTIVE_STATES)) > len(running):
+                # Active in the journal but not running: a start cut short (a full disk) left it so.
+                run.journal.recover_interrupted(running)
+            queues.append(run.queue())
+        if not any(queue.pending for queue in queues):
+            self._note_waiting([])
             return
-        started = self.journal.start(job)
+        pool = self.pool if self._next_pool is None else None  # a new pool waits for the old one's jobs
+        decided = plan(queues, self.setup.schedule, time.time(), pool.free() if pool else 0, self._slots_of,
+                       pool.why_waiting if pool else lambda n: "the pool changes (reload): waiting for running "
+                       "jobs to end", self._last_run)  # fmt: skip
+        by_name = {run.name: run for run in self.runs}
+        for reason in sorted({why for _, _, why in decided.skip}):
+            for run in self.runs:
+                jobs = [job for name, job, why in decided.skip if why == reason and name == run.name]
+                if jobs:
+                    run.journal.skip([job.id for job in jobs], reason)
+                    log.info("%s%s: skipping %s", run.prefix, reason, ", ".join(_describe(job) for job in jobs))
+        started = set()
+        for name, job in decided.start:
+            allocation = pool.offer(self._slots_of(job.preset)) if pool else None
+            if allocation is None:  # the GPUs changed since `free()` (another process took one): next round
+                break
+            self.start(by_name[name], job, allocation, pool)
+            started.add((name, job.id))
+        self._note_waiting([(name, job, why) for name, job, why in decided.waiting if (name, job.id) not in started])
+
+    def _slots_of(self, preset: str) -> int:
+        """Slots one job of `preset` takes: its `gpus` in a GPU pool, one in a cpu pool."""
+        return 1 if self.pool.is_cpu else self.setup.presets[preset].gpus
+
+    def start(self, run: WatchedRun, job: Job, allocation: Allocation, pool: Pool) -> None:
+        if run.gone(job.checkpoint):
+            pool.release(allocation)
+            return
+        started = run.journal.start(job)
         if started is None:  # not pending any more: nothing to run
+            pool.release(allocation)
             return
         job, checkpoint = started, started.checkpoint
-        paths = JobPaths.for_job(self.results_dir, self.config.resolved_scratch_dir(), job)
+        preset = self.setup.presets[job.preset]
+        paths = JobPaths.for_job(run.results_dir, self.config.resolved_scratch_dir(), job)
         spec = JobSpec(job_id=job.id, checkpoint_name=checkpoint.name, checkpoint_path=checkpoint.path,
                        step=checkpoint.step, generation=checkpoint.generation, layout=checkpoint.layout,
-                       variants=checkpoint.variants, variant=job.variant, preset=self.preset,
-                       devices=self.setup.device.child_devices,
+                       variants=checkpoint.variants, variant=job.variant, preset=preset,
+                       devices=allocation.child_devices,
                        base_model=Path(self.config.base_model) if self.config.base_model else None,
                        scratch_dir=paths.scratch, outcome_path=paths.outcome, parent_pid=os.getpid())  # fmt: skip
-        timeout = self.preset.time_budget or self.config.job_timeout
-        env = child_environment(self.setup.gpu_entries)
-        self.running = launch(job, spec, paths, env, timeout, self.journal.processes)
-        log.info("started %s on %s (attempt %d)", self._describe(job), self.setup.device, job.attempts)
+        timeout = preset.time_budget or self.config.job_timeout
+        env = child_environment(list(allocation.visible_devices))
+        try:
+            running = launch(job, spec, paths, env, timeout, run.journal.processes)
+        except BaseException:
+            pool.release(allocation)  # the job stays "preparing" in the journal: the next round puts it back
+            raise
+        self.active[(run.name, job.id)] = ActiveJob(run, job, running, allocation, pool)
+        self._last_run = run.name
+        log.info("%sstarted %s on %s (attempt %d)", run.prefix, _describe(job), self._where(allocation), job.attempts)
 
     def supervise(self) -> None:
-        """Follow the running job: stage changes, its checkpoint vanishing, timeout, and its end."""
-        running = self.running
-        if running is None:
-            return
-        job = running.job
-        for stage in running.new_stages():
-            if stage == JobState.EVALUATING:
-                self.journal.set_stage(job.id, JobState.EVALUATING)
-        if self._gone(job.checkpoint):
-            log.info("%s: checkpoint went away during the job; stopping it", self._describe(job))
-            self._end_running(stop=True)
-            return
-        if running.poll() is None:
-            if running.timed_out:
-                log.warning("%s: timed out after %.0f s; stopping it", self._describe(job), running.timeout)
-                self._end_running(stop=True)
-                self._commit(job, running, Outcome.failure(f"timed out after {running.timeout:.0f} s"))
-            return
-        outcome = running.outcome()
-        keep_merged(job, outcome, self.config.keep_merged, self.config.resolved_scratch_dir(), self.config.step_of)
-        self._end_running(stop=False)
-        if not outcome.ok and self._gone(job.checkpoint):
-            return
-        self._commit(job, running, outcome)
+        """Follow the running jobs: stage changes, their checkpoint vanishing, timeouts, and their end."""
+        for active in list(self.active.values()):
+            run, job, running = active.run, active.job, active.running
+            for stage in running.new_stages():
+                if stage == JobState.EVALUATING:
+                    run.journal.set_stage(job.id, JobState.EVALUATING)
+            if run.gone(job.checkpoint):
+                log.info("%s%s: checkpoint went away during the job; stopping it", run.prefix, _describe(job))
+                self._end(active, stop=True)
+                continue
+            if running.poll() is None:
+                if running.timed_out:
+                    log.warning("%s%s: timed out after %.0f s; stopping it", run.prefix, _describe(job),
+                                running.timeout)  # fmt: skip
+                    self._end(active, stop=True)
+                    self._commit(active, Outcome.failure(f"timed out after {running.timeout:.0f} s"))
+                continue
+            outcome = running.outcome()
+            keep_merged(job, outcome, self.config.keep_merged, self.config.resolved_scratch_dir(), self.config.step_of)
+            self._end(active, stop=False)
+            if not outcome.ok and run.gone(job.checkpoint):
+                continue
+            self._commit(active, outcome)
 
-    def _commit(self, job: Job, running: RunningJob, outcome: Outcome) -> None:
+    def _commit(self, active: ActiveJob, outcome: Outcome) -> None:
         """Record a job's outcome; kept in memory until the journal can take it (a full disk), so that nothing
         finished is lost, and no other job starts meanwhile."""
-        self._uncommitted = (job, running, outcome)
+        self._uncommitted.append((active, outcome))
         self._commit_pending()
 
     def _commit_pending(self) -> None:
-        if self._uncommitted is not None:
-            self.record(*self._uncommitted)
-            self._uncommitted = None
-            self.deliver_pending()
+        while self._uncommitted:
+            active, outcome = self._uncommitted[0]
+            self.record(active, outcome)
+            self._uncommitted.pop(0)
+            active.run.deliver_pending(self.idle())
 
-    def _end_running(self, stop: bool) -> None:
-        assert self.running is not None
+    def _end(self, active: ActiveJob, stop: bool, grace: float = STOP_GRACE) -> None:
         if stop:
-            self.running.stop(STOP_GRACE)
-        self.running.close()
-        self.running = None
+            active.running.stop(grace)
+        active.running.close()
+        active.pool.release(active.allocation)
+        del self.active[active.key]
 
     # --- record and deliver ----------------------------------------------------------------------------------
 
-    def record(self, job: Job, running: RunningJob, outcome: Outcome) -> None:
+    def record(self, active: ActiveJob, outcome: Outcome) -> None:
         """Commit the outcome to the journal first; only then deliver it to the sinks."""
+        run, job, running = active.run, active.job, active.running
         attempt = job.attempts  # as journal.start left it (`job` is the running one)
         if not outcome.ok and attempt < self.config.max_attempts and outcome.kind is not OutcomeKind.PERMANENT:
             delay = self.config.retry_backoff * 2 ** (attempt - 1)
-            self.journal.retry_later(job.id, outcome.error or "failed", delay)
-            log.warning("%s failed (attempt %d of %d, retry in %.0f s): %s", self._describe(job), attempt,
+            run.journal.retry_later(job.id, outcome.error or "failed", delay)
+            log.warning("%s%s failed (attempt %d of %d, retry in %.0f s): %s", run.prefix, _describe(job), attempt,
                         self.config.max_attempts, delay, outcome.error)  # fmt: skip
             return
-        result = build_result(job, outcome, attempt=attempt, started=running.started, device=str(self.setup.device),
-                              cuda_visible_devices=",".join(self.setup.gpu_entries),
-                              log_file=str(running.paths.log.relative_to(self.results_dir)))  # fmt: skip
-        if not self.journal.finish(job.id, result):
+        result = build_result(job, outcome, attempt=attempt, started=running.started,
+                              device=self._where(active.allocation),
+                              cuda_visible_devices=active.allocation.cuda_visible_devices,
+                              log_file=str(running.paths.log.relative_to(run.results_dir)))  # fmt: skip
+        if not run.journal.finish(job.id, result):
             return
-        self._finished_this_session += 1
-        self._view_feed.add(result)
+        run.finished_this_session += 1
+        run.view_feed.add(result)
         if result.ok:
-            log.info("%s done in %.1f s: %s", self._describe(job), result.walltime_s, headline_text(result.metrics))
+            log.info("%s%s done in %.1f s: %s", run.prefix, _describe(job), result.walltime_s,
+                     headline_text(result.metrics))  # fmt: skip
         else:
-            log.error("%s failed after %d attempt(s): %s", self._describe(job), attempt, result.error)
+            log.error("%s%s failed after %d attempt(s): %s", run.prefix, _describe(job), attempt, result.error)
+
+    def _where(self, allocation: Allocation) -> str:
+        """A job's device as logs and results say it: "cuda:1,2" (user numbering), "cpu"."""
+        return "cpu" if allocation.cpu_slot is not None else str(allocation)
+
+    def _active_views(self) -> list[ActiveView]:
+        return [ActiveView(a.running, self._where(a.allocation), a.run.name) for a in self.active.values()]
 
     def snapshot(self) -> Snapshot:
         """What the live view shows, as plain data (see watcher/view_feed.py)."""
-        header = Snapshot(str(self.output_dir), self._mode, self.preset.name, self.config.policy,
-                          str(self.setup.device))  # fmt: skip
-        idle_text = self.idle_text() if self.idle_text is not None and self.running is None else None
-        return self._view_feed.snapshot(header, self.journal.jobs(self.preset.name, [JobState.PENDING]),
-                                        self.running, self.outbox, self._stop_requested, idle_text)  # fmt: skip
+        run = self.runs[0]
+        header = Snapshot(str(run.output_dir), self._mode, ", ".join(self.setup.presets), self.config.policy,
+                          self.pool.describe())  # fmt: skip
+        idle_text = self.idle_text() if self.idle_text is not None and not self.active else None
+        return run.view_feed.snapshot(header, run.pending(), self._active_views(), run.outbox, self._stop_requested,
+                                      idle_text, self.pool.slots(), self.waiting)  # fmt: skip
 
     def _update_view(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -438,35 +477,44 @@ class Daemon:
             self._next_view = now + VIEW_INTERVAL
             self.view.update(self.snapshot())
 
+    def _note_waiting(self, waiting: list[tuple[str, Job, str]]) -> None:
+        """Keep why jobs wait, and the slots, for the live view and (in each run's journal) for `status`."""
+        self.waiting = waiting
+        held = {a.allocation: a for a in self.active.values()}
+        slots = []
+        for slot in self.pool.slots():
+            holder = next((a for alloc, a in held.items() if slot.name in _slot_names(alloc)), None)
+            slots.append({"slot": slot.name, "busy": slot.busy,
+                          "job": holder.job.id if holder else None, "run": holder.run.name if holder else None,
+                          "what": _describe(holder.job) if holder else None})  # fmt: skip
+        state = {"device": self.pool.describe(), "slots": slots,
+                 "waiting": [{"run": name, "job": job.id, "what": _describe(job), "why": why}
+                             for name, job, why in waiting[:50]]}  # fmt: skip
+        if state == self._noted_pool:
+            return
+        for run in self.runs:
+            run.journal.set_meta("pool", state)
+        self._noted_pool = state
+
     def deliver_pending(self) -> None:
-        """Deliver every committed result a sink has not yet acknowledged (see watcher/outbox.py); a slow sink
-        (W&B) in the background, so the loop goes on watching."""
-        self.outbox.deliver_pending(background=True, idle=self.idle())
+        idle = self.idle()
+        for run in self.runs:
+            run.deliver_pending(idle)
 
     # --- helpers ---------------------------------------------------------------------------------------------
 
     def idle(self) -> bool:
-        return (
-            self.running is None
-            and not self.detector.settling
-            and not self.journal.jobs(self.preset.name, [JobState.PENDING])
-        )
-
-    def _variants(self, available: tuple[str, ...]) -> list[str]:
-        return [v for v in self.config.variants if v in available]
-
-    def _known_fingerprint(self, name: str) -> str | None:
-        latest = self.journal.latest_checkpoint(name)
-        return latest.fingerprint if latest is not None and not latest.gone else None
+        return not self.active and all(run.idle() for run in self.runs)
 
     def _reconcile_interval(self) -> float:
         return self.setup.poll if self.setup.poll is not None else self.config.rescan_interval
 
     def _timeout(self, next_reconcile: float) -> float:
         candidates = [TICK, max(0.0, next_reconcile - time.monotonic())]
-        due = self.detector.next_due()
-        if due is not None:
-            candidates.append(due)
+        for run in self.runs:
+            due = run.detector.next_due()
+            if due is not None:
+                candidates.append(due)
         return min(candidates)
 
     def _wait(self, timeout: float) -> set[str]:
@@ -476,11 +524,12 @@ class Daemon:
         return self._feed.wait(timeout)
 
     def _on_stop_signal(self, name: str) -> None:
-        """SIGINT/SIGTERM: no new jobs; the running one may finish within stop_grace. A second one stops it now."""
+        """SIGINT/SIGTERM: no new jobs; running ones may finish within stop_grace. A second one stops them now."""
         if self._stop_requested:
-            log.info("received %s again: stopping the running job now", name)
-        elif self.running is not None:
-            log.info("received %s: no new jobs; the running one may finish within %g s", name, self.config.stop_grace)
+            log.info("received %s again: stopping the running jobs now", name)
+        elif self.active:
+            log.info("received %s: no new jobs; the running one(s) may finish within %g s", name,
+                     self.config.stop_grace)  # fmt: skip
         else:
             log.info("received %s: finishing up", name)
         self.notifier.stopping()
@@ -492,7 +541,18 @@ class Daemon:
         if self._feed is not None:
             self._feed.wake()
 
-    @staticmethod
-    def _describe(job: Job) -> str:
-        return f"{job.checkpoint.name}/{job.variant}/{job.preset}"
 
+def _build_pool(setup: Setup) -> Pool:
+    config = setup.config
+    return Pool.for_device(setup.device, setup.gpu_entries, GpuInventory() if setup.device.kind == "cuda" else None,
+                           busy_mib=config.gpu_busy_mib, cpu_jobs=config.cpu_jobs)  # fmt: skip
+
+
+def _slot_names(allocation: Allocation) -> set[str]:
+    if allocation.cpu_slot is not None:
+        return {f"cpu#{allocation.cpu_slot}"}
+    return {f"cuda:{gpu}" for gpu in allocation.gpus}
+
+
+def _describe(job: Job) -> str:
+    return f"{job.checkpoint.name}/{job.variant}/{job.preset}"

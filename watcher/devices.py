@@ -45,7 +45,8 @@ def parse_device(text: str) -> DeviceSpec:
     match = _DEVICE_RE.match(text)
     if not match:
         raise ConfigError(f"--device must be cpu, cuda, cuda:N or cuda:N,M..., got {text!r}")
-    indices = tuple(int(i) for i in match.group(1).split(",")) if match.group(1) else (0,)
+    # Plain `cuda`: every visible GPU (resolved by `check_available`, which knows how many there are).
+    indices = tuple(int(i) for i in match.group(1).split(",")) if match.group(1) else ()
     if len(set(indices)) != len(indices):
         raise ConfigError(f"--device lists a GPU twice: {text!r}")
     return DeviceSpec("cuda", indices)
@@ -86,12 +87,25 @@ def check_available(spec: DeviceSpec, environ: dict[str, str] | None = None) -> 
         return []
     gpus = visible_gpus(environ)
     if not gpus:
-        raise ConfigError(f"device {spec} is not available: no NVIDIA GPU is visible on this machine")
+        raise ConfigError(f"device {spec.kind if not spec.indices else spec} is not available: no NVIDIA GPU is "
+                          "visible on this machine")  # fmt: skip
+    if not spec.indices:
+        return gpus
     missing = [i for i in spec.indices if i >= len(gpus)]
     if missing:
         have = "cuda:0" if len(gpus) == 1 else f"cuda:0..cuda:{len(gpus) - 1}"
         raise ConfigError(f"device {spec} is not available: this machine has {len(gpus)} visible GPU(s) ({have})")
     return [gpus[i] for i in spec.indices]
+
+
+def resolve_device(text: str, environ: dict[str, str] | None = None) -> tuple[DeviceSpec, list[str]]:
+    """`device` as the pool's GPUs (plain `cuda` becomes every visible one) and their CUDA_VISIBLE_DEVICES
+    entries; a ConfigError saying what is missing otherwise."""
+    spec = parse_device(text)
+    entries = check_available(spec, environ)
+    if spec.kind == "cuda" and not spec.indices:
+        spec = DeviceSpec("cuda", tuple(range(len(entries))))
+    return spec, entries
 
 
 def child_environment(gpu_entries: list[str], base: dict[str, str] | None = None) -> dict[str, str]:

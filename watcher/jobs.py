@@ -98,6 +98,10 @@ class RunningJob:
     def timed_out(self) -> bool:
         return time.time() > self.deadline
 
+    def terminate(self) -> None:
+        """SIGTERM the job's process group and return at once (several jobs stopping share one grace period)."""
+        processes.kill_group(self.proc.pid, signal.SIGTERM)
+
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the job's whole process group, then SIGKILL whatever is left after `grace` seconds."""
         processes.stop(self.proc, grace)

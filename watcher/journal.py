@@ -154,6 +154,10 @@ class Journal:
         rows = self._db.execute("SELECT * FROM checkpoints WHERE gone_at IS NULL ORDER BY step, generation")
         return [_checkpoint(r) for r in rows]
 
+    def all_checkpoints(self) -> list[Checkpoint]:
+        """Every checkpoint ever journaled, deleted and superseded ones too, in step order."""
+        return [_checkpoint(r) for r in self._db.execute("SELECT * FROM checkpoints ORDER BY step, generation")]
+
     def checkpoints_without_progress(self) -> list[Checkpoint]:
         """Present checkpoints admitted by a version that did not journal progress yet (NULL, not "{}")."""
         rows = self._db.execute("SELECT * FROM checkpoints WHERE gone_at IS NULL AND progress IS NULL")
@@ -205,16 +209,14 @@ class Journal:
 
     # --- jobs ------------------------------------------------------------------------------------------------
 
-    def ensure_jobs(self, checkpoint: Checkpoint, variants: Iterable[str], preset: str) -> None:
-        """Create the (variant, preset) jobs this checkpoint should have; existing ones are left as they are."""
+    def ensure_jobs(self, wanted: Iterable[tuple[Checkpoint, str, str]]) -> None:
+        """Create the (checkpoint, variant, preset) jobs the schedule wants; existing ones are left as they are."""
         now = time.time()
         with self._tx():
-            for variant in variants:
-                self._db.execute(
-                    "INSERT OR IGNORE INTO jobs (checkpoint_id, variant, preset, state, created_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (checkpoint.id, variant, preset, JobState.PENDING, now),
-                )
+            self._db.executemany(
+                "INSERT OR IGNORE INTO jobs (checkpoint_id, variant, preset, state, created_at) VALUES (?, ?, ?, ?, ?)",
+                [(checkpoint.id, variant, preset, JobState.PENDING, now) for checkpoint, variant, preset in wanted],
+            )
 
     def job(self, job_id: int) -> Job:
         return self._jobs("WHERE jobs.id = ?", (job_id,))[0]
@@ -231,13 +233,16 @@ class Journal:
         )
         return [_job(r) for r in rows]
 
-    def recover_interrupted(self) -> int:
-        """Jobs caught mid-run by a crash or stop are pending again; the interrupted attempt does not count."""
+    def recover_interrupted(self, running: Iterable[int] = ()) -> int:
+        """Jobs caught mid-run by a crash or stop are pending again; the interrupted attempt does not count.
+        `running`: ids of jobs that do run (left as they are)."""
+        keep = tuple(running)
         with self._tx():
             cursor = self._db.execute(
                 "UPDATE jobs SET state = ?, attempts = max(attempts - 1, 0), next_attempt_at = 0,"
-                f" error = 'interrupted: ckpt-watch stopped during this job' WHERE state IN {_ACTIVE}",
-                (JobState.PENDING, *ACTIVE_STATES),
+                f" error = 'interrupted: ckpt-watch stopped during this job' WHERE state IN {_ACTIVE}"
+                f" AND id NOT IN ({','.join('?' * len(keep))})",
+                (JobState.PENDING, *ACTIVE_STATES, *keep),
             )
         return cursor.rowcount
 

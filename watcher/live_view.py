@@ -21,6 +21,8 @@ REFRESH_PER_SECOND = 4
 class RunningView:
     checkpoint: str
     variant: str
+    preset: str
+    slot: str  # where it runs: "cuda:1", "cuda:2,3", "cpu"
     stage: str  # preparing | evaluating
     started_at: float  # time.time() when the job started; elapsed = now - started_at
     done: int | None = None  # preparing (a merge): bytes written so far ...
@@ -49,11 +51,13 @@ class ResultRow:
 class Snapshot:
     output_dir: str
     mode: str  # "inotify", "polling every 10 s" or "scan"
-    preset: str
+    preset: str  # the preset, or the schedule's presets ("quick, full")
     policy: str
-    device: str
-    queue: list[tuple[str, str]] = field(default_factory=list)  # pending (checkpoint, variant), in step order
-    running: RunningView | None = None
+    device: str  # the pool: "cuda:1,2,3", "cpu x2"
+    queue: list[tuple[str, str, str]] = field(default_factory=list)  # pending (checkpoint, variant, preset)
+    running: list[RunningView] = field(default_factory=list)  # one per job running now
+    slots: list[tuple[str, str | None]] = field(default_factory=list)  # each slot of the pool: (name, busy reason)
+    waiting: list[str] = field(default_factory=list)  # why queued jobs wait ("checkpoint-20/regular/full: ...")
     results: list[ResultRow] = field(default_factory=list)  # the latest few, oldest first
     headlines: list[str] = field(default_factory=list)  # metric columns of the results table
     undelivered: dict[str, int] = field(default_factory=dict)  # results a sink has not yet taken, per sink
@@ -85,10 +89,36 @@ class LiveView:
         self._live.stop()  # draws once more: the last state stays on the screen
 
 
-def render(snapshot: Snapshot | None, now: float | None = None):
-    from rich.console import Group
+def _running_line(job: RunningView, now: float, with_slot: bool):
     from rich.progress_bar import ProgressBar
     from rich.spinner import Spinner
+    from rich.table import Table
+    from rich.text import Text
+
+    line = Table.grid(padding=(0, 1))
+    for _ in range(6 if with_slot else 5):
+        line.add_column(no_wrap=True)
+    # Only a measured fraction is drawn as a bar; rich's "unknown total" bar pulses across its whole width,
+    # which at a glance reads as a full bar at the start of a job.
+    if job.stage == "preparing" and job.total:
+        bar = ProgressBar(total=job.total, completed=min(job.done or 0, job.total), width=30)
+        detail = f"merging {human_bytes(job.done or 0)} of {human_bytes(job.total)}"
+    elif job.stage == "evaluating" and job.steps:
+        # Evaluator steps finished, as a bar only when there are several: one step is 0 % until it is done.
+        done = max(0, (job.step or 1) - 1)
+        bar = ProgressBar(total=job.steps, completed=done, width=30) if job.steps > 1 else Spinner("dots")
+        detail = f"step {job.step} of {job.steps}: {job.backend}"
+    else:
+        bar = Spinner("dots", style="yellow")
+        detail = ""
+    cells = [Text(job.slot, style="cyan")] if with_slot else []
+    line.add_row(*cells, Text(f"{job.checkpoint}/{job.variant}", style="bold"), Text(job.stage, style="yellow"), bar,
+                 detail, f"{job.elapsed(now):.0f} s")  # fmt: skip
+    return line
+
+
+def render(snapshot: Snapshot | None, now: float | None = None):
+    from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
@@ -99,29 +129,12 @@ def render(snapshot: Snapshot | None, now: float | None = None):
     head.add_column(style="bold", no_wrap=True)
     head.add_column()
     head.add_row("watching", Text.assemble(snapshot.output_dir, " (", (snapshot.mode, "cyan"), ")"))
-    head.add_row("preset", f"{snapshot.preset}, policy {snapshot.policy}, device {snapshot.device}")
+    head.add_row("schedule" if "," in snapshot.preset else "preset", f"{snapshot.preset}, policy {snapshot.policy}, device {snapshot.device}")
 
-    job = snapshot.running
-    if job is not None:
-        line = Table.grid(padding=(0, 1))
-        for _ in range(5):
-            line.add_column(no_wrap=True)
-        # Only a measured fraction is drawn as a bar; rich's "unknown total" bar pulses across its whole width,
-        # which at a glance reads as a full bar at the start of a job.
-        if job.stage == "preparing" and job.total:
-            bar = ProgressBar(total=job.total, completed=min(job.done or 0, job.total), width=30)
-            detail = f"merging {human_bytes(job.done or 0)} of {human_bytes(job.total)}"
-        elif job.stage == "evaluating" and job.steps:
-            # Evaluator steps finished, as a bar only when there are several: one step is 0 % until it is done.
-            done = max(0, (job.step or 1) - 1)
-            bar = ProgressBar(total=job.steps, completed=done, width=30) if job.steps > 1 else Spinner("dots")
-            detail = f"step {job.step} of {job.steps}: {job.backend}"
-        else:
-            bar = Spinner("dots", style="yellow")
-            detail = ""
-        line.add_row(Text(f"{job.checkpoint}/{job.variant}", style="bold"), Text(job.stage, style="yellow"), bar,
-                     detail, f"{job.elapsed(now):.0f} s")  # fmt: skip
-        head.add_row("running", line)
+    if snapshot.running:
+        several = len(snapshot.slots) > 1
+        for job in snapshot.running:
+            head.add_row("running", _running_line(job, now, several))
     else:
         if snapshot.stopping:
             idle = "stopping"
@@ -130,9 +143,16 @@ def render(snapshot: Snapshot | None, now: float | None = None):
         else:
             idle = "nothing (idle): waiting for the " + ("next checkpoint" if snapshot.results else "first checkpoint")
         head.add_row("running", Text(idle, style="dim"))
-    queued = ", ".join(f"{name}/{variant}" for name, variant in snapshot.queue[:6])
+    for name, busy in snapshot.slots:
+        if busy:
+            head.add_row("not offered", Text(f"{name}: {busy}", style="yellow"))
+    presets = len({preset for _, _, preset in snapshot.queue}) > 1
+    queued = ", ".join(f"{name}/{variant}" + (f"/{preset}" if presets else "")
+                       for name, variant, preset in snapshot.queue[:6])  # fmt: skip
     more = f" and {len(snapshot.queue) - 6} more" if len(snapshot.queue) > 6 else ""
     head.add_row("queue", f"{len(snapshot.queue)}" + (f": {queued}{more}" if queued else ""))
+    if snapshot.waiting:
+        head.add_row("waiting", Text(snapshot.waiting[0], style="dim"))
     waiting = {name: n for name, n in snapshot.undelivered.items() if n}
     if waiting:
         parts = [f"{name} {n} result(s)" + (f" ({snapshot.undelivered_why[name]})" if snapshot.undelivered_why.get(name)

@@ -1,44 +1,120 @@
-"""Scheduling: which pending job runs next, and which ones a policy skips.
+"""Scheduling: the journal's jobs seen through the `[[schedule]]` entries, and which of them start now.
 
-Pure functions over journal rows, so the policy is easy to test and to read.
+The rules themselves are pure functions in watcher/schedules.py (which checkpoints an entry wants, `latest`
+skipping per entry, start order, round-robin over runs, no overtaking of a bigger job); this module maps the
+journal's rows onto them and back, and says why each job that does not start waits. No I/O: the daemon gives it
+each run's journaled checkpoints and pending jobs, and the number of free slots.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
-from watcher.journal import Job
+from watcher.config import ScheduleEntry
+from watcher.journal import Checkpoint, Job
+from watcher.schedules import (CheckpointView, JobKey, PendingJob, order, overtaken, priority, round_robin,
+                               take_while_fits, wanted)  # fmt: skip
 
 
 @dataclass(frozen=True)
-class Decision:
-    run: Job | None  # the job to start now, if any
-    skip: tuple[Job, ...] = ()  # jobs the policy gives up on (policy `latest` only)
+class RunQueue:
+    """One run as the scheduler sees it."""
+
+    run: str  # the run's name (unique among the daemon's runs)
+    checkpoints: Sequence[Checkpoint]  # every journaled checkpoint, deleted ones too (`every` counts them)
+    pending: Sequence[Job]  # its pending jobs
+    final_step: int | None = None  # the step of its final checkpoint, once known (schedules.final_checkpoint)
+    settling_steps: Sequence[int] = ()  # complete checkpoints still inside their settle window
 
 
-def _order(job: Job) -> tuple:
-    # Regular weights before EMA within a checkpoint: the curve people look at first.
-    return (job.checkpoint.step, job.checkpoint.generation, 0 if job.variant == "regular" else 1)
+@dataclass
+class Plan:
+    """What to do now: jobs to start (in order, with their run), jobs `latest` gives up on, and why the others
+    wait (for the log and `status`)."""
+
+    start: list[tuple[str, Job]] = field(default_factory=list)
+    skip: list[tuple[str, Job, str]] = field(default_factory=list)  # (run, job, reason)
+    waiting: list[tuple[str, Job, str]] = field(default_factory=list)  # (run, job, why), in start order
 
 
-def decide(pending: list[Job], policy: str, now: float, settling_steps: Iterable[int] = ()) -> Decision:
-    """Pick the next job among pending ones.
+def wanted_jobs(entries: Sequence[ScheduleEntry], checkpoints: Sequence[Checkpoint],
+                final_step: int | None) -> list[tuple[Checkpoint, str, str]]:  # fmt: skip
+    """The (checkpoint, variant, preset) jobs the schedule asks for among the present checkpoints (a deleted
+    checkpoint still counts for `every`, but gets no job)."""
+    views = [CheckpointView(c.step, c.name, c.variants) for c in checkpoints]
+    present = {c.step: c for c in checkpoints if not c.gone}  # the newest generation of each step
+    found = []
+    for key in wanted(entries, views, final_step):
+        checkpoint = present.get(key.step)
+        if checkpoint is not None and key.variant in checkpoint.variants:
+            found.append((checkpoint, key.variant, key.preset))
+    return found
 
-    `all`: the lowest step whose retry time has come. `latest`: the newest checkpoint only; pending jobs of
-    older checkpoints are skipped. The newest checkpoint, and so a run's final checkpoint, is never skipped,
-    even while one of its jobs waits for a retry. `settling_steps`: steps of complete checkpoints still inside
-    their settle window; under `latest`, a newer one of them means nothing starts (and nothing is skipped yet):
-    it is seconds from admission and would overtake whatever started now.
-    """
-    if not pending:
-        return Decision(None)
-    ready = sorted((j for j in pending if j.next_attempt_at <= now), key=_order)
-    if policy == "all":
-        return Decision(ready[0] if ready else None)
-    newest_step = max(j.checkpoint.step for j in pending)
-    if any(step > newest_step for step in settling_steps):
-        return Decision(None)
-    overtaken = tuple(j for j in pending if j.checkpoint.step < newest_step)
-    newest_ready = [j for j in ready if j.checkpoint.step == newest_step]
-    return Decision(newest_ready[0] if newest_ready else None, overtaken)
+
+def plan(queues: Sequence[RunQueue], entries: Sequence[ScheduleEntry], now: float, free_slots: int,
+         gpus_of: Callable[[str], int], why_no_slot: Callable[[int], str], after: str | None = None) -> Plan:  # fmt: skip
+    """Decide the next starts. `gpus_of(preset)`: slots one job of it takes (1 in a cpu pool); `why_no_slot(n)`:
+    the pool's reason a job of n slots cannot start ("" if it could); `after`: the run that started the last
+    job (round-robin goes on from the next one)."""
+    result = Plan()
+    known = {entry.preset for entry in entries}
+    by_id: dict[tuple[str, int], Job] = {}
+    ready: dict[str, list[PendingJob]] = {}
+    for queue in queues:
+        views = [CheckpointView(c.step, c.name, c.variants) for c in queue.checkpoints]
+        wanted_keys = wanted(entries, views, queue.final_step)
+        present_steps = {c.step for c in queue.checkpoints if not c.gone}
+        # A deleted newest checkpoint overtakes nothing: `latest` compares with what can still run.
+        wanted_present = {key: numbers for key, numbers in wanted_keys.items() if key.step in present_steps}
+        pending = []
+        for job in queue.pending:
+            if job.preset not in known:  # a reload removed its entry: it waits until one names the preset again
+                continue
+            by_id[(queue.run, job.id)] = job
+            key = JobKey(job.checkpoint.step, job.variant, job.preset)
+            pending.append(PendingJob(job.id, job.checkpoint.step, job.checkpoint.generation, job.variant,
+                                      job.preset, job.next_attempt_at, wanted_keys.get(key, ()), queue.run))  # fmt: skip
+        skipped = {p.job_id for p in overtaken(pending, entries, wanted_present, queue.final_step)}
+        for p in pending:
+            if p.job_id in skipped:
+                newest = max(k.step for k, numbers in wanted_present.items() if set(numbers) & set(p.entries))
+                result.skip.append((queue.run, by_id[(queue.run, p.job_id)],
+                                    f"policy latest: overtaken by step {newest}"))  # fmt: skip
+        runnable = []
+        for p in pending:
+            if p.job_id in skipped:
+                continue
+            newer_settling = [s for s in queue.settling_steps if s > p.step]
+            if newer_settling and _latest_only(p, entries):
+                # Seconds from admission, it would overtake whatever started now.
+                result.waiting.append((queue.run, by_id[(queue.run, p.job_id)],
+                                       f"settle: a newer checkpoint (step {max(newer_settling)}) is settling"))  # fmt: skip
+            elif p.next_attempt_at > now:
+                result.waiting.append((queue.run, by_id[(queue.run, p.job_id)],
+                                       f"retry in {p.next_attempt_at - now:.0f} s"))  # fmt: skip
+            else:
+                runnable.append(p)
+        ready[queue.run] = order(runnable, entries, now)
+    merged = round_robin(ready, entries, after) if ready else []
+    starting = take_while_fits(merged, free_slots, lambda p: gpus_of(p.preset))
+    result.start = [(p.run, by_id[(p.run, p.job_id)]) for p in starting]
+    blocked = merged[len(starting):]
+    if blocked:
+        head = blocked[0]
+        reason = why_no_slot(gpus_of(head.preset)) or "no free slot"
+        result.waiting.insert(0, (head.run, by_id[(head.run, head.job_id)], reason))
+        head_priority = priority(head, entries)
+        for p in blocked[1:]:
+            why = ("lower priority" if priority(p, entries) < head_priority
+                   else f"queued behind {_describe(by_id[(head.run, head.job_id)])}")  # fmt: skip
+            result.waiting.append((p.run, by_id[(p.run, p.job_id)], why))
+    return result
+
+
+def _latest_only(job: PendingJob, entries: Sequence[ScheduleEntry]) -> bool:
+    return bool(job.entries) and all(entries[n].policy == "latest" for n in job.entries)
+
+
+def _describe(job: Job) -> str:
+    return f"{job.checkpoint.name}/{job.variant}/{job.preset}"

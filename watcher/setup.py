@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Callable
 
 from watcher.completion import checkpoint_files_in
-from watcher.config import ConfigError, WatchConfig
-from watcher.devices import DeviceSpec
+from watcher.config import ConfigError, ScheduleEntry, WatchConfig
+from watcher.devices import DeviceSpec, resolve_device
 from watcher.journal import ProcessLedger
-from watcher.presets import Preset
+from watcher.presets import Preset, get_preset
 from watcher.sinks import Sink, SinkPlace, build_sinks
 from watcher.watch import is_network_filesystem
 
@@ -31,9 +31,10 @@ class Setup:
     """Everything `Daemon` needs, resolved and checked by the CLI before anything starts."""
 
     config: WatchConfig
-    preset: Preset
-    device: DeviceSpec
-    gpu_entries: list[str]  # CUDA_VISIBLE_DEVICES entries for jobs
+    schedule: list[ScheduleEntry]  # the effective entries (config.schedule_entries(): defaults filled in)
+    presets: dict[str, Preset]  # every preset the schedule names, by name
+    device: DeviceSpec  # the pool: its GPUs (plain `cuda` resolved to every visible one), or cpu
+    gpu_entries: list[str]  # CUDA_VISIBLE_DEVICES entries of the pool's GPUs, in the order of device.indices
     results_dir: Path
     journal_path: Path
     settle: float
@@ -42,9 +43,24 @@ class Setup:
     sinks: list[Sink] = field(default_factory=list)
     reload: Callable[[], "Setup"] | None = None  # builds a fresh Setup from the config file (SIGHUP)
 
+    def schedule_text(self) -> str:
+        """The schedule in a few words: "preset smoke" (the default: one preset on every checkpoint), or
+        "schedule quick, full (final)"."""
+        if not self.config.schedule:
+            return f"preset {self.schedule[0].preset}"
+        return "schedule " + ", ".join(entry.preset + (" (final)" if entry.final else "") for entry in self.schedule)
 
-def resolve_setup(config: WatchConfig, preset: Preset, device: DeviceSpec, gpu_entries: list[str]) -> Setup:
+
+def resolve_setup(config: WatchConfig) -> Setup:
+    """Check everything (device, presets, the watched folder) and create nothing; a ConfigError otherwise."""
     output_dir = Path(config.output_dir)
+    device, gpu_entries = resolve_device(config.device)
+    schedule = config.schedule_entries()
+    presets = {entry.preset: get_preset(entry.preset, config.presets, config.backends) for entry in schedule}
+    for preset in presets.values():
+        if device.kind == "cuda" and preset.gpus > len(device.indices):
+            raise ConfigError(f"preset {preset.name} takes {preset.gpus} GPUs per job (gpus = {preset.gpus}), but "
+                              f"device {device} has {len(device.indices)}")  # fmt: skip
     check_watch_target(config)
     results_dir, journal_path = resolve_setup_paths(config)
     network = is_network_filesystem(output_dir)
@@ -52,7 +68,8 @@ def resolve_setup(config: WatchConfig, preset: Preset, device: DeviceSpec, gpu_e
     poll = config.poll if config.poll is not None else (NETWORK_POLL if network else None)
     return Setup(
         config=config,
-        preset=preset,
+        schedule=schedule,
+        presets=presets,
         device=device,
         gpu_entries=gpu_entries,
         results_dir=results_dir,

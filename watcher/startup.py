@@ -113,8 +113,10 @@ def announce(setup: Setup, feed: Feed | None) -> str:
         mode = "scan"
     else:
         mode = f"polling every {setup.poll:g} s" if feed.mode == "polling" else feed.mode
-    log.info("ckpt-watch %s: %s (%s), preset %s, policy %s, device %s, settle %g s, results in %s", __version__,
-             Path(setup.config.output_dir), mode, setup.preset.name, setup.config.policy, setup.device, setup.settle,
+    pool = f"{setup.device} x{setup.config.cpu_jobs}" if setup.device.kind == "cpu" and setup.config.cpu_jobs > 1 \
+        else str(setup.device)
+    log.info("ckpt-watch %s: %s (%s), %s, policy %s, device %s, settle %g s, results in %s", __version__,
+             Path(setup.config.output_dir), mode, setup.schedule_text(), setup.config.policy, pool, setup.settle,
              setup.results_dir)  # fmt: skip
     if setup.journal_path.parent != setup.results_dir:
         log.info("journal kept on local disk at %s", setup.journal_path)

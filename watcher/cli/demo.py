@@ -51,14 +51,11 @@ def main(argv: list[str]) -> int:
 
 def run_demo(args: argparse.Namespace, output_dir: Path) -> int:
     from watcher.setup import resolve_setup
-    from watcher.devices import check_available, parse_device
-    from watcher.presets import get_preset
 
     # No W&B in the demo: its tiny training run logs to none.
     config: WatchConfig = build_config({}, {"output_dir": output_dir, "device": args.device, "preset": "smoke",
                                             "wandb": "off", "tensorboard": TENSORBOARD_DIR})  # fmt: skip
-    device = parse_device(config.device)
-    setup = resolve_setup(config, get_preset("smoke"), device, check_available(device))
+    setup = resolve_setup(config)
     print(f"ckpt-watch demo: training a tiny model into {output_dir}; the daemon evaluates each checkpoint\n",
           flush=True)  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

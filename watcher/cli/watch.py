@@ -50,8 +50,6 @@ def watch_main(argv: list[str]) -> int:
     from watcher.daemon import Daemon
     from watcher.startup import wait_for_output_dir
     from watcher.setup import check_watch_target, has_checkpoint_folders, resolve_setup
-    from watcher.devices import check_available, parse_device
-    from watcher.presets import get_preset
 
     args = watch_parser().parse_args(argv)
     first = load_config(args, missing_ok=not args.scan)  # --scan of a missing dir is an error; a daemon waits
@@ -64,10 +62,7 @@ def watch_main(argv: list[str]) -> int:
             return EXIT_OK  # stopped (SIGTERM, Ctrl-C) while waiting
     def build_setup():
         """The whole set-up from the flags and the config file: at start, and again at each SIGHUP."""
-        config = load_config(args)
-        preset = get_preset(config.preset, config.presets, config.backends)
-        device = parse_device(config.device)
-        setup = resolve_setup(config, preset, device, check_available(device))
+        setup = resolve_setup(load_config(args))
         setup.retry_failed = args.retry_failed
         setup.reload = build_setup
         return setup

@@ -1,0 +1,156 @@
+"""One training run the daemon watches: its output dir, journal, results dir, sinks and detector.
+
+Everything that belongs to one run lives here, exactly as if the run had a daemon of its own: the journal
+(checkpoints, jobs, results, deliveries), the lock on its results dir, the outbox to its sinks (its W&B run, its
+TensorBoard dir), and the detection stage (which checkpoints are complete, which are gone, which jobs the
+schedule wants). The daemon (watcher/daemon.py) shares what runs have in common: the pool of device slots, the
+schedule's start order, the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from watcher.detect import Detector, Ready, read_progress
+from watcher.journal import Checkpoint, Job
+from watcher.notify import Notifier
+from watcher.outbox import Outbox
+from watcher.records import JobState
+from watcher.schedules import final_checkpoint
+from watcher.scheduler import RunQueue, wanted_jobs
+from watcher.setup import Setup, create_dir, take_lock
+from watcher.startup import open_journal, stop_left_behind
+from watcher.view_feed import ViewFeed
+from watcher.watch import Feed
+
+log = logging.getLogger("ckpt-watch")
+
+
+class WatchedRun:
+    def __init__(self, setup: Setup, notifier: Notifier):
+        self.setup = setup
+        self.output_dir = Path(setup.config.output_dir)
+        self.name = self.output_dir.name
+        self.results_dir = setup.results_dir
+        create_dir(self.results_dir, "results dir")
+        self._lock = take_lock(setup.journal_path.parent / "ckpt-watch.lock", self.results_dir)
+        self.journal = open_journal(setup.journal_path, notifier)
+        self.detector = Detector(self.output_dir, checked_step=setup.config.checked_step,
+                                 known_fingerprint=self._known_fingerprint, settle=setup.settle,
+                                 sentinel=setup.config.sentinel, base_model=lambda: self.setup.config.base_model)  # fmt: skip
+        self.outbox = Outbox(self.journal, setup.sinks)
+        self.view_feed = ViewFeed(self.journal)
+        self.feed: Feed | None = None
+        self.finished_this_session = 0  # jobs that ended (ok or failed for good) since start: the scan summary
+        self.final_step: int | None = None  # its final checkpoint's step, once the run is known finished
+
+    @property
+    def config(self):
+        return self.setup.config
+
+    def start_up(self, scan: bool, retry_failed: bool) -> None:
+        """Before the loop: stop what a killed daemon left, put interrupted jobs back, deliver what waits."""
+        stop_left_behind(self.journal, self.results_dir)
+        for checkpoint in self.journal.checkpoints_without_progress():  # admitted by an older version
+            self.journal.set_progress(checkpoint.id, read_progress(checkpoint.path))
+        self.journal.set_meta("sinks", [sink.name for sink in self.setup.sinks])
+        recovered = self.journal.recover_interrupted()
+        if recovered:
+            log.info("%d job(s) interrupted by the last stop are pending again", recovered)
+        if scan:  # a backfill runs what `latest` skipped before, for the entries that evaluate everything
+            for entry in self.setup.schedule:
+                if entry.policy == "all":
+                    self.journal.requeue(entry.preset, [JobState.SKIPPED])
+        if retry_failed:
+            count = sum(self.journal.requeue(preset, [JobState.FAILED]) for preset in self.setup.presets)
+            log.info("re-queued %d failed job(s)", count)
+
+    # --- detect ----------------------------------------------------------------------------------------------
+
+    def reconcile(self, thorough: bool = True) -> None:
+        """Scan of the output dir: catches what events missed (inotify overflow), deletions, and under polling
+        everything. Checkpoints already journaled are walked again only when `thorough` (every
+        THOROUGH_RESCAN seconds) or when their folder's own stat changed."""
+        names = self.detector.candidates()
+        if names is None:
+            return
+        listed = set(names)
+        for checkpoint in self.journal.present_checkpoints():
+            self.gone(checkpoint, listed)
+        self.admit(self.detector.check(names, thorough))
+        self.ensure_jobs()
+
+    def detect(self, changed: set[str]) -> None:
+        names = {n for n in changed if self.config.step_of(n) is not None} | set(self.detector.due())
+        for name in names:
+            latest = self.journal.latest_checkpoint(name)
+            if latest is not None and not latest.gone:
+                self.gone(latest)
+        self.admit(self.detector.check(names))
+
+    def admit(self, ready: list[Ready]) -> None:
+        """Journal newly complete checkpoints and create the jobs the schedule wants of them."""
+        for found in ready:
+            checkpoint = self.journal.add_checkpoint(
+                found.name, found.step, found.path, found.fingerprint, found.verdict.layout,
+                found.verdict.variants or ("regular",), found.progress,
+            )  # fmt: skip
+            generation = f" (generation {checkpoint.generation})" if checkpoint.generation > 1 else ""
+            log.info("%s%s complete%s: layout %s, variants %s", self.prefix, found.name, generation,
+                     found.verdict.layout, ", ".join(checkpoint.variants))  # fmt: skip
+        if ready:
+            self.ensure_jobs()
+
+    def ensure_jobs(self) -> None:
+        """Create every job the schedule asks for among present checkpoints (existing jobs stay as they are: a
+        job once created runs even if a late checkpoint changes what `every` would pick now)."""
+        checkpoints = self.journal.all_checkpoints()
+        self.final_step = final_checkpoint([c.step for c in checkpoints], self._finished_step(),
+                                           self.detector.settling)  # fmt: skip
+        self.journal.ensure_jobs(wanted_jobs(self.setup.schedule, checkpoints, self.final_step))
+
+    def _finished_step(self) -> int | None:
+        """The trainer's last step once the run is known finished (see watcher/schedules.final_checkpoint)."""
+        return None
+
+    def gone(self, checkpoint: Checkpoint, listed: set[str] | None = None) -> bool:
+        """Whether a journaled checkpoint is gone (the one place that decides): the journal says so (a re-save,
+        or deleted before), or its folder is not among `listed` (a scan's names), else not there now. The first
+        time, its unfinished jobs are recorded as gone."""
+        if self.journal.checkpoint_gone(checkpoint.id):
+            return True
+        if checkpoint.name in listed if listed is not None else checkpoint.path.is_dir():
+            return False
+        self.journal.mark_gone(checkpoint.id)
+        log.info("%s%s was deleted (checkpoint rotation?); its unfinished jobs are recorded as gone", self.prefix,
+                 checkpoint.name)  # fmt: skip
+        return True
+
+    # --- what the scheduler sees -----------------------------------------------------------------------------
+
+    def pending(self) -> list[Job]:
+        """Pending jobs of the presets the schedule names (a reload may have dropped a preset: its jobs wait)."""
+        return [job for job in self.journal.jobs(states=[JobState.PENDING]) if job.preset in self.setup.presets]
+
+    def queue(self) -> RunQueue:
+        return RunQueue(self.name, self.journal.all_checkpoints(), self.pending(), self.final_step,
+                        tuple(self.detector.settling_steps()))  # fmt: skip
+
+    def idle(self) -> bool:
+        """Nothing settling, nothing pending (jobs running are the daemon's to know)."""
+        return not self.detector.settling and not self.pending()
+
+    @property
+    def prefix(self) -> str:
+        """Put before log lines about a checkpoint when the daemon watches several runs ("" for one)."""
+        return ""
+
+    def _known_fingerprint(self, name: str) -> str | None:
+        latest = self.journal.latest_checkpoint(name)
+        return latest.fingerprint if latest is not None and not latest.gone else None
+
+    def deliver_pending(self, idle: bool) -> None:
+        """Deliver every committed result a sink has not yet acknowledged (see watcher/outbox.py); a slow sink
+        (W&B) in the background, so the loop goes on watching."""
+        self.outbox.deliver_pending(background=True, idle=idle)
