@@ -134,6 +134,11 @@ def has_checkpoint_folders(config: WatchConfig) -> bool:
     return bool(_checkpoint_children(Path(config.output_dir), config))
 
 
+def checkpoint_folder_steps(config: WatchConfig) -> dict[int, str]:
+    """step -> folder name of the checkpoint folders in the output dir now (complete or not); empty if none."""
+    return {config.step_of(name): name for name in _checkpoint_children(Path(config.output_dir), config)}
+
+
 def resolve_setup_paths(config: WatchConfig) -> tuple[Path, Path]:
     """The results dir and the journal's path (kept on local disk when the results dir is on a network fs)."""
     results_dir = config.resolved_results_dir()

@@ -7,7 +7,7 @@ Every usage or configuration problem is one line on stderr, never a traceback.
     status.py    ckpt-watch status        plot.py      ckpt-watch plot
     compare.py   ckpt-watch compare       merge.py     ckpt-watch merge
     sync.py      ckpt-watch sync          presets.py   ckpt-watch presets
-    demo.py      ckpt-watch demo
+    demo.py      ckpt-watch demo          finalize.py  ckpt-watch finalize
     common.py    what they share (exit statuses, the parser, load_config, logging set-up): a leaf
 
 Nothing outside this package imports from it (an import-linter contract in pyproject.toml says so).
@@ -29,6 +29,7 @@ SUBCOMMANDS = {  # name -> module with main(argv); imported only when used, so `
     "sync": "watcher.cli.sync",
     "status": "watcher.cli.status",
     "plot": "watcher.cli.plot",
+    "finalize": "watcher.cli.finalize",
 }
 
 
