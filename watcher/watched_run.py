@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from watcher.detect import Detector, Ready, read_progress
+from watcher.final import finished_step
 from watcher.journal import Checkpoint, Job
 from watcher.notify import Notifier
 from watcher.outbox import Outbox
@@ -111,8 +112,9 @@ class WatchedRun:
         self.journal.ensure_jobs(wanted_jobs(self.setup.schedule, checkpoints, self.final_step))
 
     def _finished_step(self) -> int | None:
-        """The trainer's last step once the run is known finished (see watcher/schedules.final_checkpoint)."""
-        return None
+        """The trainer's last step once the run is known finished: its run record, or `ckpt-watch finalize`
+        (watcher/final.py; read at every look at the output dir, two small files)."""
+        return finished_step(self.output_dir, self.results_dir)
 
     def gone(self, checkpoint: Checkpoint, listed: set[str] | None = None) -> bool:
         """Whether a journaled checkpoint is gone (the one place that decides): the journal says so (a re-save,
