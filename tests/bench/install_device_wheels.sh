@@ -9,4 +9,4 @@ if ls .whl/*.whl >/dev/null 2>&1 && [ ! -f /tmp/site/.ckpt-watch-wheels-done ]; 
     && touch /tmp/site/.ckpt-watch-wheels-done || return 1
 fi
 export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-python3 -c 'import lm_eval, lm_eval.evaluator, datasets, watchdog, watcher' || return 1
+${PYTHON:-python3} -c 'import lm_eval, lm_eval.evaluator, datasets, watchdog, watcher' || return 1
