@@ -312,7 +312,7 @@ def run_mode(mode: str, gpus: tuple[int, ...], s: Setting) -> ModeReport:
     report.step_intervals = len(clean)
     report.step_median_s = statistics.median(clean) if clean else None
     if daemon:
-        report.drained = wait_drained(out, len(saves), s.drain)
+        report.drained = wait_drained(out, max(saves), s.drain)
         report.daemon_rc = stop_daemon(daemon)
     sampler.stop()
     if sampler.available:
@@ -372,12 +372,14 @@ def job_rows(out: Path) -> list[dict[str, Any]]:
         return []
 
 
-def wait_drained(out: Path, saves: int, limit: float) -> bool:
-    """True once every saved checkpoint has a job and none is pending or running; False after `limit` seconds."""
+def wait_drained(out: Path, last_step: int, limit: float) -> bool:
+    """True once the run's last checkpoint has a finished job (`latest` never skips the newest) and no job is
+    pending or running; False after `limit` seconds."""
     deadline = time.time() + limit
     while True:
         rows = job_rows(out)
-        if len({r["step"] for r in rows}) >= saves and not any(r["state"] in ACTIVE_STATES for r in rows):
+        last_done = any(r["step"] == last_step and r["state"] in ("done", "failed") for r in rows)
+        if last_done and not any(r["state"] in ACTIVE_STATES for r in rows):
             return True
         if time.time() >= deadline:
             return False
