@@ -22,7 +22,8 @@ Measured per mode:
   - first finish) over the k results finished before training ended (steady state: neither the ramp-up to the
   first finish nor the drain after training counts); also the plain count;
 - latency: a result's `finished_at` minus its checkpoint's save time (the callback's), p50 and p90, all results;
-- skipped: the fraction of jobs `ckpt-watch status --json` shows as `skipped` (`latest` overtook them);
+- skipped: the jobs `ckpt-watch status --json` shows as `skipped` (`latest` overtook them), as a fraction of the
+  checkpoints saved; and the saved checkpoints with no ok result (the same number once drained);
 - step time: the median interval between consecutive step starts, leaving out the first 10 and those with a save;
   the ratio alone / with the daemon (>= 0.99: the daemon costs training at most 1 %);
 - concurrency: the most results whose [started_at, finished_at] windows overlap, and the devices they ran on;
@@ -246,7 +247,8 @@ class ModeReport:
     evaluated_during_training: int = 0
     failed: int = 0
     skipped: int = 0
-    skipped_fraction: float | None = None
+    skipped_fraction: float | None = None  # of the checkpoints saved
+    not_evaluated: int = 0  # saved checkpoints with no ok result (should equal `skipped` after a drain)
     throughput_per_min: float | None = None
     latency_p50_s: float | None = None
     latency_p90_s: float | None = None
@@ -399,7 +401,7 @@ def measure_results(report: ModeReport, out: Path, saves: dict[int, float], trai
     rows = job_rows(out)
     report.jobs = len(rows)
     report.skipped = sum(r["state"] == "skipped" for r in rows)
-    report.skipped_fraction = round(report.skipped / len(rows), 3) if rows else None
+    report.skipped_fraction = round(report.skipped / len(saves), 3) if saves else None
     results_file = out / "ckpt-watch" / "results.jsonl"
     records = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
     report.failed = sum(r["status"] != "ok" for r in records)
@@ -415,6 +417,7 @@ def measure_results(report: ModeReport, out: Path, saves: dict[int, float], trai
     done.sort(key=lambda d: d["finished"])
     report.results = done
     report.evaluated = len(done)
+    report.not_evaluated = len(set(saves) - {d["step"] for d in done})  # skipped, failed or never seen
     for d in done:
         report.devices[d["device"]] = report.devices.get(d["device"], 0) + 1
         report.cuda_visible_devices[d["cuda_visible_devices"]] = report.cuda_visible_devices.get(
@@ -502,7 +505,8 @@ def print_table(reports: dict[str, ModeReport]) -> None:
         ("jobs / evaluated / failed", lambda r: f"{r.jobs} / {r.evaluated} / {r.failed}" if r.device else "-"),
         ("evaluated per min", lambda r: str(r.throughput_per_min) if r.device else "-"),
         ("latency p50 / p90 s", lambda r: f"{r.latency_p50_s} / {r.latency_p90_s}" if r.device else "-"),
-        ("skipped", lambda r: f"{r.skipped} ({r.skipped_fraction})" if r.device else "-"),
+        ("skipped (of saves) / not evaluated", lambda r: f"{r.skipped} ({r.skipped_fraction}) / {r.not_evaluated}"
+                                                          if r.device else "-"),
         ("max jobs at once", lambda r: str(r.max_concurrent_jobs) if r.device else "-"),
         ("result devices", lambda r: ", ".join(f"{d} x{n}" for d, n in sorted(r.devices.items())) or "-"),
         ("nvidia-smi max procs/GPU", lambda r: _smi_cell(r)),
