@@ -76,8 +76,14 @@ SCHEDULE_KEYS = tuple(f.name for f in dataclasses.fields(ScheduleEntry))
 
 @dataclass
 class WatchConfig:
-    output_dir: Path | None = None
-    """The training run's output_dir, whose checkpoint folders are watched."""
+    output_dir: Path | list[Path] | None = None
+    """The training run's output_dir, whose checkpoint folders are watched; or a list of them: one daemon watches
+    several runs (each keeps its own results dir, journal, W&B run and TensorBoard dir; the pool and the
+    schedule are shared, and runs take turns for slots)."""
+
+    runs_root: Path | None = None
+    """Instead of `output_dir`: a folder whose subfolders are runs. Each subfolder that holds checkpoint folders
+    is watched as a run from the moment its first checkpoint folder appears."""
 
     device: str = "cpu"
     """Where jobs run: `cpu`, `cuda`, `cuda:N`, or a list `cuda:1,2`. Jobs run in child processes whose
@@ -202,8 +208,26 @@ class WatchConfig:
         return [dataclasses.replace(entry, policy=entry.policy or self.policy,
                                     variants=tuple(entry.variants or self.variants)) for entry in entries]  # fmt: skip
 
+    def output_dirs(self) -> list[Path]:
+        """The runs named by `output_dir` (one or a list); none for `runs_root` (found as they appear)."""
+        if self.output_dir is None:
+            return []
+        return [Path(d) for d in self.output_dir] if isinstance(self.output_dir, list) else [Path(self.output_dir)]
+
+    @property
+    def several_runs(self) -> bool:
+        return self.runs_root is not None or len(self.output_dirs()) > 1
+
+    def for_run(self, output_dir: Path) -> "WatchConfig":
+        """One run's configuration: its output_dir; with several runs, results, journal and scratch dirs set in
+        the file get a subfolder per run (by default each is inside the run's own output dir anyway)."""
+        name = Path(output_dir).name
+        per_run = {key: Path(getattr(self, key)) / name for key in ("results_dir", "journal_dir", "scratch_dir")
+                   if getattr(self, key) is not None and self.several_runs}  # fmt: skip
+        return dataclasses.replace(self, output_dir=Path(output_dir), runs_root=None, **per_run)
+
     def resolved_results_dir(self) -> Path:
-        assert self.output_dir is not None
+        assert self.output_dir is not None and not isinstance(self.output_dir, list)
         return Path(self.results_dir) if self.results_dir else Path(self.output_dir) / "ckpt-watch"
 
     def resolved_scratch_dir(self) -> Path:
@@ -243,7 +267,7 @@ class WatchConfig:
 
 
 FIELD_NAMES = {f.name for f in dataclasses.fields(WatchConfig)}
-_PATH_FIELDS = {"output_dir", "results_dir", "journal_dir", "scratch_dir", "base_model"}
+_PATH_FIELDS = {"output_dir", "runs_root", "results_dir", "journal_dir", "scratch_dir", "base_model"}
 _STRING_FIELDS = ("device", "preset", "policy", "log_format", "wandb", "wandb_live", "tensorboard", "sentinel",
                   "checkpoint_pattern")  # fmt: skip
 _OPTIONAL = {"poll", "settle", "sentinel"}  # None: chosen from the filesystem (see watcher/setup.py) or unused
@@ -279,6 +303,9 @@ def load_toml(path: Path) -> dict[str, Any]:
     for key in _PATH_FIELDS & data.keys():
         if isinstance(data[key], str) and data[key]:
             data[key] = (base / Path(data[key]).expanduser()).resolve()
+        elif key == "output_dir" and isinstance(data[key], list):  # several runs
+            data[key] = [(base / Path(d).expanduser()).resolve() if isinstance(d, str) and d else d
+                         for d in data[key]]  # fmt: skip
     backends, presets = data.get("backends", {}), data.get("presets", {})
     tables = [*backends.values()] if isinstance(backends, dict) else []
     for preset in presets.values() if isinstance(presets, dict) else []:
@@ -333,10 +360,11 @@ def validate(config: WatchConfig) -> None:
         setattr(config, name, float(value))
     for name in _PATH_FIELDS:
         value = getattr(config, name)
-        if value is not None and not isinstance(value, Path):
+        if value is not None and not isinstance(value, (Path, list)):  # a list of output dirs: _validate_runs
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"{name} must be a path, got {value!r}")
             setattr(config, name, Path(value).expanduser())
+    _validate_runs(config)
     if type(config.verbosity) is not int or config.verbosity not in (-1, 0, 1):
         raise ConfigError(f"verbosity must be -1, 0 or 1, got {config.verbosity!r}")
     if config.log_format not in LOG_FORMATS:
@@ -384,6 +412,26 @@ def validate(config: WatchConfig) -> None:
     if not isinstance(config.schedule, list):
         raise ConfigError("schedule must be a list of [[schedule]] tables")
     config.schedule = [_schedule_entry(i, entry) for i, entry in enumerate(config.schedule, 1)]
+
+
+def _validate_runs(config: WatchConfig) -> None:
+    """output_dir (one or a list) or runs_root; run names (folder names) unique; W&B not pinned to one run."""
+    if isinstance(config.output_dir, list):
+        if not config.output_dir or not all(isinstance(d, (str, Path)) and str(d) for d in config.output_dir):
+            raise ConfigError(f"output_dir must be a folder or a non-empty list of folders, got {config.output_dir!r}")
+        config.output_dir = [Path(d).expanduser() for d in config.output_dir]
+        if len(config.output_dir) == 1:
+            config.output_dir = config.output_dir[0]
+    if config.runs_root is not None and config.output_dir is not None:
+        raise ConfigError("give output_dir (one run or a list) or runs_root (a folder of runs), not both")
+    names = [d.name for d in config.output_dirs()]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigError(f"two runs named {twice[0]!r} (runs are named by their folder): watch them from two "
+                          "daemons, or rename one")  # fmt: skip
+    if config.several_runs and isinstance(config.wandb, str) and config.wandb not in ("auto", "off"):
+        raise ConfigError(f"wandb = {config.wandb!r} names one W&B run, but several training runs are watched: use "
+                          "auto (each run's own) or off")  # fmt: skip
 
 
 def _schedule_entry(number: int, entry: Any) -> ScheduleEntry:

@@ -15,7 +15,7 @@ import logging
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,10 +31,10 @@ from watcher.recording import build_result, headline_text, keep_merged
 from watcher.records import ACTIVE_STATES, JobSpec, JobState, Outcome, OutcomeKind
 from watcher.resources import ResourceState
 from watcher.scheduler import plan
-from watcher.setup import Setup
+from watcher.setup import Setup, resolve_run
 from watcher.startup import announce, install_signal_handlers, start_feed
-from watcher.view_feed import ActiveView, status_line
-from watcher.watch import Feed, PollingFeed
+from watcher.view_feed import ActiveView, merge_snapshots, running_views, status_line, waiting_lines
+from watcher.watch import FeedSet, PollingFeed
 from watcher.watched_run import WatchedRun
 
 log = logging.getLogger("ckpt-watch")
@@ -43,6 +43,7 @@ TICK = 0.5  # seconds between looks at running jobs; events wake the loop sooner
 VIEW_INTERVAL = 0.25  # seconds between snapshots for the live view (it redraws 4 times a second)
 THOROUGH_RESCAN = 300.0  # seconds between re-walks of every journaled checkpoint (re-saves that kept names)
 SCAN_PATIENCE = 120.0  # seconds a --scan waits for a resource problem to pass before it ends with status 1
+RUNS_ROOT_LOOK = 5.0  # seconds between looks for new runs under runs_root (and at every run's output dir)
 STOP_GRACE = 10.0  # seconds a job's process group gets between SIGTERM and SIGKILL when it is stopped
 # Settings a reload cannot change: they name what is watched and where its state lives (restart for those).
 FIXED_ON_RELOAD = ("output_dir", "results_dir", "journal_dir", "scratch_dir", "poll", "settle", "sentinel",
@@ -71,7 +72,7 @@ class Daemon:
         """`view`: something with `update(Snapshot)` (watcher/live_view.py's LiveView), fed from the main loop."""
         self.setup = setup
         self.notifier = Notifier()
-        self.runs = [WatchedRun(setup, self.notifier)]
+        self.runs = [WatchedRun(place, setup, self.notifier) for place in setup.runs]
         self.pool = _build_pool(setup)
         self._next_pool: Pool | None = None  # a reload's new pool, waiting for the old one's jobs to end
         self.active: dict[tuple[str, int], ActiveJob] = {}
@@ -85,8 +86,9 @@ class Daemon:
         self._stop_requested = False
         self._stop_deadline = 0.0  # time.monotonic() until which running jobs may still finish
         self._reload_requested = False
-        self._feed: Feed | None = None
+        self._feeds: FeedSet | None = None  # None for a --scan: nothing is watched
         self._mode = "?"  # inotify, polling every N s, or scan (set by startup.announce)
+        self._refused: set[str] = set()  # runs_root subfolders that could not be watched (said once)
         self.view = view
         self._next_view = 0.0
         # What the live view says while no job runs (the demo: "training is running ..."); None: the default.
@@ -111,18 +113,18 @@ class Daemon:
             self.deliver_pending()
 
         if not scan:
-            run = self.runs[0]
-            self._feed = run.feed = start_feed(run.output_dir, self.setup.poll,
-                                               lambda name: self.config.step_of(name) is not None)  # fmt: skip
-            if isinstance(self._feed, PollingFeed):
-                self.setup.poll = self._feed.interval  # FALLBACK_POLL where inotify could not be used
-        self._mode = announce(self.setup, self._feed)
+            self._feeds = FeedSet()
+        for run in self.runs:
+            self._watch(run)
+        if self.config.runs_root is not None:
+            log.info("watching the runs under %s: %d so far (%s)", self.config.runs_root, len(self.runs),
+                     ", ".join(run.name for run in self.runs) or "none yet")  # fmt: skip
         with self.resources.guard("look at the output dir"):
             self.reconcile()
         self.notifier.ready(self.status_line())
         next_reconcile = time.monotonic() + self._reconcile_interval()
         next_thorough = time.monotonic() + THOROUGH_RESCAN
-        changed: set[str] = set()
+        changed: dict[str, set[str]] = {}
         final_look = False
         while True:
             # Pinged from here only: if anything below wedges the loop, the pings stop and systemd restarts us.
@@ -151,7 +153,7 @@ class Daemon:
                     self.reconcile()
                 continue
             changed = self._wait(self._timeout(next_reconcile))
-            overflowed = self._feed is not None and self._feed.overflowed()  # events were lost: rescan now
+            overflowed = self._feeds is not None and self._feeds.overflowed()  # events were lost: rescan now
             if overflowed or time.monotonic() >= next_reconcile:
                 thorough = overflowed or time.monotonic() >= next_thorough
                 if self.resources.due():
@@ -162,7 +164,30 @@ class Daemon:
                     next_thorough = time.monotonic() + THOROUGH_RESCAN
         return self.shutdown(scan)
 
-    def run_stages(self, changed: set[str]) -> None:
+    def _watch(self, run: WatchedRun) -> None:
+        """Start watching a run's output dir (not for a --scan), and say so in the start-up line."""
+        if self._feeds is not None:
+            run.feed = start_feed(run.output_dir, run.place.poll, lambda name: self.config.step_of(name) is not None)
+            if isinstance(run.feed, PollingFeed):
+                run.place.poll = run.feed.interval  # FALLBACK_POLL where inotify could not be used
+            self._feeds.add(run.name, run.feed)
+        self._mode = announce(run.place, self.setup, run.feed)
+
+    def _find_runs(self, scan: bool) -> None:
+        """runs_root: a subfolder whose first checkpoint folder appeared is a new run, watched from now on."""
+        for folder in self.setup.new_runs({run.name for run in self.runs} | self._refused):
+            try:
+                run = WatchedRun(resolve_run(self.config, folder), self.setup, self.notifier)
+            except ConfigError as exc:  # e.g. another daemon holds it: say so once, leave it alone
+                log.error("not watching %s: %s", folder, exc)
+                self._refused.add(folder.name)
+                continue
+            run.start_up(scan, self.setup.retry_failed)
+            self.runs.append(run)
+            self._watch(run)
+            log.info("new run %s: watching it", run.name)
+
+    def run_stages(self, changed: dict[str, set[str]]) -> None:
         """One round of the pipeline after the watchdog ping. A full disk, a quota or a folder we may not write
         is a state, not a crash (watcher/resources.py): the stage is tried again after a backoff while the loop
         goes on; the running jobs are followed every round regardless."""
@@ -173,7 +198,7 @@ class Daemon:
             return
         with resources.guard("look at new checkpoints"):
             for run in self.runs:
-                run.detect(changed)
+                run.detect(changed.get(run.name, set()))
         with resources.guard("commit a result to the journal"):
             self._commit_pending()
         with resources.guard("deliver results"):
@@ -217,8 +242,8 @@ class Daemon:
             with self.resources.guard("stop"):
                 for run in self.runs:
                     run.journal.recover_interrupted()
-        if self._feed is not None:
-            self._feed.stop()
+        if self._feeds is not None:
+            self._feeds.stop()
         failed = {run.name: [j for j in run.journal.jobs(states=[JobState.FAILED])
                              if j.preset in self.setup.presets and not j.checkpoint.gone] if scan else []
                   for run in self.runs}  # fmt: skip
@@ -239,19 +264,18 @@ class Daemon:
             # The files sink is local and always on: a backfill that could not write its results did not finish
             # (W&B waiting for a live run, by contrast, is the normal `defer` case).
             unwritten = unwritten or (finished_scan and pending.get("files", 0) > 0)
+            if failed[run.name]:
+                log.error("%s%d job(s) failed; see the logs under %s (use --retry-failed to run them again)",
+                          run.prefix, len(failed[run.name]), run.results_dir)  # fmt: skip
             if finished_scan:  # its last line: what it did and where to look
                 deliveries = ", ".join(f"{name} {n}" for name, n in pending.items()) or "none"
-                log.info("scan done: %d job(s) evaluated, %d failed, pending deliveries: %s; results in %s "
-                         "(`ckpt-watch status %s`)", run.finished_this_session, len(failed[run.name]), deliveries,
+                log.info("%sscan done: %d job(s) evaluated, %d failed, pending deliveries: %s; results in %s "
+                         "(`ckpt-watch status %s`)", run.prefix, run.finished_this_session, len(failed[run.name]), deliveries,
                          run.results_dir, run.output_dir)  # fmt: skip
         if self.view is not None:
             self._update_view(force=True)
         for run in self.runs:
             run.journal.close()
-        for run in self.runs:
-            if failed[run.name]:
-                log.error("%d job(s) failed; see the logs under %s (use --retry-failed to run them again)",
-                          len(failed[run.name]), run.results_dir)  # fmt: skip
         return 1 if any(failed.values()) or unwritten or self._gave_up else 0
 
     def _stop_all(self) -> None:
@@ -267,8 +291,8 @@ class Daemon:
         now = time.monotonic()
         self._stop_deadline = now if self._stop_requested else now + grace
         self._stop_requested = True
-        if self._feed is not None:
-            self._feed.wake()
+        if self._feeds is not None:
+            self._feeds.wake()
 
     def reload(self) -> None:
         """SIGHUP: build the set-up again from the config file and use it from the next job on; the queue stays.
@@ -293,11 +317,10 @@ class Daemon:
         new.retry_failed = False
         if any(getattr(new.config, name) != getattr(self.config, name) for name in POOL_SETTINGS):
             self._next_pool = _build_pool(new)
-        self.setup = new
+        places = {place.name: place for place in new.runs}
         for run in self.runs:
-            run.setup = new
-            run.outbox.replace_sinks(new.sinks)
-            run.journal.set_meta("sinks", [sink.name for sink in new.sinks])
+            run.replace_setup(places.get(run.name) or resolve_run(new.config, run.output_dir), new)
+        self.setup = new
         log.info("configuration reloaded: %s, device %s", new.schedule_text(), new.device)
         self.reconcile()  # every present checkpoint gets the jobs of the (new) schedule
         self.notifier.ready(self.status_line())
@@ -311,6 +334,7 @@ class Daemon:
     # --- detect ----------------------------------------------------------------------------------------------
 
     def reconcile(self, thorough: bool = True) -> None:
+        self._find_runs(scan=self._feeds is None)
         for run in self.runs:
             run.reconcile(thorough)
 
@@ -366,7 +390,7 @@ class Daemon:
             return
         job, checkpoint = started, started.checkpoint
         preset = self.setup.presets[job.preset]
-        paths = JobPaths.for_job(run.results_dir, self.config.resolved_scratch_dir(), job)
+        paths = JobPaths.for_job(run.results_dir, run.config.resolved_scratch_dir(), job)
         spec = JobSpec(job_id=job.id, checkpoint_name=checkpoint.name, checkpoint_path=checkpoint.path,
                        step=checkpoint.step, generation=checkpoint.generation, layout=checkpoint.layout,
                        variants=checkpoint.variants, variant=job.variant, preset=preset,
@@ -403,7 +427,7 @@ class Daemon:
                     self._commit(active, Outcome.failure(f"timed out after {running.timeout:.0f} s"))
                 continue
             outcome = running.outcome()
-            keep_merged(job, outcome, self.config.keep_merged, self.config.resolved_scratch_dir(), self.config.step_of)
+            keep_merged(job, outcome, self.config.keep_merged, run.config.resolved_scratch_dir(), self.config.step_of)
             self._end(active, stop=False)
             if not outcome.ok and run.gone(job.checkpoint):
                 continue
@@ -463,13 +487,21 @@ class Daemon:
         return [ActiveView(a.running, self._where(a.allocation), a.run.name) for a in self.active.values()]
 
     def snapshot(self) -> Snapshot:
-        """What the live view shows, as plain data (see watcher/view_feed.py)."""
-        run = self.runs[0]
-        header = Snapshot(str(run.output_dir), self._mode, ", ".join(self.setup.presets), self.config.policy,
+        """What the live view shows, as plain data (see watcher/view_feed.py); with several runs, theirs
+        together (queue and results named by run)."""
+        watched = str(self.runs[0].output_dir) if len(self.runs) == 1 else (
+            f"{len(self.runs)} runs under {self.config.runs_root}" if self.config.runs_root is not None
+            else f"{len(self.runs)} runs: " + ", ".join(run.name for run in self.runs))  # fmt: skip
+        header = Snapshot(watched, self._mode, ", ".join(self.setup.presets), self.config.policy,
                           self.pool.describe())  # fmt: skip
         idle_text = self.idle_text() if self.idle_text is not None and not self.active else None
-        return run.view_feed.snapshot(header, run.pending(), self._active_views(), run.outbox, self._stop_requested,
-                                      idle_text, self.pool.slots(), self.waiting)  # fmt: skip
+        parts = [run.view_feed.snapshot(header, run.pending(), [], run.outbox, self._stop_requested, idle_text)
+                 for run in self.runs]  # fmt: skip
+        merged = merge_snapshots(header, parts, [run.name for run in self.runs]) if parts else header
+        return replace(merged, running=running_views(self._active_views(), several=len(self.runs) > 1),
+                       slots=[(slot.name, slot.busy) for slot in self.pool.slots()],
+                       waiting=waiting_lines(self.waiting, several=len(self.runs) > 1),
+                       stopping=self._stop_requested, idle_text=idle_text)  # fmt: skip
 
     def _update_view(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -510,7 +542,10 @@ class Daemon:
         return not self.active and all(run.idle() for run in self.runs)
 
     def _reconcile_interval(self) -> float:
-        return self.setup.poll if self.setup.poll is not None else self.config.rescan_interval
+        polls = [run.place.poll for run in self.runs if run.place.poll is not None]
+        interval = min(polls) if polls else self.config.rescan_interval
+        # New runs under runs_root are found by this look too: soon, but a listing of the root is all it costs.
+        return min(interval, RUNS_ROOT_LOOK) if self.config.runs_root is not None else interval
 
     def _timeout(self, next_reconcile: float) -> float:
         candidates = [TICK, max(0.0, next_reconcile - time.monotonic())]
@@ -520,11 +555,11 @@ class Daemon:
                 candidates.append(due)
         return min(candidates)
 
-    def _wait(self, timeout: float) -> set[str]:
-        if self._feed is None:
+    def _wait(self, timeout: float) -> dict[str, set[str]]:
+        if self._feeds is None:
             time.sleep(timeout)
-            return set()
-        return self._feed.wait(timeout)
+            return {}
+        return self._feeds.wait(timeout)
 
     def _on_stop_signal(self, name: str) -> None:
         """SIGINT/SIGTERM: no new jobs; running ones may finish within stop_grace. A second one stops them now."""
@@ -541,8 +576,8 @@ class Daemon:
     def _on_reload_signal(self) -> None:
         log.info("received SIGHUP: reloading the configuration")
         self._reload_requested = True  # done by the loop, between two stages
-        if self._feed is not None:
-            self._feed.wake()
+        if self._feeds is not None:
+            self._feeds.wake()
 
 
 def _build_pool(setup: Setup) -> Pool:

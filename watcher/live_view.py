@@ -45,6 +45,7 @@ class ResultRow:
     walltime_s: float
     metrics: dict[str, float] = field(default_factory=dict)  # the headline metrics only
     error: str | None = None
+    run: str = ""  # the run it belongs to, when the daemon watches several
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,9 @@ def render(snapshot: Snapshot | None, now: float | None = None):
                                "delivers them now", "dim")))  # fmt: skip
 
     results = Table(title="latest results", title_justify="left", expand=False)
+    runs = any(r.run for r in snapshot.results)
+    if runs:
+        results.add_column("run")
     results.add_column("step", justify="right")
     results.add_column("variant")
     if len({r.preset for r in snapshot.results}) > 1:
@@ -176,7 +180,7 @@ def render(snapshot: Snapshot | None, now: float | None = None):
         cells = [f"{row.metrics[n]:.4g}" if n in row.metrics else "" for n in snapshot.headlines]
         if row.status != "ok" and row.error and snapshot.headlines:
             cells[0] = Text(row.error[:60], style="red")
-        results.add_row(str(row.step), row.variant, *([row.preset] if several else []), status, *cells,
+        results.add_row(*([row.run] if runs else []), str(row.step), row.variant, *([row.preset] if several else []), status, *cells,
                         f"{row.walltime_s:.1f}")  # fmt: skip
     if not snapshot.results:
         return Group(head, Text("no results yet", style="dim"))

@@ -27,20 +27,33 @@ LOCAL_SETTLE = 1.0
 
 
 @dataclass
-class Setup:
-    """Everything `Daemon` needs, resolved and checked by the CLI before anything starts."""
+class RunSetup:
+    """One watched run's places, resolved and checked: as if it had a daemon of its own."""
 
-    config: WatchConfig
-    schedule: list[ScheduleEntry]  # the effective entries (config.schedule_entries(): defaults filled in)
-    presets: dict[str, Preset]  # every preset the schedule names, by name
-    device: DeviceSpec  # the pool: its GPUs (plain `cuda` resolved to every visible one), or cpu
-    gpu_entries: list[str]  # CUDA_VISIBLE_DEVICES entries of the pool's GPUs, in the order of device.indices
+    name: str  # its folder's name (unique among the runs)
+    config: WatchConfig  # the run's own (WatchConfig.for_run): its output_dir, results, journal, scratch dirs
     results_dir: Path
     journal_path: Path
     settle: float
     poll: float | None  # None: inotify
-    retry_failed: bool = False
     sinks: list[Sink] = field(default_factory=list)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+
+@dataclass
+class Setup:
+    """Everything `Daemon` needs, resolved and checked by the CLI before anything starts."""
+
+    config: WatchConfig  # as loaded: output_dir may be a list, or runs_root set
+    schedule: list[ScheduleEntry]  # the effective entries (config.schedule_entries(): defaults filled in)
+    presets: dict[str, Preset]  # every preset the schedule names, by name
+    device: DeviceSpec  # the pool: its GPUs (plain `cuda` resolved to every visible one), or cpu
+    gpu_entries: list[str]  # CUDA_VISIBLE_DEVICES entries of the pool's GPUs, in the order of device.indices
+    runs: list[RunSetup]  # the runs known at start (runs_root: those already holding checkpoint folders)
+    retry_failed: bool = False
     reload: Callable[[], "Setup"] | None = None  # builds a fresh Setup from the config file (SIGHUP)
 
     def schedule_text(self) -> str:
@@ -50,10 +63,16 @@ class Setup:
             return f"preset {self.schedule[0].preset}"
         return "schedule " + ", ".join(entry.preset + (" (final)" if entry.final else "") for entry in self.schedule)
 
+    def new_runs(self, known: set[str]) -> list[Path]:
+        """Under runs_root: subfolders that hold checkpoint folders and are not among `known` run names."""
+        if self.config.runs_root is None:
+            return []
+        return [child for child in _subfolders(Path(self.config.runs_root))
+                if child.name not in known and _checkpoint_children(child, self.config)]  # fmt: skip
+
 
 def resolve_setup(config: WatchConfig) -> Setup:
-    """Check everything (device, presets, the watched folder) and create nothing; a ConfigError otherwise."""
-    output_dir = Path(config.output_dir)
+    """Check everything (device, presets, the watched folders) and create nothing; a ConfigError otherwise."""
     device, gpu_entries = resolve_device(config.device)
     schedule = config.schedule_entries()
     presets = {entry.preset: get_preset(entry.preset, config.presets, config.backends) for entry in schedule}
@@ -61,23 +80,22 @@ def resolve_setup(config: WatchConfig) -> Setup:
         if device.kind == "cuda" and preset.gpus > len(device.indices):
             raise ConfigError(f"preset {preset.name} takes {preset.gpus} GPUs per job (gpus = {preset.gpus}), but "
                               f"device {device} has {len(device.indices)}")  # fmt: skip
-    check_watch_target(config)
-    results_dir, journal_path = resolve_setup_paths(config)
+    setup = Setup(config, schedule, presets, device, gpu_entries, runs=[])
+    dirs = config.output_dirs() or setup.new_runs(set())
+    setup.runs = [resolve_run(config, folder) for folder in dirs]
+    return setup
+
+
+def resolve_run(config: WatchConfig, output_dir: Path) -> RunSetup:
+    """One run's set-up (its folder checked, nothing created)."""
+    run_config = config.for_run(output_dir)
+    check_watch_target(run_config)
+    results_dir, journal_path = resolve_setup_paths(run_config)
     network = is_network_filesystem(output_dir)
     settle = config.settle if config.settle is not None else (NETWORK_SETTLE if network else LOCAL_SETTLE)
     poll = config.poll if config.poll is not None else (NETWORK_POLL if network else None)
-    return Setup(
-        config=config,
-        schedule=schedule,
-        presets=presets,
-        device=device,
-        gpu_entries=gpu_entries,
-        results_dir=results_dir,
-        journal_path=journal_path,
-        settle=settle,
-        poll=poll,
-        sinks=make_sinks(config, results_dir, journal_path=journal_path),
-    )
+    return RunSetup(Path(output_dir).name, run_config, results_dir, journal_path, settle, poll,
+                    make_sinks(run_config, results_dir, journal_path=journal_path))  # fmt: skip
 
 
 def check_watch_target(config: WatchConfig) -> None:

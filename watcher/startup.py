@@ -19,7 +19,7 @@ from watcher.journal import Journal
 from watcher.notify import Notifier
 from watcher.processes import stop_leftovers
 from watcher.resources import ResourceState, out_of_space, resource_problem
-from watcher.setup import Setup
+from watcher.setup import RunSetup, Setup
 from watcher.sinks.wandb_run import DELIVERIES
 from watcher.watch import Feed, InotifyFeed, PollingFeed
 
@@ -106,20 +106,20 @@ def start_feed(output_dir: Path, poll: float | None, is_checkpoint: Callable[[st
     return polling
 
 
-def announce(setup: Setup, feed: Feed | None) -> str:
-    """The start-up log line (what is watched, how, with which preset, where results go); returns how the output
-    dir is watched, as the live view shows it: "inotify", "polling every N s", or "scan" (no feed)."""
+def announce(place: RunSetup, setup: Setup, feed: Feed | None) -> str:
+    """The start-up log line of a run (what is watched, how, with which schedule, where results go); returns how
+    the output dir is watched, as the live view shows it: "inotify", "polling every N s", or "scan" (no feed)."""
     if feed is None:
         mode = "scan"
     else:
-        mode = f"polling every {setup.poll:g} s" if feed.mode == "polling" else feed.mode
+        mode = f"polling every {place.poll:g} s" if feed.mode == "polling" else feed.mode
     pool = f"{setup.device} x{setup.config.cpu_jobs}" if setup.device.kind == "cpu" and setup.config.cpu_jobs > 1 \
         else str(setup.device)
     log.info("ckpt-watch %s: %s (%s), %s, policy %s, device %s, settle %g s, results in %s", __version__,
-             Path(setup.config.output_dir), mode, setup.schedule_text(), setup.config.policy, pool, setup.settle,
-             setup.results_dir)  # fmt: skip
-    if setup.journal_path.parent != setup.results_dir:
-        log.info("journal kept on local disk at %s", setup.journal_path)
+             place.output_dir, mode, setup.schedule_text(), setup.config.policy, pool, place.settle,
+             place.results_dir)  # fmt: skip
+    if place.journal_path.parent != place.results_dir:
+        log.info("journal kept on local disk at %s", place.journal_path)
     return mode
 
 

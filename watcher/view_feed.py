@@ -16,7 +16,6 @@ from watcher.journal import Job, Journal
 from watcher.live_view import ResultRow, RunningView, Snapshot
 from watcher.metrics import headline_metrics
 from watcher.outbox import Outbox
-from watcher.pool import SlotState
 from watcher.records import Result
 
 RECENT_RESULTS = 8  # rows in the live view's results table
@@ -42,8 +41,7 @@ class ViewFeed:
             self._recent.append(result)
 
     def snapshot(self, header: Snapshot, pending: list[Job], active: Sequence[ActiveView], outbox: Outbox,
-                 stopping: bool, idle_text: str | None, slots: Sequence[SlotState] = (),
-                 waiting: Sequence[tuple[str, Job, str]] = ()) -> Snapshot:  # fmt: skip
+                 stopping: bool, idle_text: str | None) -> Snapshot:  # fmt: skip
         """`header` with the rest filled in. `header`: what is watched and how (its first fields, the view's
         header); `idle_text`: what to say while no job runs (None: the view's default)."""
         if self._recent is None:
@@ -59,9 +57,7 @@ class ViewFeed:
         return replace(
             header,
             queue=[(j.checkpoint.name, j.variant, j.preset) for j in pending],
-            running=[_running_view(a) for a in active],
-            slots=[(slot.name, slot.busy) for slot in slots],
-            waiting=[f"{job.checkpoint.name}/{job.variant}/{job.preset}: {why}" for _, job, why in waiting],
+            running=running_views(active),
             results=rows,
             headlines=headlines,
             undelivered={sink.name: self._journal.undelivered_count(sink.name) for sink in outbox.sinks},
@@ -69,6 +65,36 @@ class ViewFeed:
             stopping=stopping,
             idle_text=idle_text,
         )
+
+
+def running_views(active: Sequence[ActiveView], several: bool = False) -> list[RunningView]:
+    """The running jobs for the view; with several runs, checkpoints are named "run/checkpoint-N"."""
+    views = [_running_view(a) for a in active]
+    return [replace(v, checkpoint=f"{a.run}/{v.checkpoint}") if several else v for a, v in zip(active, views)]
+
+
+def waiting_lines(waiting: Sequence[tuple[str, Job, str]], several: bool = False) -> list[str]:
+    """Why queued jobs wait, one line each: "[run/]checkpoint-20/regular/full: lower priority"."""
+    return [f"{run + '/' if several else ''}{job.checkpoint.name}/{job.variant}/{job.preset}: {why}"
+            for run, job, why in waiting]  # fmt: skip
+
+
+def merge_snapshots(header: Snapshot, parts: Sequence[Snapshot], runs: Sequence[str]) -> Snapshot:
+    """Several runs' snapshots as one: queues and the latest results together (named by run when several),
+    undelivered results summed per sink."""
+    if len(parts) == 1:
+        return parts[0]
+    queue = [(f"{run}/{name}", variant, preset) for run, part in zip(runs, parts) for name, variant, preset in part.queue]
+    results = [replace(row, run=run) for run, part in zip(runs, parts) for row in part.results]
+    undelivered: dict[str, int] = {}
+    why: dict[str, str] = {}
+    for part in parts:
+        for sink, count in part.undelivered.items():
+            undelivered[sink] = undelivered.get(sink, 0) + count
+            why[sink] = why.get(sink) or part.undelivered_why.get(sink, "")
+    headlines = list(dict.fromkeys(h for part in parts for h in part.headlines))[:4]
+    return replace(header, queue=queue, results=results[-RECENT_RESULTS:], headlines=headlines,
+                   undelivered=undelivered, undelivered_why=why)
 
 
 def _running_view(active: ActiveView) -> RunningView:

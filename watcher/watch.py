@@ -55,6 +55,7 @@ class Feed(Protocol):
     handler; everything else is called from the main loop."""
 
     mode: Literal["inotify", "polling"]  # how the daemon says it watches (the live view, the start-up line)
+    notify: Callable[[], None]  # called (from any thread) whenever `wait` would return at once: FeedSet's wake-up
 
     def start(self) -> None:
         """Begin watching; raises OSError when the backend cannot (the caller falls back to polling)."""
@@ -86,6 +87,7 @@ class PollingFeed:
     def __init__(self, interval: float):
         self.interval = interval
         self._wake = threading.Event()
+        self.notify: Callable[[], None] = lambda: None  # also told of a wake (FeedSet)
 
     def start(self) -> None:
         pass
@@ -96,6 +98,7 @@ class PollingFeed:
     def wake(self) -> None:
         """End the current `wait` early (safe to call from a signal handler)."""
         self._wake.set()
+        self.notify()
 
     def wait(self, timeout: float) -> set[str]:
         self._wake.wait(timeout)
@@ -122,6 +125,7 @@ class InotifyFeed:
         self._root = os.path.realpath(output_dir)
         self._is_checkpoint = is_checkpoint
         self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.notify: Callable[[], None] = lambda: None  # also told of every name queued (FeedSet)
         self._watches: dict[str, object] = {}  # name -> watchdog's watch of that checkpoint folder
         self._gone: set[str] = set()  # folders deleted (or moved away) since their watch was made
         self._overflows = 0  # set by watchdog's thread, read by `overflowed` in the main loop
@@ -145,6 +149,7 @@ class InotifyFeed:
         top = os.path.relpath(path, self._root).split(os.sep, 1)[0]
         if self._is_checkpoint(top):
             self._queue.put(top)
+            self.notify()
 
     def _note_gone(self, path: str) -> None:
         """Called from watchdog's thread for a folder deleted or moved away."""
@@ -174,6 +179,7 @@ class InotifyFeed:
     def wake(self) -> None:
         """End the current `wait` early (safe to call from a signal handler)."""
         self._queue.put("")
+        self.notify()
 
     def wait(self, timeout: float) -> set[str]:
         """Names changed since the last call; waits up to `timeout` seconds for the first one."""
@@ -265,6 +271,39 @@ class _OverflowSignal(logging.Filter):
         if str(record.msg).startswith(self.MESSAGE):
             self._feed._overflowed()
         return False
+
+
+class FeedSet:
+    """Several runs' feeds waited on as one (the daemon's loop has one wait): each feed tells a shared event of
+    what it queues, and `wait` then collects every feed's names without blocking."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.feeds: dict[str, Feed] = {}  # run name -> its feed
+
+    def add(self, name: str, feed: Feed) -> None:
+        feed.notify = self._event.set
+        self.feeds[name] = feed
+        self._event.set()  # what it queued before this is collected at the next wait
+
+    def wait(self, timeout: float) -> dict[str, set[str]]:
+        """Per run, the checkpoint names that may have changed; waits up to `timeout` for the first one."""
+        self._event.wait(timeout)
+        self._event.clear()  # before collecting: a name queued from here on sets it again
+        return {name: feed.wait(0) for name, feed in self.feeds.items()}
+
+    def wake(self) -> None:
+        """End the current `wait` early (safe to call from a signal handler)."""
+        self._event.set()
+
+    def overflowed(self) -> bool:
+        """True once after some feed lost events (see Feed.overflowed): rescan every run."""
+        return any([feed.overflowed() for feed in self.feeds.values()])  # a list: ask every feed (each says once)
+
+    def stop(self) -> None:
+        for feed in self.feeds.values():
+            feed.stop()
+        self.wake()
 
 
 def _max_queued_events() -> str:

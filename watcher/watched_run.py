@@ -20,7 +20,7 @@ from watcher.outbox import Outbox
 from watcher.records import JobState
 from watcher.schedules import final_checkpoint
 from watcher.scheduler import RunQueue, wanted_jobs
-from watcher.setup import Setup, create_dir, take_lock
+from watcher.setup import RunSetup, Setup, create_dir, take_lock
 from watcher.startup import open_journal, stop_left_behind
 from watcher.view_feed import ViewFeed
 from watcher.watch import Feed
@@ -29,43 +29,53 @@ log = logging.getLogger("ckpt-watch")
 
 
 class WatchedRun:
-    def __init__(self, setup: Setup, notifier: Notifier):
-        self.setup = setup
-        self.output_dir = Path(setup.config.output_dir)
-        self.name = self.output_dir.name
-        self.results_dir = setup.results_dir
+    def __init__(self, place: RunSetup, setup: Setup, notifier: Notifier):
+        """`place`: this run's folders and sinks; `setup`: what all runs share (the schedule, its presets)."""
+        self.place, self.setup = place, setup
+        self.output_dir = place.output_dir
+        self.name = place.name
+        self.results_dir = place.results_dir
         create_dir(self.results_dir, "results dir")
-        self._lock = take_lock(setup.journal_path.parent / "ckpt-watch.lock", self.results_dir)
-        self.journal = open_journal(setup.journal_path, notifier)
-        self.detector = Detector(self.output_dir, checked_step=setup.config.checked_step,
-                                 known_fingerprint=self._known_fingerprint, settle=setup.settle,
-                                 sentinel=setup.config.sentinel, base_model=lambda: self.setup.config.base_model)  # fmt: skip
-        self.outbox = Outbox(self.journal, setup.sinks)
+        self._lock = take_lock(place.journal_path.parent / "ckpt-watch.lock", self.results_dir)
+        self.journal = open_journal(place.journal_path, notifier)
+        self.detector = Detector(self.output_dir, checked_step=place.config.checked_step,
+                                 known_fingerprint=self._known_fingerprint, settle=place.settle,
+                                 sentinel=place.config.sentinel, base_model=lambda: self.config.base_model)  # fmt: skip
+        self.outbox = Outbox(self.journal, place.sinks)
         self.view_feed = ViewFeed(self.journal)
         self.feed: Feed | None = None
         self.finished_this_session = 0  # jobs that ended (ok or failed for good) since start: the scan summary
         self.final_step: int | None = None  # its final checkpoint's step, once the run is known finished
+        # Log lines about this run's checkpoints name it when the daemon watches several.
+        self.prefix = f"[{self.name}] " if setup.config.several_runs else ""
 
     @property
     def config(self):
-        return self.setup.config
+        """This run's configuration (WatchConfig.for_run)."""
+        return self.place.config
+
+    def replace_setup(self, place: RunSetup, setup: Setup) -> None:
+        """A reload: the new configuration from the next job on (what is watched stays: see Daemon.reload)."""
+        self.place, self.setup = place, setup
+        self.outbox.replace_sinks(place.sinks)
+        self.journal.set_meta("sinks", [sink.name for sink in place.sinks])
 
     def start_up(self, scan: bool, retry_failed: bool) -> None:
         """Before the loop: stop what a killed daemon left, put interrupted jobs back, deliver what waits."""
         stop_left_behind(self.journal, self.results_dir)
         for checkpoint in self.journal.checkpoints_without_progress():  # admitted by an older version
             self.journal.set_progress(checkpoint.id, read_progress(checkpoint.path))
-        self.journal.set_meta("sinks", [sink.name for sink in self.setup.sinks])
+        self.journal.set_meta("sinks", [sink.name for sink in self.place.sinks])
         recovered = self.journal.recover_interrupted()
         if recovered:
-            log.info("%d job(s) interrupted by the last stop are pending again", recovered)
+            log.info("%s%d job(s) interrupted by the last stop are pending again", self.prefix, recovered)
         if scan:  # a backfill runs what `latest` skipped before, for the entries that evaluate everything
             for entry in self.setup.schedule:
                 if entry.policy == "all":
                     self.journal.requeue(entry.preset, [JobState.SKIPPED])
         if retry_failed:
             count = sum(self.journal.requeue(preset, [JobState.FAILED]) for preset in self.setup.presets)
-            log.info("re-queued %d failed job(s)", count)
+            log.info("%sre-queued %d failed job(s)", self.prefix, count)
 
     # --- detect ----------------------------------------------------------------------------------------------
 
@@ -142,11 +152,6 @@ class WatchedRun:
     def idle(self) -> bool:
         """Nothing settling, nothing pending (jobs running are the daemon's to know)."""
         return not self.detector.settling and not self.pending()
-
-    @property
-    def prefix(self) -> str:
-        """Put before log lines about a checkpoint when the daemon watches several runs ("" for one)."""
-        return ""
 
     def _known_fingerprint(self, name: str) -> str | None:
         latest = self.journal.latest_checkpoint(name)

@@ -42,20 +42,40 @@ def add_wandb_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensorboard", metavar="auto|off|DIR", help="TensorBoard event files (default: auto)")
 
 
-def load_config(args: argparse.Namespace, missing_ok: bool = False) -> WatchConfig:
+def load_config(args: argparse.Namespace, missing_ok: bool = False, several_ok: bool = False) -> WatchConfig:
     """The configuration from the config file and the flags. `missing_ok`: an output dir that does not exist
-    yet is accepted (the daemon waits for training to create it)."""
+    yet is accepted (the daemon waits for training to create it). `several_ok`: the command takes several runs
+    (a list of output dirs, or runs_root); others need one run."""
     file_values = load_toml(args.config) if args.config else {}
     verbosity = 1 if args.verbose else (-1 if args.quiet else None)
     # Flags a command does not have (`sync` has no --device) count as not given.
-    flags = ("output_dir", "device", "preset", "policy", "results_dir", "poll", "settle", "sentinel", "wandb",
-             "wandb_live", "tensorboard", "log_format")  # fmt: skip
-    config = build_config(file_values, {**{name: getattr(args, name, None) for name in flags}, "verbosity": verbosity})
-    if config.output_dir is None:
+    flags = ("output_dir", "runs_root", "device", "preset", "policy", "results_dir", "poll", "settle", "sentinel",
+             "wandb", "wandb_live", "tensorboard", "log_format")  # fmt: skip
+    given = {name: getattr(args, name, None) for name in flags}
+    if isinstance(given["output_dir"], list):  # `ckpt-watch DIR [DIR ...]`
+        given["output_dir"] = (given["output_dir"] if len(given["output_dir"]) > 1 else given["output_dir"][0]) \
+            if given["output_dir"] else None
+    # What the command line names replaces what the file names: runs given there are the runs.
+    if given["output_dir"] is not None:
+        file_values.pop("runs_root", None)
+    if given["runs_root"] is not None:
+        file_values.pop("output_dir", None)
+    config = build_config(file_values, {**given, "verbosity": verbosity})
+    if config.output_dir is None and config.runs_root is None:
         raise ConfigError("no output dir: give OUTPUT_DIR or set output_dir in the config file")
-    if not missing_ok and not Path(config.output_dir).is_dir():
-        raise ConfigError(f"output dir not found: {config.output_dir}")
-    config.output_dir = Path(config.output_dir).resolve()
+    if config.several_runs and not several_ok:
+        raise ConfigError("the config file names several runs: give the one OUTPUT_DIR this command is for")
+    if config.runs_root is not None:
+        if not Path(config.runs_root).is_dir():
+            raise ConfigError(f"runs_root not found: {config.runs_root}")
+        config.runs_root = Path(config.runs_root).resolve()
+        return config
+    dirs = config.output_dirs()
+    for folder in dirs:
+        if not (missing_ok and len(dirs) == 1) and not folder.is_dir():
+            raise ConfigError(f"output dir not found: {folder}")
+    resolved = [folder.resolve() for folder in dirs]
+    config.output_dir = resolved if len(resolved) > 1 else resolved[0]
     return config
 
 

@@ -85,7 +85,7 @@ def run_demo(args: argparse.Namespace, output_dir: Path) -> int:
         print(f"ckpt-watch demo: the trainer failed (status {trainer.returncode}); see {output_dir / 'train.log'}",
               file=sys.stderr)  # fmt: skip
         return EXIT_FAILED
-    records = read_results(setup.results_dir)
+    records = read_results(setup.runs[0].results_dir)
     print_results(records)
     print(next_steps(output_dir, sorted({r.step for r in records if r.ok})), flush=True)
     failed = any(not r.ok for r in records)

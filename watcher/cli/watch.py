@@ -29,7 +29,10 @@ def watch_parser() -> argparse.ArgumentParser:
         "device of its own. Other commands: demo, merge, presets, compare, sync, status, plot, finalize "
         "(`ckpt-watch COMMAND --help`).",
     )
-    parser.add_argument("output_dir", nargs="?", type=Path, help="the training run's output_dir")
+    parser.add_argument("output_dir", nargs="*", type=Path,
+                        help="the training run's output_dir (several: one daemon watches them all)")  # fmt: skip
+    parser.add_argument("--runs-root", type=Path, metavar="DIR",
+                        help="watch every run under DIR: each subfolder that holds checkpoint folders")  # fmt: skip
     parser.add_argument("--config", type=Path, help="TOML file setting any option below (flags override it)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or cuda:N,M (default: cpu)")
     parser.add_argument("--preset", help="evaluation preset (default: smoke)")
@@ -52,26 +55,28 @@ def watch_main(argv: list[str]) -> int:
     from watcher.setup import check_watch_target, has_checkpoint_folders, resolve_setup
 
     args = watch_parser().parse_args(argv)
-    first = load_config(args, missing_ok=not args.scan)  # --scan of a missing dir is an error; a daemon waits
+    # --scan of a missing dir is an error; a daemon waits for one run's dir (several must all be there)
+    first = load_config(args, missing_ok=not args.scan, several_ok=True)
     log_format = resolve_log_format(first.log_format)
     if log_format != "live":
         setup_logging(first.verbosity, log_format)
-    if not first.output_dir.is_dir():
+    if not first.several_runs and first.runs_root is None and not first.output_dir.is_dir():
         check_watch_target(first)  # a path inside a checkpoint is wrong whether or not it exists yet
         if not wait_for_output_dir(first.output_dir, live=log_format == "live"):
             return EXIT_OK  # stopped (SIGTERM, Ctrl-C) while waiting
     def build_setup():
         """The whole set-up from the flags and the config file: at start, and again at each SIGHUP."""
-        setup = resolve_setup(load_config(args))
+        setup = resolve_setup(load_config(args, several_ok=True))
         setup.retry_failed = args.retry_failed
         setup.reload = build_setup
         return setup
 
     setup = build_setup()  # checks everything, creates nothing
-    if args.scan and not has_checkpoint_folders(setup.config) and not setup.journal_path.exists():
+    if args.scan and all(not has_checkpoint_folders(run.config) and not run.journal_path.exists()
+                         for run in setup.runs):  # fmt: skip
         # Nothing to evaluate and no earlier results to deliver: create nothing in a folder named by mistake.
-        print(f"ckpt-watch: nothing to do: no checkpoint folders (checkpoint-N, step-N) in {setup.config.output_dir}",
-              file=sys.stderr)  # fmt: skip
+        where = setup.config.runs_root or ", ".join(str(run.output_dir) for run in setup.runs)
+        print(f"ckpt-watch: nothing to do: no checkpoint folders (checkpoint-N, step-N) in {where}", file=sys.stderr)
         return EXIT_OK
     if log_format != "live":
         return Daemon(setup).run(scan=args.scan)
