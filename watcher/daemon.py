@@ -513,7 +513,7 @@ class Daemon:
         """Keep why jobs wait, and the slots, for the live view and (in each run's journal) for `status`."""
         self.waiting = waiting
         if not waiting and self._noted_pool is not None and not self._noted_pool["waiting"] and \
-                {s["job"] for s in self._noted_pool["slots"]} - {None} == {a.job.id for a in self.active.values()}:
+                {(s["run"], s["job"]) for s in self._noted_pool["slots"] if s["job"] is not None} == set(self.active):
             return  # idle as noted: no nvidia-smi query (the pool's GPU readings) for nothing
         held = {a.allocation: a for a in self.active.values()}
         slots = []
