@@ -5,11 +5,13 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import signal
+import uuid
 from pathlib import Path
 
 import pytest
 
-from helpers import train_with_callback
+from helpers import marked, train_with_callback
 
 # The Hugging Face Hub is unreachable here and must never be needed: every model and data set is built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -138,3 +140,16 @@ def wandb_online(wandb_server, monkeypatch, tmp_path):
     if "wandb" in sys.modules:  # the W&B API used in this process keeps its settings (this URL, online): drop them
         sys.modules["wandb"].teardown()
     assert not wandb_server.unknown, f"requests the stand-in W&B server did not understand: {wandb_server.unknown}"
+
+
+@pytest.fixture
+def marker():
+    """A unique CKPT_WATCH_TEST_MARKER value for a daemon's environment (helpers.marked_env); what still carries
+    it when the test ends is killed, so a failed test leaves nothing to the next one."""
+    value = uuid.uuid4().hex
+    yield value
+    for pid in marked(value):  # a failed test must not leave its processes to the next one
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -77,6 +78,53 @@ def worker_processes(spec_root: Path) -> list[int]:
             if "watcher.worker" in cmdline and str(spec_root) in cmdline:
                 pids.append(int(entry.name))
     return pids
+
+
+# --- what is left of a daemon's processes ----------------------------------------------------------------
+#
+# A daemon started with a unique CKPT_WATCH_TEST_MARKER in its environment passes it to every process it starts,
+# at any depth, so /proc/<pid>/environ shows what is left of an incarnation (see tests/test_processes.py).
+
+MARKER = "CKPT_WATCH_TEST_MARKER"
+LEFT_AFTER_KILL = 5.0  # the promise: nothing of a killed daemon is alive this many seconds later
+
+
+def marked(marker: str) -> list[int]:
+    """Live processes whose environment carries `marker` (zombies have an empty environ and are not counted)."""
+    needle = f"{MARKER}={marker}".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/environ", "rb") as handle:
+                    if needle in handle.read().split(b"\0"):
+                        found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def describe(pids: list[int]) -> str:
+    lines = []
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            lines.append(f"{pid}: {argv[:150]}")
+        except OSError:
+            pass
+    return "\n".join(lines)
+
+
+def assert_none_left(marker: str, what: str) -> None:
+    deadline = time.monotonic() + LEFT_AFTER_KILL
+    while marked(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = marked(marker)
+    assert not left, f"{what}: {len(left)} process(es) left {LEFT_AFTER_KILL:g} s after the kill:\n{describe(left)}"
+
+
+def marked_env(marker: str) -> dict[str, str]:
+    return {**os.environ, MARKER: marker, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), *sys.path])}
 
 
 # --- merged model folders ----------------------------------------------------------------------------------

@@ -15,17 +15,13 @@ import sqlite3
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-from helpers import ckpt_watch, results, wait_for
+from helpers import MARKER, assert_none_left, ckpt_watch, describe, marked, marked_env, results, wait_for
 
 from watcher import processes
 from watcher.journal import Journal
-
-MARKER = "CKPT_WATCH_TEST_MARKER"
-LEFT_AFTER_KILL = 5.0  # the promise: nothing of a killed daemon is alive this many seconds later
 
 # An evaluator that starts a background grandchild in its own session (out of reach of any group kill) and one
 # in its group, then works a while: what an eval script that launches a server or a data loader does.
@@ -38,44 +34,6 @@ print(json.dumps({"score": int(sys.argv[1]) / 10}))
 """
 
 
-def marked(marker: str) -> list[int]:
-    """Live processes whose environment carries `marker` (zombies have an empty environ and are not counted)."""
-    needle = f"{MARKER}={marker}".encode()
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/environ", "rb") as handle:
-                    if needle in handle.read().split(b"\0"):
-                        found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-def describe(pids: list[int]) -> str:
-    lines = []
-    for pid in pids:
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            lines.append(f"{pid}: {argv[:150]}")
-        except OSError:
-            pass
-    return "\n".join(lines)
-
-
-def assert_none_left(marker: str, what: str) -> None:
-    deadline = time.monotonic() + LEFT_AFTER_KILL
-    while marked(marker) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    left = marked(marker)
-    assert not left, f"{what}: {len(left)} process(es) left {LEFT_AFTER_KILL:g} s after the kill:\n{describe(left)}"
-
-
-def marked_env(marker: str) -> dict[str, str]:
-    return {**os.environ, MARKER: marker, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), *sys.path])}
-
-
 def slow_config(tmp_path: Path, seconds: float, timeout: float | None = None) -> Path:
     script = tmp_path / "slow_eval.py"
     script.write_text(SLOW_EVAL)
@@ -85,17 +43,6 @@ def slow_config(tmp_path: Path, seconds: float, timeout: float | None = None) ->
                       f'backend = "command"\ncommand = [{json.dumps(sys.executable)}, {json.dumps(str(script))}, '
                       f'"{{step}}", "{seconds}"]{extra}\n')  # fmt: skip
     return config
-
-
-@pytest.fixture
-def marker():
-    value = uuid.uuid4().hex
-    yield value
-    for pid in marked(value):  # a failed test must not leave its processes to the next one
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 # --- the mechanism ----------------------------------------------------------------------------------------
