@@ -23,8 +23,7 @@ def _entry(preset="smoke", policy="all", **more):
 def _plan(pending, entries, free=1, settling=(), steps=None, gpus=None, now=100.0):
     steps = steps if steps is not None else sorted({j.checkpoint.step for j in pending})
     queue = RunQueue("run", [_ckpt(s) for s in steps], pending, None, settling)
-    return plan([queue], entries, now, free, lambda preset: (gpus or {}).get(preset, 1),
-                lambda n: "no free slot", None)  # fmt: skip
+    return plan([queue], entries, now, free, lambda preset: (gpus or {}).get(preset, 1), None)
 
 
 def _ids(pairs):
@@ -36,7 +35,7 @@ def test_all_runs_in_step_order_regular_before_ema_on_as_many_slots_as_are_free(
     assert _ids(_plan(jobs, [_entry()], free=1).start) == [3]
     decided = _plan(jobs, [_entry()], free=3)
     assert _ids(decided.start) == [3, 2, 4]
-    assert decided.waiting == [("run", jobs[0], "no free slot")]
+    assert decided.waiting == [("run", jobs[0], "no free slot")] and decided.blocked == ("run", jobs[0], 1)
 
 
 def test_all_waits_for_backoff():
@@ -72,7 +71,7 @@ def test_latest_is_per_entry_and_a_deleted_newest_overtakes_nothing():
     assert _ids(decided.skip) == [1]  # quick's older job only; full evaluates everything
     assert _ids(decided.start) == [3, 2]  # latest entries' jobs before the backlog at equal priority
     queue = RunQueue("run", [_ckpt(10), _ckpt(20, gone=True)], [_job(1, 10)], None, ())
-    kept = plan([queue], [_entry(policy="latest")], 100.0, 1, lambda p: 1, lambda n: "", None)
+    kept = plan([queue], [_entry(policy="latest")], 100.0, 1, lambda p: 1, None)
     assert kept.skip == [] and _ids(kept.start) == [1]
 
 

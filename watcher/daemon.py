@@ -80,6 +80,7 @@ class Daemon:
         self._last_run: str | None = None  # the run of the job started last (round-robin goes on after it)
         self.waiting: list[tuple[str, Job, str]] = []  # why pending jobs wait, as the last schedule saw it
         self._noted_pool: Any = None  # the pool state as the journals last recorded it (for `status`)
+        self._busy: dict[str, str | None] = {}  # GPUs another process uses, as last logged
         self.resources = ResourceState()
         self._gave_up = False  # a --scan that ended on a resource problem
         self._noted_problem: str | None = None  # the resource problem as the journal last recorded it
@@ -358,8 +359,7 @@ class Daemon:
             return
         pool = self.pool if self._next_pool is None else None  # a new pool waits for the old one's jobs
         decided = plan(queues, self.setup.schedule, time.time(), pool.free() if pool else 0, self._slots_of,
-                       pool.why_waiting if pool else lambda n: "the pool changes (reload): waiting for running "
-                       "jobs to end", self._last_run)  # fmt: skip
+                       self._last_run)  # fmt: skip
         by_name = {run.name: run for run in self.runs}
         for reason in sorted({why for _, _, why in decided.skip}):
             for run in self.runs:
@@ -374,7 +374,13 @@ class Daemon:
                 break
             self.start(by_name[name], job, allocation, pool)
             started.add((name, job.id))
-        self._note_waiting([(name, job, why) for name, job, why in decided.waiting if (name, job.id) not in started])
+        waiting = [(name, job, why) for name, job, why in decided.waiting if (name, job.id) not in started]
+        if decided.blocked is not None and waiting and waiting[0][:2] == decided.blocked[:2]:
+            # Worded now that this round's starts hold their slots (before them the pool had them free).
+            why = pool.why_waiting(decided.blocked[2]) if pool else "the pool changes (reload): waiting for " \
+                "running jobs to end"
+            waiting[0] = (waiting[0][0], waiting[0][1], why or "no free slot")
+        self._note_waiting(waiting)
 
     def _slots_of(self, preset: str) -> int:
         """Slots one job of `preset` takes: its `gpus` in a GPU pool, one in a cpu pool."""
@@ -518,6 +524,13 @@ class Daemon:
         held = {a.allocation: a for a in self.active.values()}
         slots = []
         for slot in self.pool.slots():
+            if (slot.busy is None) != (self._busy.get(slot.name) is None):  # a GPU starts or stops being offered
+                if slot.busy:
+                    log.warning("%s is not offered: %s (gpu_busy_mib = %d)", slot.name, slot.busy,
+                                self.config.gpu_busy_mib)  # fmt: skip
+                else:
+                    log.info("%s is offered again", slot.name)
+            self._busy[slot.name] = slot.busy
             holder = next((a for alloc, a in held.items() if slot.name in _slot_names(alloc)), None)
             slots.append({"slot": slot.name, "busy": slot.busy,
                           "job": holder.job.id if holder else None, "run": holder.run.name if holder else None,

@@ -36,6 +36,9 @@ class Plan:
     start: list[tuple[str, Job]] = field(default_factory=list)
     skip: list[tuple[str, Job, str]] = field(default_factory=list)  # (run, job, reason)
     waiting: list[tuple[str, Job, str]] = field(default_factory=list)  # (run, job, why), in start order
+    # The first job that found too few free slots and how many it needs: the caller words why once this round's
+    # starts hold their slots (the pool's reason, e.g. "no free slot: needs 2 GPUs, cuda:1 busy: ...").
+    blocked: tuple[str, Job, int] | None = None
 
 
 def wanted_jobs(entries: Sequence[ScheduleEntry], checkpoints: Sequence[Checkpoint],
@@ -53,10 +56,9 @@ def wanted_jobs(entries: Sequence[ScheduleEntry], checkpoints: Sequence[Checkpoi
 
 
 def plan(queues: Sequence[RunQueue], entries: Sequence[ScheduleEntry], now: float, free_slots: int,
-         gpus_of: Callable[[str], int], why_no_slot: Callable[[int], str], after: str | None = None) -> Plan:  # fmt: skip
-    """Decide the next starts. `gpus_of(preset)`: slots one job of it takes (1 in a cpu pool); `why_no_slot(n)`:
-    the pool's reason a job of n slots cannot start ("" if it could); `after`: the run that started the last
-    job (round-robin goes on from the next one)."""
+         gpus_of: Callable[[str], int], after: str | None = None) -> Plan:  # fmt: skip
+    """Decide the next starts. `gpus_of(preset)`: slots one job of it takes (1 in a cpu pool); `after`: the run
+    that started the last job (round-robin goes on from the next one)."""
     result = Plan()
     known = {entry.preset for entry in entries}
     by_id: dict[tuple[str, int], Job] = {}
@@ -102,8 +104,8 @@ def plan(queues: Sequence[RunQueue], entries: Sequence[ScheduleEntry], now: floa
     blocked = merged[len(starting):]
     if blocked:
         head = blocked[0]
-        reason = why_no_slot(gpus_of(head.preset)) or "no free slot"
-        result.waiting.insert(0, (head.run, by_id[(head.run, head.job_id)], reason))
+        result.blocked = (head.run, by_id[(head.run, head.job_id)], gpus_of(head.preset))
+        result.waiting.insert(0, (head.run, by_id[(head.run, head.job_id)], "no free slot"))
         head_priority = priority(head, entries)
         for p in blocked[1:]:
             why = ("lower priority" if priority(p, entries) < head_priority
