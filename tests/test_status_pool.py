@@ -44,7 +44,8 @@ def _journal_with_a_pool(output: Path) -> tuple[Path, int]:
                        "what": "checkpoint-10/regular/quick"},
                       {"slot": "cuda:1", "busy": BUSY, "job": None, "run": None, "what": None},
                       {"slot": "cuda:2", "busy": None, "job": None, "run": None, "what": None},
-                      {"slot": "cuda:3", "busy": None, "job": 5, "run": "other-run", "what": "checkpoint-5/regular/quick"}],
+                      {"slot": "cuda:3", "busy": None, "job": 5, "run": "other-run",
+                       "what": "checkpoint-5/regular/quick"}],
             "waiting": waiting})  # fmt: skip
     finally:
         journal.close()
@@ -63,7 +64,8 @@ def test_status_shows_slots_queue_and_waiting_while_the_daemon_holds_the_lock(tm
         block = lines[:table]  # the pool comes above the job table
         assert f"daemon running (pid {os.getpid()}), pool cuda:0,1,2,3" in block
         slots = [line.split() for line in block[block.index("slots:") + 1:block.index("queue: quick 2, full 1")]]
-        assert slots[0][:3] == ["cuda:0", "checkpoint-10/regular/quick", "evaluating"] and slots[0][-2:] == ["so", "far"]
+        assert slots[0][:3] == ["cuda:0", "checkpoint-10/regular/quick", "evaluating"]
+        assert slots[0][-2:] == ["so", "far"]  # the time so far
         assert " ".join(slots[1]) == f"cuda:1 not offered: {BUSY}"
         assert " ".join(slots[2]) == "cuda:2 free"
         assert " ".join(slots[3]) == "cuda:3 other-run: checkpoint-5/regular/quick"  # no stage: not our journal

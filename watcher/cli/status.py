@@ -153,19 +153,21 @@ class PoolStatus:
     jobs: dict[int, JobRow] = field(default_factory=dict)  # this journal's jobs by id
 
     def job_on(self, slot: dict[str, Any]) -> JobRow | None:
-        """The job a slot holds, from this journal; None when it is another run's (another journal)."""
-        job = self.jobs.get(slot.get("job")) if slot.get("run") == self.run_name else None  # type: ignore[arg-type]
-        # The description must match too: two runs of a daemon may share a folder name.
-        return job if job is not None and _job_text(job) == slot.get("what") else None
+        """The job a slot holds, from this journal; None when it is another run's (another journal). A daemon's
+        runs have unique names, so the name tells."""
+        if slot.get("run") != self.run_name or slot.get("job") is None:
+            return None
+        return self.jobs.get(slot["job"])
 
 
 def daemon_lock(journal_path: Path) -> tuple[bool, str | None]:
     """Whether a daemon holds the results dir's lock (watcher/setup.take_lock), and the pid it wrote there.
+    (`ckpt-watch sync` takes the same lock for the seconds it runs.)
 
     Tried with a shared, non-blocking flock on a read-only open of our own: it neither creates nor truncates the
-    file, and is released at once. (A daemon starting in that same instant would find the lock taken and refuse
-    to start; /proc/locks would avoid even that, but on overlay filesystems it names the underlying inode,
-    which stat() does not, and it is Linux-only.)"""
+    file, and is released at once. A daemon starting in that same instant would find the lock taken and refuse
+    to start; reading /proc/locks would avoid that, but it is Linux-only and names a file by device and inode,
+    which on overlay filesystems need not be what stat() says."""
     import fcntl
 
     path = journal_path.parent / "ckpt-watch.lock"
@@ -252,11 +254,6 @@ def _slot_text(pool: PoolStatus, slot: dict[str, Any], now: float) -> str:
     if job.state in ("preparing", "evaluating") and job.started_at:
         text += f"  {_seconds(max(0.0, now - job.started_at))} so far"
     return text
-
-
-def _job_text(job: JobRow) -> str:
-    """A job as the daemon names it in its records (Daemon's `_describe`)."""
-    return f"{job.checkpoint.name}/{job.variant}/{job.preset}"
 
 
 # --- the command ---------------------------------------------------------------------------------------------
