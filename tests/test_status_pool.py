@@ -128,26 +128,34 @@ def test_status_of_a_real_daemon_on_two_fake_gpus_one_busy(copy_trainer_output, 
                                "cuda:0,1"], stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "CKPT_WATCH_FAKE_GPUS": "0:81000:0,1:81000:30000"})  # fmt: skip
     try:
-        wait_for(lambda: sorted(job_states(output).values()) == ["evaluating", "pending", "pending"], 90,
-                 what="one job running, two waiting")  # fmt: skip
+        states = wait_for(lambda: (got := job_states(output)) and sorted(got.values()) == [
+            "evaluating", "pending", "pending"] and got, 90, what="one job running, two waiting")  # fmt: skip
+        # Which one runs depends on which checkpoint was detected first; the other two wait, oldest first.
+        running = next(f"{name}/slow" for name, state in states.items() if state == "evaluating")
+        first, second = sorted((f"{name}/slow" for name, state in states.items() if state == "pending"),
+                               key=lambda what: int(what.split("/")[0].split("-")[1]))  # fmt: skip
+        seen: list[list[str]] = []
 
-        def shown() -> list[str]:
+        def shown() -> list[str] | None:
             run = status(output, "--config", config)
             assert run.returncode == 0, run.stderr
-            return run.stdout.splitlines()
+            seen.append(run.stdout.splitlines())
+            return seen[-1] if f"  {second}: queued behind {first}" in seen[-1] else None
 
-        lines = wait_for(lambda: (got := shown()) and any(line.startswith("  checkpoint-30") for line in got)
-                         and got, 60, interval=0.5, what="the pool recorded with its waiting jobs")  # fmt: skip
+        try:
+            lines = wait_for(shown, 60, interval=0.5, what="the pool recorded with its waiting jobs")
+        except AssertionError:
+            raise AssertionError("\n".join(seen[-1] if seen else ["no output"]) + "\n---\n" +
+                                 (tmp_path / "daemon.log").read_text()[-3000:]) from None
         assert f"daemon running (pid {daemon.pid}), pool cuda:0,1" in lines
         slot0 = next(line for line in lines if line.startswith("  cuda:0")).split()
-        assert slot0[1:3] == ["checkpoint-10/regular/slow", "evaluating"]  # policy all: oldest first
+        assert slot0[1:3] == [running, "evaluating"] and slot0[-2:] == ["so", "far"]
         assert f"  cuda:1  not offered: {BUSY}" in lines
         assert "queue: slow 2" in lines
         why = ("no free slot: needs 1 GPU, none free; cuda:0 runs a job; cuda:1 busy: 30000 of 81000 MiB used by "
                "another process")  # fmt: skip
         assert [line for line in lines if line.startswith("  checkpoint-")] == [
-            f"  checkpoint-20/regular/slow: {why}",
-            "  checkpoint-30/regular/slow: queued behind checkpoint-20/regular/slow"]  # fmt: skip
+            f"  {first}: {why}", f"  {second}: queued behind {first}"]  # fmt: skip
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(60) == 0
     finally:
