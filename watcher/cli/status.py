@@ -1,10 +1,15 @@
 """`ckpt-watch status OUTPUT_DIR [--json]`: every checkpoint x variant x preset, where it stands, at a glance.
 
-    ckpt-watch status OUTPUT_DIR [--preset NAME] [--config FILE] [--results-dir DIR] [--json]
+    ckpt-watch status OUTPUT_DIR [--preset NAME] [--config FILE] [--results-dir DIR] [--json [--pool]]
 
 Reads the journal (read-only, safe while the daemon runs: SQLite's WAL lets a reader see the last committed
 state while the daemon writes) and lists each job with its state, attempts, start and finish times, wall
 time, its error if it failed, the sinks its result is still waiting for, and a few headline metrics.
+
+Above the table: whether a daemon runs (it holds the results dir's lock), and while one does, its pool as it
+recorded it in the journal (meta "pool", see Daemon._note_waiting): each slot with its job, that job's stage and
+time so far, or why the slot is not offered; the pending jobs per preset; why the first few jobs wait.
+`--json` stays a list of rows; `--json --pool` prints {"jobs": rows, "pool": ...} instead.
 
 The headline metrics shown are chosen by watcher/metrics.py (`headline_metrics`).
 """
@@ -16,6 +21,7 @@ import os
 import sqlite3
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
@@ -131,6 +137,125 @@ def _iso(seconds: float | None) -> str | None:
     return iso_time(seconds) if seconds else None
 
 
+# --- the daemon's pool ---------------------------------------------------------------------------------------
+
+WAITING_SHOWN = 5  # why-lines shown under "waiting:"; the JSON has every one the daemon recorded
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    """Whether a daemon runs on this results dir, and its pool as it last recorded it (None: never recorded)."""
+
+    daemon_running: bool
+    daemon_pid: str | None  # as the daemon wrote it into its lock file
+    recorded: dict[str, Any] | None  # the journal's meta "pool", as written
+    run_name: str  # this run as the daemon names it (its output_dir's name)
+    jobs: dict[int, JobRow] = field(default_factory=dict)  # this journal's jobs by id
+
+    def job_on(self, slot: dict[str, Any]) -> JobRow | None:
+        """The job a slot holds, from this journal; None when it is another run's (another journal). A daemon's
+        runs have unique names, so the name tells."""
+        if slot.get("run") != self.run_name or slot.get("job") is None:
+            return None
+        return self.jobs.get(slot["job"])
+
+
+def daemon_lock(journal_path: Path) -> tuple[bool, str | None]:
+    """Whether a daemon holds the results dir's lock (watcher/setup.take_lock), and the pid it wrote there.
+    (`ckpt-watch sync` takes the same lock for the seconds it runs.)
+
+    Tried with a shared, non-blocking flock on a read-only open of our own: it neither creates nor truncates the
+    file, and is released at once. A daemon starting in that same instant would find the lock taken and refuse
+    to start; reading /proc/locks would avoid that, but it is Linux-only and names a file by device and inode,
+    which on overlay filesystems need not be what stat() says."""
+    import fcntl
+
+    path = journal_path.parent / "ckpt-watch.lock"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False, None  # no lock file: no daemon ever ran here (or one from before the lock)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip()
+            return True, pid or None
+        return False, None
+    finally:
+        os.close(fd)  # releases our lock, if we got it
+
+
+def read_pool(journal_path: Path, run_name: str) -> PoolStatus:
+    running, pid = daemon_lock(journal_path)
+    try:
+        with JournalReader(journal_path) as reader, reader.snapshot():
+            recorded = reader.meta("pool")
+            jobs = {job.id: job for job in reader.jobs()}
+    except (OSError, sqlite3.Error, ValueError) as exc:
+        raise ConfigError(f"cannot read the journal {journal_path}: {exc}") from None
+    return PoolStatus(running, pid, recorded if isinstance(recorded, dict) else None, run_name, jobs)
+
+
+def queue_by_preset(rows: list[dict[str, Any]], preset_order: list[str]) -> dict[str, int]:
+    """Pending jobs per preset (one per schedule entry) that has jobs: in the schedule's order, then the others
+    as they first appear (oldest checkpoint first: the per-checkpoint preset before the final one)."""
+    seen = [row["preset"] for row in rows]
+    names = [name for name in dict.fromkeys([*preset_order, *seen]) if name in seen]
+    return {name: sum(row["state"] == "pending" and row["preset"] == name for row in rows) for name in names}
+
+
+def pool_json(pool: PoolStatus, queue: dict[str, int]) -> dict[str, Any]:
+    """The recorded pool as written, with "daemon_running" (false: what it shows is stale), "queue", and on each
+    slot whose job is in this journal its "state" and "started_at"."""
+    recorded = dict(pool.recorded or {})
+    slots = []
+    for slot in recorded.get("slots") or []:
+        job = pool.job_on(slot)
+        slots.append({**slot, "state": str(job.state) if job else None,
+                      "started_at": _iso(job.started_at) if job else None})  # fmt: skip
+    if "slots" in recorded:
+        recorded["slots"] = slots
+    return {**recorded, "daemon_running": pool.daemon_running, "queue": queue}
+
+
+def pool_lines(pool: PoolStatus, queue: dict[str, int], now: float | None = None) -> list[str]:
+    """The block above the job table."""
+    if not pool.daemon_running:
+        return ["no daemon running"]
+    now = time.time() if now is None else now
+    head = "daemon running" + (f" (pid {pool.daemon_pid})" if pool.daemon_pid else "")
+    recorded = pool.recorded
+    if not recorded:
+        return [head + ": it has not recorded its pool yet"]
+    lines = [head + (f", pool {recorded['device']}" if recorded.get("device") else ""), "slots:"]
+    width = max((len(s.get("slot") or "") for s in recorded.get("slots") or []), default=0)
+    for slot in recorded.get("slots") or []:
+        lines.append(f"  {slot.get('slot', '?'):<{width}}  {_slot_text(pool, slot, now)}")
+    lines.append("queue: " + (", ".join(f"{name} {n}" for name, n in queue.items()) or "nothing pending"))
+    waiting = recorded.get("waiting") or []
+    if waiting:
+        lines.append("waiting:")
+        for entry in waiting[:WAITING_SHOWN]:
+            run = f"{entry.get('run')}: " if entry.get("run") != pool.run_name else ""
+            lines.append(f"  {run}{entry.get('what')}: {entry.get('why')}")
+        if len(waiting) > WAITING_SHOWN:
+            lines.append(f"  ... and {len(waiting) - WAITING_SHOWN} more")
+    return lines
+
+
+def _slot_text(pool: PoolStatus, slot: dict[str, Any], now: float) -> str:
+    if slot.get("job") is None:
+        return f"not offered: {slot['busy']}" if slot.get("busy") else "free"
+    job = pool.job_on(slot)
+    if job is None:  # another run's job: its stage is in that run's journal
+        return f"{slot.get('run')}: {slot.get('what')}"
+    text = f"{slot.get('what')}  {job.state}"
+    if job.state in ("preparing", "evaluating") and job.started_at:
+        text += f"  {_seconds(max(0.0, now - job.started_at))} so far"
+    return text
+
+
 # --- the command ---------------------------------------------------------------------------------------------
 
 
@@ -147,8 +272,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--wandb", metavar="auto|off|...", help="as given to the daemon (off: W&B is no sink)")
     parser.add_argument("--tensorboard", metavar="auto|off|DIR", help="as given to the daemon")
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows, for scripts")
+    parser.add_argument("--pool", action="store_true", help='with --json: print {"jobs": rows, "pool": the '
+                        "daemon's slots, queue and waiting jobs} instead of the list")  # fmt: skip
     parser.set_defaults(verbose=False, quiet=False)  # load_config reads them
     args = parser.parse_args(argv)
+    if args.pool and not args.json:
+        # The text output always shows the pool; --json alone keeps its list of rows for existing scripts.
+        parser.error("--pool goes with --json (the table shows the pool already)")
     config = load_config(args)
     results_dir, journal_path = resolve_setup_paths(config)
     if not journal_path.is_file():
@@ -159,10 +289,14 @@ def main(argv: list[str]) -> int:
         sinks = ["files"] + [name for name in ("wandb", "tensorboard") if getattr(config, name) != "off"]
     rows = read_status(journal_path, sinks, args.only_preset)
     problems = resource_problems(journal_path, results_dir)
-    if args.json:
+    pool = read_pool(journal_path, Path(config.output_dir).name)
+    queue = queue_by_preset(rows, [entry.preset for entry in config.schedule_entries()])
+    if args.json and args.pool:
+        print(json.dumps({"jobs": rows, "pool": pool_json(pool, queue)}, indent=2))
+    elif args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print_table(rows, results_dir)
+        print_table(rows, results_dir, pool_lines(pool, queue))
         from watcher.sinks.wandb_run import upload_note  # reads local files only: no wandb import
 
         note = upload_note(config.wandb, Path(config.output_dir), results_dir)
@@ -174,13 +308,14 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def print_table(rows: list[dict[str, Any]], results_dir: Path) -> None:
+def print_table(rows: list[dict[str, Any]], results_dir: Path, above: list[str] | None = None) -> None:
+    """The job table under a header line; `above`: lines between the two (the pool)."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
     if not rows:
-        print(f"ckpt-watch status: {results_dir}: no jobs yet")
+        print(f"ckpt-watch status: {results_dir}: no jobs yet", *(above or []), sep="\n")
         return
     headlines = list(rows[0]["metrics"])
     table = Table()
@@ -198,6 +333,8 @@ def print_table(rows: list[dict[str, Any]], results_dir: Path) -> None:
     if not console.is_terminal:  # a pipe or a file: one line per row, for grep; rich writes no colour codes there
         console = Console(width=max(200, console.width))
     console.print(f"ckpt-watch status: {results_dir}", highlight=False, markup=False)
+    for line in above or []:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     console.print(table)
     for row in rows:  # errors below the table: they are long, and a column of them would squeeze the rest
         if row["error"] and row["state"] in ("failed", "pending"):
