@@ -221,14 +221,10 @@ def test_with_one_slot_the_higher_priority_entry_starts_first(one_usable_gpu_run
     assert [r["preset"] for r in sorted(results(output), key=lambda r: r["started_at"])] == ["full", "quick"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: the plain log and `ckpt-watch status` do not say yet why a GPU "
-                   "is not offered (only the journal's pool entry and the live view do)")  # fmt: skip
-def test_the_log_and_status_say_why_a_busy_gpu_is_not_offered(one_usable_gpu_run):
+def test_the_log_says_why_a_busy_gpu_is_not_offered(one_usable_gpu_run):
+    """`ckpt-watch status` says it too while the daemon runs: tests/test_status_pool.py."""
     output, _, log = one_usable_gpu_run
-    status = ckpt_watch("status", output)
-    assert status.returncode == 0, status.stderr
-    assert "cuda:1" in status.stdout and BUSY in status.stdout, status.stdout
-    assert "cuda:1" in log and "30000" in log, log
+    assert "cuda:1 is not offered: 30000 of 81000 MiB used by another process" in log, log
 
 
 # --- kill -9 with jobs in flight -------------------------------------------------------------------------------

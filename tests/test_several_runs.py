@@ -1,6 +1,7 @@
 """One daemon, several training runs: each keeps its own results dir and journal, the pool is shared, runs take
 turns for slots, and under runs_root a run is watched from the moment its first checkpoint folder appears."""
 
+import json
 import re
 import shutil
 import signal
@@ -39,6 +40,15 @@ def test_two_runs_in_one_scan_keep_their_own_results_and_take_turns(trainer_outp
     order = _started(scan.stderr)
     assert order == ["alpha", "beta"] * 3, scan.stderr
     assert "[alpha] scan done: 3 job(s) evaluated" in scan.stderr and "[beta] scan done" in scan.stderr
+    # `status` of a config naming both runs shows each; with --json, rows by run name.
+    config.write_text(f'output_dir = ["{alpha}", "{beta}"]\n' + config.read_text())  # top level: before any table
+    both = ckpt_watch("status", "--config", config)
+    assert both.returncode == 0, both.stderr
+    assert f"== run alpha ({alpha})" in both.stdout and f"== run beta ({beta})" in both.stdout
+    by_run = json.loads(ckpt_watch("status", "--config", config, "--json").stdout)
+    assert {name: len(rows) for name, rows in by_run.items()} == {"alpha": 3, "beta": 3}
+    one = ckpt_watch("status", beta, "--config", config)  # a run named on the command line: that one only
+    assert one.returncode == 0 and "== run" not in one.stdout and "beta" in one.stdout
 
 
 def test_two_runs_with_the_same_folder_name_are_refused(trainer_output, tmp_path):

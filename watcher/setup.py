@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -187,6 +188,19 @@ def create_dir(path: Path, what: str) -> None:
         raise ConfigError(f"cannot create the {what} {path}: {exc.strerror or exc}") from None
 
 
+def _lock_soon(handle, tries: int = 10, pause: float = 0.05) -> None:
+    """flock it exclusively, trying again for half a second: `ckpt-watch status` holds a shared lock for an
+    instant to see whether a daemon runs, and a daemon starting in that instant must not take it for another."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(pause)
+
+
 def take_lock(path: Path, results_dir: Path):
     """One daemon per results dir: a second one would run every job twice."""
     create_dir(path.parent, "journal dir")
@@ -195,7 +209,7 @@ def take_lock(path: Path, results_dir: Path):
     except OSError as exc:
         raise ConfigError(f"cannot open the lock file {path}: {exc.strerror or exc}") from None
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock_soon(handle)
     except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip() or "?"

@@ -264,7 +264,9 @@ def main(argv: list[str]) -> int:
     from watcher.setup import resolve_setup_paths
 
     parser = _Parser(prog="ckpt-watch status", description=__doc__.splitlines()[0])
-    parser.add_argument("output_dir", nargs="?", type=Path, help="the training run's output_dir")
+    parser.add_argument("output_dir", nargs="?", type=Path,
+                        help="the training run's output_dir (default: every run the config file names)")  # fmt: skip
+    parser.add_argument("--runs-root", type=Path, metavar="DIR", help="every run under DIR (as the daemon's)")
     parser.add_argument("--config", type=Path, help="the daemon's config file (for its results dir and journal)")
     parser.add_argument("--results-dir", type=Path, help="default: OUTPUT_DIR/ckpt-watch")
     parser.add_argument("--preset", dest="only_preset", metavar="NAME", help="only this preset's jobs")
@@ -279,7 +281,27 @@ def main(argv: list[str]) -> int:
     if args.pool and not args.json:
         # The text output always shows the pool; --json alone keeps its list of rows for existing scripts.
         parser.error("--pool goes with --json (the table shows the pool already)")
-    config = load_config(args)
+    config = load_config(args, several_ok=True)
+    if not config.several_runs:
+        return show_run(config, args)
+    # Several runs (a list of output dirs, or runs_root): each one's status in turn; with --json, by run name.
+    dirs = config.output_dirs() or sorted(d for d in Path(config.runs_root).iterdir()
+                                          if d.is_dir() and resolve_setup_paths(config.for_run(d))[1].is_file())
+    if not dirs:
+        raise ConfigError(f"no run under {config.runs_root} has a ckpt-watch journal yet")
+    if args.json:
+        print(json.dumps({d.name: _rows(config.for_run(d), args)[0] for d in dirs}, indent=2))
+        return 0
+    for folder in dirs:
+        print(f"== run {folder.name} ({folder})")
+        show_run(config.for_run(folder), args)
+    return 0
+
+
+def _rows(config, args) -> tuple[list[dict[str, Any]], Path, Path]:
+    """One run's rows, its results dir and journal; a ConfigError when it has no journal."""
+    from watcher.setup import resolve_setup_paths
+
     results_dir, journal_path = resolve_setup_paths(config)
     if not journal_path.is_file():
         raise ConfigError(f"no ckpt-watch journal for {config.output_dir} (looked for {journal_path}; has the "
@@ -287,7 +309,12 @@ def main(argv: list[str]) -> int:
     sinks = None  # as the daemon recorded them
     if args.wandb is not None or args.tensorboard is not None:
         sinks = ["files"] + [name for name in ("wandb", "tensorboard") if getattr(config, name) != "off"]
-    rows = read_status(journal_path, sinks, args.only_preset)
+    return read_status(journal_path, sinks, args.only_preset), results_dir, journal_path
+
+
+def show_run(config, args) -> int:
+    """Print one run's status (the table, or --json)."""
+    rows, results_dir, journal_path = _rows(config, args)
     problems = resource_problems(journal_path, results_dir)
     pool = read_pool(journal_path, Path(config.output_dir).name)
     queue = queue_by_preset(rows, [entry.preset for entry in config.schedule_entries()])
