@@ -180,3 +180,15 @@ def train_with_callback(output_dir: Path, report_to: list[str], **arguments):
     trainer.add_callback(CkptWatchCallback())
     trainer.train()
     return trainer
+
+
+def sleep_preset_config(tmp_path: Path, preset: str, seconds: float, top: str = "") -> Path:
+    """A config file (W&B and TensorBoard off, `top` lines first) whose preset `preset` is one `command` evaluator
+    that sleeps `seconds` and prints a metric: a job of known length that needs no model, no GPU."""
+    script = tmp_path / "sleep_job.py"
+    script.write_text("import json, sys, time\ntime.sleep(float(sys.argv[1]))\nprint(json.dumps({'x': 1}))\n")
+    config = tmp_path / "c.toml"
+    config.write_text(f'wandb = "off"\ntensorboard = "off"\npreset = "{preset}"\n{top}'
+                      f'[presets.{preset}]\n[[presets.{preset}.evaluators]]\nbackend = "command"\n'
+                      f'command = ["{sys.executable}", "{script}", "{seconds}"]\n')  # fmt: skip
+    return config

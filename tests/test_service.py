@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import job_states, journal_jobs, wait_for, worker_processes
+from helpers import job_states, journal_jobs, sleep_preset_config, wait_for, worker_processes
 from watcher.notify import Notifier
 
 QUICK = ('wandb = "off"\ntensorboard = "off"\npreset = "quick"\n'
@@ -118,12 +118,7 @@ def test_sigterm_lets_the_running_job_finish_within_the_grace_period_then_stops_
     output = copy_trainer_output()
     for name in ("checkpoint-10", "checkpoint-20"):
         (output / name).rename(tmp_path / name)  # one checkpoint: one job
-    script = tmp_path / "slow.py"
-    script.write_text("import json, sys, time\ntime.sleep(float(sys.argv[1]))\nprint(json.dumps({'x': 1}))\n")
-    config = tmp_path / "c.toml"
-    config.write_text(f'wandb = "off"\ntensorboard = "off"\npreset = "slow"\nstop_grace = 3\n'
-                      f'[presets.slow]\n[[presets.slow.evaluators]]\nbackend = "command"\n'
-                      f'command = ["{sys.executable}", "{script}", "60"]\n')  # fmt: skip
+    config = sleep_preset_config(tmp_path, "slow", 60, "stop_grace = 3\n")
     daemon = _start(output, config, tmp_path / "daemon.log")
     try:
         wait_for(lambda: "evaluating" in job_states(output).values(), 60, what="the job to start")

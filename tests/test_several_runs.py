@@ -5,19 +5,13 @@ import json
 import re
 import shutil
 import signal
-import sys
+from pathlib import Path
 
-from tests.helpers import ckpt_watch, job_states, results, start_daemon, wait_for
+from helpers import ckpt_watch, job_states, results, sleep_preset_config, start_daemon, wait_for
 
 
-def _config(tmp_path, body: str, seconds: float = 0.5) -> "Path":  # noqa: F821
-    script = tmp_path / "job.py"
-    script.write_text("import json, sys, time\ntime.sleep(float(sys.argv[1]))\nprint(json.dumps({'x': 1}))\n")
-    config = tmp_path / "c.toml"
-    config.write_text(f'wandb = "off"\ntensorboard = "off"\npreset = "cmd"\n{body}\n'
-                      f'[presets.cmd]\n[[presets.cmd.evaluators]]\nbackend = "command"\n'
-                      f'command = ["{sys.executable}", "{script}", "{seconds}"]\n')  # fmt: skip
-    return config
+def _config(tmp_path, body: str) -> Path:
+    return sleep_preset_config(tmp_path, "cmd", 0.5, body)
 
 
 def _started(log_text: str) -> list[str]:
@@ -41,7 +35,7 @@ def test_two_runs_in_one_scan_keep_their_own_results_and_take_turns(trainer_outp
     assert order == ["alpha", "beta"] * 3, scan.stderr
     assert "[alpha] scan done: 3 job(s) evaluated" in scan.stderr and "[beta] scan done" in scan.stderr
     # `status` of a config naming both runs shows each; with --json, rows by run name.
-    config.write_text(f'output_dir = ["{alpha}", "{beta}"]\n' + config.read_text())  # top level: before any table
+    config = sleep_preset_config(tmp_path, "cmd", 0.5, f'output_dir = ["{alpha}", "{beta}"]\n')
     both = ckpt_watch("status", "--config", config)
     assert both.returncode == 0, both.stderr
     assert f"== run alpha ({alpha})" in both.stdout and f"== run beta ({beta})" in both.stdout

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import ckpt_watch, job_states, wait_for
+from helpers import ckpt_watch, job_states, sleep_preset_config, wait_for
 from watcher.journal import Journal, JobState
 from watcher.setup import take_lock
 
@@ -117,12 +117,7 @@ def test_status_without_a_lock_file_says_no_daemon_and_creates_nothing(tmp_path)
 def test_status_of_a_real_daemon_on_two_fake_gpus_one_busy(copy_trainer_output, tmp_path):
     """A real daemon over CKPT_WATCH_FAKE_GPUS (GPU 1 used by someone else) running a slow command preset."""
     output = copy_trainer_output()
-    script = tmp_path / "slow.py"
-    script.write_text("import json, sys, time\ntime.sleep(float(sys.argv[1]))\nprint(json.dumps({'x': 1}))\n")
-    config = tmp_path / "c.toml"
-    config.write_text(f'wandb = "off"\ntensorboard = "off"\npreset = "slow"\npolicy = "all"\nstop_grace = 0\n'
-                      f'[presets.slow]\n[[presets.slow.evaluators]]\nbackend = "command"\n'
-                      f'command = ["{sys.executable}", "{script}", "120"]\n')  # fmt: skip
+    config = sleep_preset_config(tmp_path, "slow", 120, 'policy = "all"\nstop_grace = 0\n')
     log = open(tmp_path / "daemon.log", "wb")
     daemon = subprocess.Popen([sys.executable, "-m", "watcher", str(output), "--config", str(config), "--device",
                                "cuda:0,1"], stdout=log, stderr=subprocess.STDOUT,
