@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,37 @@ def test_the_live_view_in_a_terminal(copy_trainer_output, tmp_path):
         tmux("kill-server")  # its SIGHUP would only make the daemon reload: end it by its pid
         if pid is not None and Path(f"/proc/{pid}").exists():
             os.kill(pid, signal.SIGKILL)
+
+
+def test_the_view_of_a_pool_shows_each_job_its_slot_busy_gpus_why_jobs_wait_and_several_runs():
+    """Render a snapshot of two runs sharing a pool of three GPUs, one used by another process."""
+    from rich.console import Console
+
+    from watcher.live_view import ResultRow, RunningView, Snapshot, render
+    from watcher.view_feed import merge_snapshots
+
+    header = Snapshot("2 runs: alpha, beta", "inotify", "quick, full", "latest", "cuda:1,2,3")
+    alpha = replace(header, queue=[("checkpoint-30", "regular", "full")],
+                    results=[ResultRow(10, "checkpoint-10", "regular", "quick", "ok", 2.0, {"m/acc": 0.5})],
+                    headlines=["m/acc"], undelivered={"files": 1})  # fmt: skip
+    beta = replace(header, queue=[("checkpoint-5", "regular", "quick")],
+                   results=[ResultRow(5, "checkpoint-5", "regular", "quick", "ok", 3.0, {"m/acc": 0.25})],
+                   headlines=["m/acc"], undelivered={"files": 2})  # fmt: skip
+    merged = merge_snapshots(header, [alpha, beta], ["alpha", "beta"])
+    assert merged.undelivered == {"files": 3} and [r.run for r in merged.results] == ["alpha", "beta"]
+    snapshot = replace(merged, running=[
+        RunningView("alpha/checkpoint-20", "regular", "quick", "cuda:1", "evaluating", 90.0, step=1, steps=2,
+                    backend="probes"),
+        RunningView("beta/checkpoint-4", "regular", "full", "cuda:3", "preparing", 95.0)],
+        slots=[("cuda:1", None), ("cuda:2", "30000 of 81000 MiB used by another process"), ("cuda:3", None)],
+        waiting=["alpha/checkpoint-30/regular/full: no free slot: needs 1 GPU, none free"])  # fmt: skip
+    console = Console(width=160, record=True)
+    console.print(render(snapshot, now=100.0))
+    text = console.export_text()
+    assert re.search(r"running +cuda:1 +alpha/checkpoint-20/regular +evaluating .*step 1 of 2: probes +10 s", text), text
+    assert re.search(r"running +cuda:3 +beta/checkpoint-4/regular +preparing", text), text
+    assert re.search(r"not offered +cuda:2: 30000 of 81000 MiB used by another process", text), text
+    assert re.search(r"queue +2: alpha/checkpoint-30/regular/full, beta/checkpoint-5/regular/quick", text), text
+    assert re.search(r"waiting +alpha/checkpoint-30/regular/full: no free slot", text), text
+    assert re.search(r"alpha +│ +10 .*0\.5", text) and re.search(r"beta +│ +5 .*0\.25", text), text
+    assert "schedule" in text and "quick, full" in text
