@@ -46,7 +46,7 @@ SCAN_PATIENCE = 120.0  # seconds a --scan waits for a resource problem to pass b
 RUNS_ROOT_LOOK = 5.0  # seconds between looks for new runs under runs_root (and at every run's output dir)
 STOP_GRACE = 10.0  # seconds a job's process group gets between SIGTERM and SIGKILL when it is stopped
 # Settings a reload cannot change: they name what is watched and where its state lives (restart for those).
-FIXED_ON_RELOAD = ("output_dir", "results_dir", "journal_dir", "scratch_dir", "poll", "settle", "sentinel",
+FIXED_ON_RELOAD = ("output_dir", "runs_root", "results_dir", "journal_dir", "scratch_dir", "poll", "settle", "sentinel",
                    "checkpoint_pattern")  # fmt: skip
 # Settings that make a new pool on reload: it takes over once the jobs running on the old one have ended.
 POOL_SETTINGS = ("device", "cpu_jobs", "gpu_busy_mib")
