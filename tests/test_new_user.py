@@ -250,10 +250,12 @@ def test_the_live_view_says_what_it_waits_for_and_never_shows_a_full_bar_at_a_jo
     assert "waiting for the next checkpoint" in _text(render(Snapshot(**base, results=[done])))
     # A bar only for a measured fraction, never rich's pulsing "unknown" bar (drawn across its whole width), and
     # none for a single evaluator step (0 % until it is done): a spinner says "busy" instead.
-    for job, expect_bar in ((RunningView("checkpoint-10", "regular", "preparing", time.time()), False),
-                            (RunningView("c", "regular", "evaluating", time.time(), step=1, steps=1, backend="x"), False),
-                            (RunningView("c", "regular", "evaluating", time.time(), step=1, steps=2, backend="x"), True)):
-        bars = [p for p in _parts(render(Snapshot(**base, running=job))) if isinstance(p, ProgressBar)]
+    for job, expect_bar in ((RunningView("checkpoint-10", "regular", "smoke", "cpu", "preparing", time.time()), False),
+                            (RunningView("c", "regular", "smoke", "cpu", "evaluating", time.time(), step=1, steps=1,
+                                         backend="x"), False),
+                            (RunningView("c", "regular", "smoke", "cpu", "evaluating", time.time(), step=1, steps=2,
+                                         backend="x"), True)):  # fmt: skip
+        bars = [p for p in _parts(render(Snapshot(**base, running=[job]))) if isinstance(p, ProgressBar)]
         assert len(bars) == expect_bar and all(b.total is not None and b.completed < b.total for b in bars), job
     waiting = Snapshot(**base, undelivered={"wandb": 1}, undelivered_why={"wandb": "the training run is still running"})
     text = _text(render(waiting))
