@@ -9,6 +9,8 @@
 # Idempotent: `start` on a running cluster only prints the env again; `stop` on a stopped one does nothing.
 # Environment: CKPT_WATCH_SLURM_DIR (state dir, default /tmp/ckpt-watch-slurm),
 #              CKPT_WATCH_SLURM_CPUS (CPUs the node offers, default the machine's: more jobs at once),
+#              CKPT_WATCH_SLURM_CGROUP=1 (task/cgroup + proctrack/cgroup: memory limits end jobs OUT_OF_MEMORY;
+#                needs a writable cgroup memory controller),
 #              CKPT_WATCH_SLURM_START_TIMEOUT (seconds to wait for the node to come up, default 60).
 # Job states stay queryable with `scontrol show job` for MinJobAge (a day), and every finished job gets one
 # line in $CKPT_WATCH_SLURM_DIR/jobcomp.log (jobcomp/filetxt): final states without slurmdbd.
@@ -66,6 +68,14 @@ write_conf() {
         cpus=$CKPT_WATCH_SLURM_CPUS
         cpus_and_memory="CPUs=$cpus RealMemory=$memory"
     fi
+    local proctrack=proctrack/linuxproc task_plugin=task/none acct_gather=jobacct_gather/linux
+    local acct_params=JobAcctGatherParams=OverMemoryKill
+    if [[ ${CKPT_WATCH_SLURM_CGROUP:-0} == 1 ]]; then  # checked on cgroup v1 with a memory controller
+        proctrack=proctrack/cgroup task_plugin=task/cgroup acct_gather=jobacct_gather/cgroup acct_params=""
+        printf 'CgroupPlugin=autodetect\nConstrainRAMSpace=yes\nConstrainSwapSpace=yes\n' > "$STATE_DIR/cgroup.conf"
+    else
+        rm -f "$STATE_DIR/cgroup.conf"
+    fi
     cat > "$CONF.new" <<EOF
 # Written by tests/slurm/cluster.sh: a one-node cluster for tests.
 ClusterName=ckptwatch
@@ -73,8 +83,8 @@ SlurmctldHost=$node
 SlurmUser=root
 AuthType=auth/munge
 MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+ProctrackType=$proctrack
+TaskPlugin=$task_plugin
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 # Without a default a job asks for the whole node's memory and jobs run one at a time.
@@ -92,10 +102,11 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
 JobCompLoc=$STATE_DIR/jobcomp.log
 MinJobAge=86400
-# Memory over --mem is killed by polling (no cgroups here); the job then ends OUT_OF_MEMORY.
-JobAcctGatherType=jobacct_gather/linux
+# task/none: memory over --mem is killed by polling; the job ends FAILED (Reason=JobLaunchFailure, ExitCode 0:9).
+# task/cgroup: the kernel's OOM killer; the job ends OUT_OF_MEMORY.
+JobAcctGatherType=$acct_gather
 JobAcctGatherFrequency=task=1
-JobAcctGatherParams=OverMemoryKill
+$acct_params
 # Tests want quick ends: a time limit is hard, and SIGKILL follows SIGTERM after 2 s.
 OverTimeLimit=0
 KillWait=2
