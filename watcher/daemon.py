@@ -81,6 +81,7 @@ class Daemon:
         self.waiting: list[tuple[str, Job, str]] = []  # why pending jobs wait, as the last schedule saw it
         self._noted_pool: Any = None  # the pool state as the journals last recorded it (for `status`)
         self._busy: dict[str, str | None] = {}  # GPUs another process uses, as last logged
+        self._quiet_as_noted: set[tuple[str, int]] | None = None  # the jobs running when "nothing waits" was noted
         self.resources = ResourceState()
         self._gave_up = False  # a --scan that ended on a resource problem
         self._noted_problem: str | None = None  # the resource problem as the journal last recorded it
@@ -238,7 +239,7 @@ class Daemon:
         self.notifier.stopping()
         if self.active:
             log.info("stopping %d running job(s) (%s); they will run again at the next start", len(self.active),
-                     ", ".join(_describe(a.job) for a in self.active.values()))  # fmt: skip
+                     ", ".join(a.job.label for a in self.active.values()))  # fmt: skip
             self._stop_all()
             with self.resources.guard("stop"):
                 for run in self.runs:
@@ -366,7 +367,7 @@ class Daemon:
                 jobs = [job for name, job, why in decided.skip if why == reason and name == run.name]
                 if jobs:
                     run.journal.skip([job.id for job in jobs], reason)
-                    log.info("%s%s: skipping %s", run.prefix, reason, ", ".join(_describe(job) for job in jobs))
+                    log.info("%s%s: skipping %s", run.prefix, reason, ", ".join(job.label for job in jobs))
         started = set()
         for name, job in decided.start:
             allocation = pool.offer(self._slots_of(job.preset)) if pool else None
@@ -412,7 +413,7 @@ class Daemon:
             raise
         self.active[(run.name, job.id)] = ActiveJob(run, job, running, allocation, pool)
         self._last_run = run.name
-        log.info("%sstarted %s on %s (attempt %d)", run.prefix, _describe(job), self._where(allocation), job.attempts)
+        log.info("%sstarted %s on %s (attempt %d)", run.prefix, job.label, allocation.device, job.attempts)
 
     def supervise(self) -> None:
         """Follow the running jobs: stage changes, their checkpoint vanishing, timeouts, and their end."""
@@ -422,12 +423,12 @@ class Daemon:
                 if stage == JobState.EVALUATING:
                     run.journal.set_stage(job.id, JobState.EVALUATING)
             if run.gone(job.checkpoint):
-                log.info("%s%s: checkpoint went away during the job; stopping it", run.prefix, _describe(job))
+                log.info("%s%s: checkpoint went away during the job; stopping it", run.prefix, job.label)
                 self._end(active, stop=True)
                 continue
             if running.poll() is None:
                 if running.timed_out:
-                    log.warning("%s%s: timed out after %.0f s; stopping it", run.prefix, _describe(job),
+                    log.warning("%s%s: timed out after %.0f s; stopping it", run.prefix, job.label,
                                 running.timeout)  # fmt: skip
                     self._end(active, stop=True)
                     self._commit(active, Outcome.failure(f"timed out after {running.timeout:.0f} s"))
@@ -468,11 +469,11 @@ class Daemon:
         if not outcome.ok and attempt < self.config.max_attempts and outcome.kind is not OutcomeKind.PERMANENT:
             delay = self.config.retry_backoff * 2 ** (attempt - 1)
             run.journal.retry_later(job.id, outcome.error or "failed", delay)
-            log.warning("%s%s failed (attempt %d of %d, retry in %.0f s): %s", run.prefix, _describe(job), attempt,
+            log.warning("%s%s failed (attempt %d of %d, retry in %.0f s): %s", run.prefix, job.label, attempt,
                         self.config.max_attempts, delay, outcome.error)  # fmt: skip
             return
         result = build_result(job, outcome, attempt=attempt, started=running.started,
-                              device=self._where(active.allocation),
+                              device=active.allocation.device,
                               cuda_visible_devices=active.allocation.cuda_visible_devices,
                               log_file=str(running.paths.log.relative_to(run.results_dir)))  # fmt: skip
         if not run.journal.finish(job.id, result):
@@ -480,17 +481,13 @@ class Daemon:
         run.finished_this_session += 1
         run.view_feed.add(result)
         if result.ok:
-            log.info("%s%s done in %.1f s: %s", run.prefix, _describe(job), result.walltime_s,
+            log.info("%s%s done in %.1f s: %s", run.prefix, job.label, result.walltime_s,
                      headline_text(result.metrics))  # fmt: skip
         else:
-            log.error("%s%s failed after %d attempt(s): %s", run.prefix, _describe(job), attempt, result.error)
-
-    def _where(self, allocation: Allocation) -> str:
-        """A job's device as logs and results say it: "cuda:1,2" (user numbering), "cpu"."""
-        return "cpu" if allocation.cpu_slot is not None else str(allocation)
+            log.error("%s%s failed after %d attempt(s): %s", run.prefix, job.label, attempt, result.error)
 
     def _active_views(self) -> list[ActiveView]:
-        return [ActiveView(a.running, self._where(a.allocation), a.run.name) for a in self.active.values()]
+        return [ActiveView(a.running, a.allocation.device, a.run.name) for a in self.active.values()]
 
     def snapshot(self) -> Snapshot:
         """What the live view shows, as plain data (see watcher/view_feed.py); with several runs, theirs
@@ -501,8 +498,7 @@ class Daemon:
         header = Snapshot(watched, self._mode, ", ".join(self.setup.presets), self.config.policy,
                           self.pool.describe())  # fmt: skip
         idle_text = self.idle_text() if self.idle_text is not None and not self.active else None
-        parts = [run.view_feed.snapshot(header, run.pending(), [], run.outbox, self._stop_requested, idle_text)
-                 for run in self.runs]  # fmt: skip
+        parts = [run.view_feed.snapshot(header, run.pending(), run.outbox) for run in self.runs]
         merged = merge_snapshots(header, parts, [run.name for run in self.runs]) if parts else header
         return replace(merged, running=running_views(self._active_views(), several=len(self.runs) > 1),
                        slots=[(slot.name, slot.busy) for slot in self.pool.slots()],
@@ -518,10 +514,8 @@ class Daemon:
     def _note_waiting(self, waiting: list[tuple[str, Job, str]]) -> None:
         """Keep why jobs wait, and the slots, for the live view and (in each run's journal) for `status`."""
         self.waiting = waiting
-        if not waiting and self._noted_pool is not None and not self._noted_pool["waiting"] and \
-                {(s["run"], s["job"]) for s in self._noted_pool["slots"] if s["job"] is not None} == set(self.active):
-            return  # idle as noted: no nvidia-smi query (the pool's GPU readings) for nothing
-        held = {a.allocation: a for a in self.active.values()}
+        if not waiting and self._quiet_as_noted == set(self.active):
+            return  # nothing waits, as noted with these jobs: no nvidia-smi query (the pool's readings) for nothing
         slots = []
         for slot in self.pool.slots():
             if (slot.busy is None) != (self._busy.get(slot.name) is None):  # a GPU starts or stops being offered
@@ -531,18 +525,18 @@ class Daemon:
                 else:
                     log.info("%s is offered again", slot.name)
             self._busy[slot.name] = slot.busy
-            holder = next((a for alloc, a in held.items() if slot.name in _slot_names(alloc)), None)
+            holder = next((a for a in self.active.values() if slot.name in a.allocation.slot_names), None)
             slots.append({"slot": slot.name, "busy": slot.busy,
                           "job": holder.job.id if holder else None, "run": holder.run.name if holder else None,
-                          "what": _describe(holder.job) if holder else None})  # fmt: skip
+                          "what": holder.job.label if holder else None})  # fmt: skip
         state = {"device": self.pool.describe(), "slots": slots,
-                 "waiting": [{"run": name, "job": job.id, "what": _describe(job), "why": why}
+                 "waiting": [{"run": name, "job": job.id, "what": job.label, "why": why}
                              for name, job, why in waiting[:50]]}  # fmt: skip
-        if state == self._noted_pool:
-            return
-        for run in self.runs:
-            run.journal.set_meta("pool", state)
-        self._noted_pool = state
+        if state != self._noted_pool:
+            for run in self.runs:
+                run.journal.set_meta("pool", state)
+            self._noted_pool = state
+        self._quiet_as_noted = None if waiting else set(self.active)
 
     def deliver_pending(self) -> None:
         idle = self.idle()
@@ -597,13 +591,3 @@ def _build_pool(setup: Setup) -> Pool:
     config = setup.config
     return Pool.for_device(setup.device, setup.gpu_entries, GpuInventory() if setup.device.kind == "cuda" else None,
                            busy_mib=config.gpu_busy_mib, cpu_jobs=config.cpu_jobs)  # fmt: skip
-
-
-def _slot_names(allocation: Allocation) -> set[str]:
-    if allocation.cpu_slot is not None:
-        return {f"cpu#{allocation.cpu_slot}"}
-    return {f"cuda:{gpu}" for gpu in allocation.gpus}
-
-
-def _describe(job: Job) -> str:
-    return f"{job.checkpoint.name}/{job.variant}/{job.preset}"

@@ -121,6 +121,11 @@ class Job:
     error: str | None
     checkpoint: Checkpoint
 
+    @property
+    def label(self) -> str:
+        """How logs, the live view and `status` name it: "checkpoint-20/regular/smoke"."""
+        return f"{self.checkpoint.name}/{self.variant}/{self.preset}"
+
 
 class Journal:
     def __init__(self, path: Path):

@@ -44,9 +44,27 @@ class Allocation:
     def cuda_visible_devices(self) -> str:
         return ",".join(self.visible_devices)
 
+    @property
+    def slot_names(self) -> tuple[str, ...]:
+        """The slots it holds, named as `SlotState.name`: ("cuda:1", "cuda:2"), ("cpu#0",)."""
+        return (_cpu_slot_name(self.cpu_slot),) if self.cpu_slot is not None else tuple(map(_gpu_slot_name, self.gpus))
+
+    @property
+    def device(self) -> str:
+        """The job's device as logs and result records say it: "cuda:1,2" (user numbering), "cpu"."""
+        return "cpu" if self.cpu_slot is not None else str(self)
+
     def __str__(self) -> str:
         """As the user names the slots: "cuda:1,2", "cpu#0"."""
-        return f"cpu#{self.cpu_slot}" if self.cpu_slot is not None else "cuda:" + ",".join(map(str, self.gpus))
+        return _cpu_slot_name(self.cpu_slot) if self.cpu_slot is not None else "cuda:" + ",".join(map(str, self.gpus))
+
+
+def _gpu_slot_name(gpu: int) -> str:
+    return f"cuda:{gpu}"
+
+
+def _cpu_slot_name(slot: int) -> str:
+    return f"cpu#{slot}"
 
 
 @dataclass(frozen=True)
@@ -109,9 +127,10 @@ class Pool:
     def slots(self) -> tuple[SlotState, ...]:
         if self.is_cpu:
             taken = {a.cpu_slot for a in self._held}
-            return tuple(SlotState(f"cpu#{i}", i in taken) for i in range(self._cpu_jobs))
+            return tuple(SlotState(_cpu_slot_name(i), i in taken) for i in range(self._cpu_jobs))
         held = {gpu for a in self._held for gpu in a.gpus}
-        return tuple(SlotState(f"cuda:{g}", g in held, None if g in held else self._busy(g), g) for g in self._gpus)
+        return tuple(SlotState(_gpu_slot_name(g), g in held, None if g in held else self._busy(g), g)
+                     for g in self._gpus)  # fmt: skip
 
     def _busy(self, gpu: int) -> str | None:
         # Only asked for GPUs none of our jobs holds: memory on a held GPU is our own job's.

@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 
 from watcher.config import ScheduleEntry
 from watcher.journal import Checkpoint, Job
-from watcher.schedules import (CheckpointView, JobKey, PendingJob, order, overtaken, priority, round_robin,
-                               take_while_fits, wanted)  # fmt: skip
+from watcher.schedules import (CheckpointView, JobKey, PendingJob, is_latest, order, overtaken, priority,
+                               round_robin, take_while_fits, wanted)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,9 @@ def wanted_jobs(entries: Sequence[ScheduleEntry], checkpoints: Sequence[Checkpoi
                 final_step: int | None) -> list[tuple[Checkpoint, str, str]]:  # fmt: skip
     """The (checkpoint, variant, preset) jobs the schedule asks for among the present checkpoints (a deleted
     checkpoint still counts for `every`, but gets no job)."""
-    views = [CheckpointView(c.step, c.name, c.variants) for c in checkpoints]
     present = {c.step: c for c in checkpoints if not c.gone}  # the newest generation of each step
     found = []
-    for key in wanted(entries, views, final_step):
+    for key in wanted(entries, _views(checkpoints), final_step):
         checkpoint = present.get(key.step)
         if checkpoint is not None and key.variant in checkpoint.variants:
             found.append((checkpoint, key.variant, key.preset))
@@ -64,8 +63,7 @@ def plan(queues: Sequence[RunQueue], entries: Sequence[ScheduleEntry], now: floa
     by_id: dict[tuple[str, int], Job] = {}
     ready: dict[str, list[PendingJob]] = {}
     for queue in queues:
-        views = [CheckpointView(c.step, c.name, c.variants) for c in queue.checkpoints]
-        wanted_keys = wanted(entries, views, queue.final_step)
+        wanted_keys = wanted(entries, _views(queue.checkpoints), queue.final_step)
         present_steps = {c.step for c in queue.checkpoints if not c.gone}
         # A deleted newest checkpoint overtakes nothing: `latest` compares with what can still run.
         wanted_present = {key: numbers for key, numbers in wanted_keys.items() if key.step in present_steps}
@@ -88,7 +86,7 @@ def plan(queues: Sequence[RunQueue], entries: Sequence[ScheduleEntry], now: floa
             if p.job_id in skipped:
                 continue
             newer_settling = [s for s in queue.settling_steps if s > p.step]
-            if newer_settling and _latest_only(p, entries):
+            if newer_settling and is_latest(p, entries):
                 # Seconds from admission, it would overtake whatever started now.
                 result.waiting.append((queue.run, by_id[(queue.run, p.job_id)],
                                        f"settle: a newer checkpoint (step {max(newer_settling)}) is settling"))  # fmt: skip
@@ -109,14 +107,10 @@ def plan(queues: Sequence[RunQueue], entries: Sequence[ScheduleEntry], now: floa
         head_priority = priority(head, entries)
         for p in blocked[1:]:
             why = ("lower priority" if priority(p, entries) < head_priority
-                   else f"queued behind {_describe(by_id[(head.run, head.job_id)])}")  # fmt: skip
+                   else f"queued behind {by_id[(head.run, head.job_id)].label}")  # fmt: skip
             result.waiting.append((p.run, by_id[(p.run, p.job_id)], why))
     return result
 
 
-def _latest_only(job: PendingJob, entries: Sequence[ScheduleEntry]) -> bool:
-    return bool(job.entries) and all(entries[n].policy == "latest" for n in job.entries)
-
-
-def _describe(job: Job) -> str:
-    return f"{job.checkpoint.name}/{job.variant}/{job.preset}"
+def _views(checkpoints: Sequence[Checkpoint]) -> list[CheckpointView]:
+    return [CheckpointView(c.step, c.name, c.variants) for c in checkpoints]

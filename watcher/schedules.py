@@ -135,12 +135,12 @@ def priority(job: PendingJob, entries: Sequence[ScheduleEntry]) -> int:
     return max((entries[n].priority for n in job.entries), default=0)
 
 
-def _is_latest(job: PendingJob, entries: Sequence[ScheduleEntry]) -> bool:
+def is_latest(job: PendingJob, entries: Sequence[ScheduleEntry]) -> bool:
     return bool(job.entries) and all(entries[n].policy == "latest" for n in job.entries)
 
 
 def _start_key(job: PendingJob, entries: Sequence[ScheduleEntry]) -> tuple:
-    latest = _is_latest(job, entries)
+    latest = is_latest(job, entries)
     newest_first = -1 if latest else 1
     return (-priority(job, entries), 0 if latest else 1, newest_first * job.step, newest_first * job.generation,
             0 if job.variant == "regular" else 1, job.preset, job.job_id)  # fmt: skip

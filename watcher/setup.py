@@ -188,6 +188,34 @@ def create_dir(path: Path, what: str) -> None:
         raise ConfigError(f"cannot create the {what} {path}: {exc.strerror or exc}") from None
 
 
+def lock_path(journal_path: Path) -> Path:
+    """The one-daemon-per-results-dir lock file: beside the journal (on local disk, like it)."""
+    return journal_path.parent / "ckpt-watch.lock"
+
+
+def lock_holder(journal_path: Path) -> tuple[bool, str | None]:
+    """Whether a daemon holds the results dir's lock (`take_lock`), and the pid it wrote there.
+    (`ckpt-watch sync` takes the same lock for the seconds it runs.)
+
+    Tried with a shared, non-blocking flock on a read-only open of our own: it neither creates nor truncates the
+    file, and is released at once; a daemon starting in that instant tries again (`_lock_soon`). Reading
+    /proc/locks would need no lock at all, but it is Linux-only and names a file by device and inode, which on
+    overlay filesystems need not be what stat() says."""
+    try:
+        fd = os.open(lock_path(journal_path), os.O_RDONLY)
+    except OSError:
+        return False, None  # no lock file: no daemon ever ran here (or one from before the lock)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip()
+            return True, pid or None
+        return False, None
+    finally:
+        os.close(fd)  # releases our lock, if we got it
+
+
 def _lock_soon(handle, tries: int = 10, pause: float = 0.05) -> None:
     """flock it exclusively, trying again for half a second: `ckpt-watch status` holds a shared lock for an
     instant to see whether a daemon runs, and a daemon starting in that instant must not take it for another."""

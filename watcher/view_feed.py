@@ -40,10 +40,10 @@ class ViewFeed:
         if self._recent is not None:
             self._recent.append(result)
 
-    def snapshot(self, header: Snapshot, pending: list[Job], active: Sequence[ActiveView], outbox: Outbox,
-                 stopping: bool, idle_text: str | None) -> Snapshot:  # fmt: skip
-        """`header` with the rest filled in. `header`: what is watched and how (its first fields, the view's
-        header); `idle_text`: what to say while no job runs (None: the view's default)."""
+    def snapshot(self, header: Snapshot, pending: list[Job], outbox: Outbox) -> Snapshot:
+        """`header` (what is watched and how: the view's header) with this run's part filled in: its queue,
+        latest results and deliveries. What runs share (the running jobs, slots, why jobs wait) is the
+        daemon's to add."""
         if self._recent is None:
             self._recent = deque(self._journal.results()[-RECENT_RESULTS:], maxlen=RECENT_RESULTS)
         recent = list(self._recent)
@@ -57,13 +57,10 @@ class ViewFeed:
         return replace(
             header,
             queue=[(j.checkpoint.name, j.variant, j.preset) for j in pending],
-            running=running_views(active),
             results=rows,
             headlines=headlines,
             undelivered={sink.name: self._journal.undelivered_count(sink.name) for sink in outbox.sinks},
             undelivered_why={sink.name: outbox.waiting_reason(sink.name) for sink in outbox.sinks},
-            stopping=stopping,
-            idle_text=idle_text,
         )
 
 
@@ -75,8 +72,7 @@ def running_views(active: Sequence[ActiveView], several: bool = False) -> list[R
 
 def waiting_lines(waiting: Sequence[tuple[str, Job, str]], several: bool = False) -> list[str]:
     """Why queued jobs wait, one line each: "[run/]checkpoint-20/regular/full: lower priority"."""
-    return [f"{run + '/' if several else ''}{job.checkpoint.name}/{job.variant}/{job.preset}: {why}"
-            for run, job, why in waiting]  # fmt: skip
+    return [f"{run + '/' if several else ''}{job.label}: {why}" for run, job, why in waiting]
 
 
 def merge_snapshots(header: Snapshot, parts: Sequence[Snapshot], runs: Sequence[str]) -> Snapshot:

@@ -10,7 +10,6 @@ schedule's start order, the loop.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from watcher.detect import Detector, Ready, read_progress
 from watcher.final import finished_step
@@ -20,7 +19,7 @@ from watcher.outbox import Outbox
 from watcher.records import JobState
 from watcher.schedules import final_checkpoint
 from watcher.scheduler import RunQueue, wanted_jobs
-from watcher.setup import RunSetup, Setup, create_dir, take_lock
+from watcher.setup import RunSetup, Setup, create_dir, lock_path, take_lock
 from watcher.startup import open_journal, stop_left_behind
 from watcher.view_feed import ViewFeed
 from watcher.watch import Feed
@@ -36,7 +35,7 @@ class WatchedRun:
         self.name = place.name
         self.results_dir = place.results_dir
         create_dir(self.results_dir, "results dir")
-        self._lock = take_lock(place.journal_path.parent / "ckpt-watch.lock", self.results_dir)
+        self._lock = take_lock(lock_path(place.journal_path), self.results_dir)
         self.journal = open_journal(place.journal_path, notifier)
         self.detector = Detector(self.output_dir, checked_step=place.config.checked_step,
                                  known_fingerprint=self._known_fingerprint, settle=place.settle,
@@ -61,7 +60,8 @@ class WatchedRun:
         self.journal.set_meta("sinks", [sink.name for sink in place.sinks])
 
     def start_up(self, scan: bool, retry_failed: bool) -> None:
-        """Before the loop: stop what a killed daemon left, put interrupted jobs back, deliver what waits."""
+        """Before the loop: stop what a killed daemon left, put interrupted jobs back, re-queue what --scan or
+        --retry-failed asks for."""
         stop_left_behind(self.journal, self.results_dir)
         for checkpoint in self.journal.checkpoints_without_progress():  # admitted by an older version
             self.journal.set_progress(checkpoint.id, read_progress(checkpoint.path))

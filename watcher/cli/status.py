@@ -160,34 +160,10 @@ class PoolStatus:
         return self.jobs.get(slot["job"])
 
 
-def daemon_lock(journal_path: Path) -> tuple[bool, str | None]:
-    """Whether a daemon holds the results dir's lock (watcher/setup.take_lock), and the pid it wrote there.
-    (`ckpt-watch sync` takes the same lock for the seconds it runs.)
-
-    Tried with a shared, non-blocking flock on a read-only open of our own: it neither creates nor truncates the
-    file, and is released at once. A daemon starting in that same instant would find the lock taken and refuse
-    to start; reading /proc/locks would avoid that, but it is Linux-only and names a file by device and inode,
-    which on overlay filesystems need not be what stat() says."""
-    import fcntl
-
-    path = journal_path.parent / "ckpt-watch.lock"
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False, None  # no lock file: no daemon ever ran here (or one from before the lock)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.read(fd, 32).decode(errors="replace").strip()
-            return True, pid or None
-        return False, None
-    finally:
-        os.close(fd)  # releases our lock, if we got it
-
-
 def read_pool(journal_path: Path, run_name: str) -> PoolStatus:
-    running, pid = daemon_lock(journal_path)
+    from watcher.setup import lock_holder
+
+    running, pid = lock_holder(journal_path)
     try:
         with JournalReader(journal_path) as reader, reader.snapshot():
             recorded = reader.meta("pool")

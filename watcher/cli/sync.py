@@ -17,7 +17,7 @@ log = logging.getLogger("ckpt-watch")
 
 def main(argv: list[str]) -> int:
     from watcher.cli.common import _Parser, add_wandb_arguments, load_config, setup_logging
-    from watcher.setup import make_sinks, resolve_setup_paths, take_lock
+    from watcher.setup import lock_path, make_sinks, resolve_setup_paths, take_lock
     from watcher.journal import Journal
     from watcher.outbox import Outbox
     from watcher.sinks.wandb_run import upload_note
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
     if not journal_path.is_file():
         log.info("nothing to deliver: no journal at %s", journal_path)
         return 0
-    lock = take_lock(journal_path.parent / "ckpt-watch.lock", results_dir)
+    lock = take_lock(lock_path(journal_path), results_dir)
     journal = Journal(journal_path)
     outbox = Outbox(journal, make_sinks(config, results_dir, force=True, journal_path=journal_path))
     try:
