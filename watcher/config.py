@@ -72,6 +72,71 @@ class ScheduleEntry:
 
 
 SCHEDULE_KEYS = tuple(f.name for f in dataclasses.fields(ScheduleEntry))
+EXECUTORS = ("local", "slurm")
+
+
+@dataclass(frozen=True)
+class SlurmSettings:
+    """The `[slurm]` table, used with `executor = "slurm"`: each job becomes a Slurm batch job (watcher/slurm.py
+    talks to Slurm, watcher/slurm_jobs.py follows the jobs). Unset options are left to the cluster's defaults."""
+
+    partition: str | None = None
+    """`--partition`."""
+
+    account: str | None = None
+    """`--account`."""
+
+    qos: str | None = None
+    """`--qos`."""
+
+    gpus_per_job: int | None = None
+    """GPUs one job asks for (`--gres=gpu:N`). Default: the preset's `gpus`. 0: no GPU, the job runs on the CPU."""
+
+    cpus_per_task: int | None = None
+    """`--cpus-per-task`."""
+
+    mem: str | None = None
+    """`--mem`, in Slurm's notation (`64G`, `500M`)."""
+
+    constraint: str | None = None
+    """`--constraint` (node features, e.g. `h100`)."""
+
+    time: str | None = None
+    """`--time`, in Slurm's notation (`30`, `1:30:00`, `1-00:00:00`). Default: the preset's `time_budget` (else
+    `job_timeout`) plus a margin for start-up (10 %, at least 5 minutes). Past it Slurm ends the job: TIMEOUT."""
+
+    max_jobs: int = 4
+    """Slurm jobs of ours queued or running at once (the executor's slot count)."""
+
+    setup: tuple[str, ...] = ()
+    """Shell lines run in the job before the worker, e.g. `module load cuda/12.4`, `source /shared/env/bin/activate`."""
+
+    extra: tuple[str, ...] = ()
+    """Further sbatch options, one per entry: `--reservation=eval` or a whole `#SBATCH --reservation=eval` line."""
+
+    job_dir: Path | None = None
+    """Where job folders go (spec, outcome, stage file, job script): a folder both this machine and the compute
+    nodes see. Default: RESULTS_DIR/.slurm."""
+
+    scratch: str | None = None
+    """Where a job merges sharded checkpoints, as the compute node sees it (shell variables are expanded there).
+    Default: `$SLURM_TMPDIR`, else `$TMPDIR`, else the job's folder under `job_dir`."""
+
+    python: str | None = None
+    """The Python the job runs the worker with. Default: the one running the daemon (a shared-filesystem install;
+    after `setup` lines that activate an environment, `python` is usually what you want)."""
+
+    poll: float = 10.0
+    """Seconds between `squeue` queries. A job's own files (stage, outcome) are read every half second; Slurm is
+    asked at once when a job's outcome appears, so this only bounds how soon a job Slurm ended (time limit, scancel,
+    node failure) is noticed. At least 1 s (the scheduler's own load)."""
+
+    cancel_on_stop: bool = False
+    """When the daemon stops (SIGTERM): cancel its Slurm jobs. Default: leave them running; their outcomes are
+    collected at the next start."""
+
+
+SLURM_KEYS = tuple(f.name for f in dataclasses.fields(SlurmSettings))
 
 
 @dataclass
@@ -96,6 +161,13 @@ class WatchConfig:
     schedule: list[ScheduleEntry] = field(default_factory=list)
     """`[[schedule]]` entries: which preset runs on which checkpoints, at what priority (see `ScheduleEntry`).
     None given: one entry, `preset` on every checkpoint with the top-level `policy` and `variants`."""
+
+    executor: str = "local"
+    """Where jobs run: `local` (child processes on this machine, one per slot of `device`) or `slurm` (one Slurm
+    batch job each, at most `[slurm] max_jobs` at once; `device` is then not used)."""
+
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)
+    """The `[slurm]` table (see `SlurmSettings`)."""
 
     cpu_jobs: int = 1
     """With `device = "cpu"`: how many jobs run at once."""
@@ -224,7 +296,10 @@ class WatchConfig:
         name = Path(output_dir).name
         per_run = {key: Path(getattr(self, key)) / name for key in ("results_dir", "journal_dir", "scratch_dir")
                    if getattr(self, key) is not None and self.several_runs}  # fmt: skip
-        return dataclasses.replace(self, output_dir=Path(output_dir), runs_root=None, **per_run)
+        slurm = self.slurm
+        if isinstance(slurm, SlurmSettings) and slurm.job_dir is not None and self.several_runs:
+            slurm = dataclasses.replace(slurm, job_dir=Path(slurm.job_dir) / name)
+        return dataclasses.replace(self, output_dir=Path(output_dir), runs_root=None, slurm=slurm, **per_run)
 
     def resolved_results_dir(self) -> Path:
         assert self.output_dir is not None and not isinstance(self.output_dir, list)
@@ -306,6 +381,9 @@ def load_toml(path: Path) -> dict[str, Any]:
         elif key == "output_dir" and isinstance(data[key], list):  # several runs
             data[key] = [(base / Path(d).expanduser()).resolve() if isinstance(d, str) and d else d
                          for d in data[key]]  # fmt: skip
+    slurm = data.get("slurm")
+    if isinstance(slurm, dict) and isinstance(slurm.get("job_dir"), str) and slurm["job_dir"]:
+        slurm["job_dir"] = (base / Path(slurm["job_dir"]).expanduser()).resolve()
     backends, presets = data.get("backends", {}), data.get("presets", {})
     tables = [*backends.values()] if isinstance(backends, dict) else []
     for preset in presets.values() if isinstance(presets, dict) else []:
@@ -412,6 +490,9 @@ def validate(config: WatchConfig) -> None:
     if not isinstance(config.schedule, list):
         raise ConfigError("schedule must be a list of [[schedule]] tables")
     config.schedule = [_schedule_entry(i, entry) for i, entry in enumerate(config.schedule, 1)]
+    if config.executor not in EXECUTORS:
+        raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, got {config.executor!r}")
+    config.slurm = _slurm_settings(config.slurm)
 
 
 def _validate_runs(config: WatchConfig) -> None:
@@ -464,3 +545,47 @@ def _schedule_entry(number: int, entry: Any) -> ScheduleEntry:
                                  or any(v not in VARIANTS for v in variants)):  # fmt: skip
         raise ConfigError(f"{where}: variants must be a non-empty list of {', '.join(VARIANTS)}, got {variants!r}")
     return ScheduleEntry(**{**entry, "variants": tuple(variants) if variants else None})
+
+
+def _slurm_settings(table: Any) -> SlurmSettings:
+    """The `[slurm]` table (or settings already checked, on a reload) as SlurmSettings; a one-line ConfigError
+    naming the key otherwise."""
+    if isinstance(table, SlurmSettings):
+        return table
+    if not isinstance(table, dict):
+        raise ConfigError(f"slurm must be a table ([slurm]), got {table!r}")
+    for key in table:
+        if key not in SLURM_KEYS:
+            raise ConfigError(f"unknown key '{key}' in [slurm]; known keys: {', '.join(SLURM_KEYS)}")
+    values = dict(table)
+    for key in ("partition", "account", "qos", "mem", "constraint", "time", "scratch", "python"):
+        value = values.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip() or "\n" in value):
+            raise ConfigError(f"slurm.{key} must be a one-line string, got {value!r}")
+    for key, minimum in (("gpus_per_job", 0), ("cpus_per_task", 1), ("max_jobs", 1)):
+        value = values.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            kind = "a non-negative integer" if minimum == 0 else "a positive integer"
+            raise ConfigError(f"slurm.{key} must be {kind}, got {value!r}")
+    for key in ("setup", "extra"):
+        value = values.get(key, ())
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(line, str) and "\n" not in line for line in value):
+            raise ConfigError(f"slurm.{key} must be a list of one-line strings, got {value!r}")
+        values[key] = tuple(value)
+    for line in values.get("extra", ()):
+        if not line.strip().startswith(("-", "#SBATCH")):
+            raise ConfigError(f"slurm.extra entries are sbatch options like '--reservation=eval', got {line!r}")
+    poll = values.get("poll", 10.0)
+    if isinstance(poll, bool) or not isinstance(poll, (int, float)) or not math.isfinite(poll) or poll < 1:
+        raise ConfigError(f"slurm.poll must be at least 1 s (each poll is a query to the Slurm controller), got {poll!r}")
+    values["poll"] = float(poll)
+    if not isinstance(values.get("cancel_on_stop", False), bool):
+        raise ConfigError(f"slurm.cancel_on_stop must be true or false, got {values['cancel_on_stop']!r}")
+    job_dir = values.get("job_dir")
+    if job_dir is not None:
+        if not isinstance(job_dir, (str, Path)) or not str(job_dir):
+            raise ConfigError(f"slurm.job_dir must be a folder, got {job_dir!r}")
+        values["job_dir"] = Path(job_dir).expanduser()
+    return SlurmSettings(**values)
