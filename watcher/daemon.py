@@ -5,14 +5,15 @@ other thread is watchdog's observer, which just queues folder names), and heavy 
 processes, so the daemon stays small and responsive and never touches CUDA itself.
 
 Several jobs run at once, one per free slot of the pool (watcher/pool.py: the GPUs of `device`, or `cpu_jobs`
-cpu slots); which job takes a free slot is the schedule's call (watcher/scheduler.py). Each watched run's own
-state (journal, results, sinks, detection) is a `WatchedRun` (watcher/watched_run.py).
+cpu slots, or with `executor = "slurm"` the `max_jobs` Slurm jobs in flight); which job takes a free slot is the
+schedule's call (watcher/scheduler.py). The executor runs each job: a child process here (watcher/jobs.py) or a
+Slurm batch job (watcher/slurm_jobs.py); the daemon follows both alike. Each watched run's own state (journal,
+results, sinks, detection) is a `WatchedRun` (watcher/watched_run.py).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import time
 from dataclasses import dataclass, replace
@@ -20,18 +21,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from watcher.config import ConfigError
-from watcher.devices import child_environment
 from watcher.gpu_inventory import GpuInventory
-from watcher.jobs import JobPaths, RunningJob, launch
+from watcher.jobs import LocalExecutor, RunningJob
 from watcher.journal import Job
 from watcher.live_view import Snapshot
 from watcher.notify import Notifier
 from watcher.pool import Allocation, Pool
 from watcher.recording import build_result, headline_text, keep_merged
-from watcher.records import ACTIVE_STATES, JobSpec, JobState, Outcome, OutcomeKind
+from watcher.records import ACTIVE_STATES, JobState, Outcome, OutcomeKind
 from watcher.resources import ResourceState
 from watcher.scheduler import plan
 from watcher.setup import Setup, resolve_run
+from watcher.slurm_jobs import SlurmExecutor, SlurmJob
 from watcher.startup import announce, install_signal_handlers, start_feed
 from watcher.view_feed import ActiveView, merge_snapshots, running_views, status_line, waiting_lines
 from watcher.watch import FeedSet, PollingFeed
@@ -47,24 +48,30 @@ RUNS_ROOT_LOOK = 5.0  # seconds between looks for new runs under runs_root (and 
 STOP_GRACE = 10.0  # seconds a job's process group gets between SIGTERM and SIGKILL when it is stopped
 # Settings a reload cannot change: they name what is watched and where its state lives (restart for those).
 FIXED_ON_RELOAD = ("output_dir", "runs_root", "results_dir", "journal_dir", "scratch_dir", "poll", "settle", "sentinel",
-                   "checkpoint_pattern")  # fmt: skip
+                   "checkpoint_pattern", "executor")  # fmt: skip
 # Settings that make a new pool on reload: it takes over once the jobs running on the old one have ended.
-POOL_SETTINGS = ("device", "cpu_jobs", "gpu_busy_mib")
+POOL_SETTINGS = ("device", "cpu_jobs", "gpu_busy_mib", "slurm.max_jobs")
 
 
 @dataclass
 class ActiveJob:
-    """A job running now: its run, the journal's row, its child process and the slots it holds (of `pool`)."""
+    """A job running now: its run, the journal's row, its child process or Slurm job and the slots it holds (of
+    `pool`)."""
 
     run: WatchedRun
     job: Job
-    running: RunningJob
+    running: RunningJob | SlurmJob
     allocation: Allocation
     pool: Pool
 
     @property
     def key(self) -> tuple[str, int]:
         return (self.run.name, self.job.id)
+
+    @property
+    def device(self) -> str:
+        """Where it runs, as logs and results say it: "cuda:1", "cpu", "slurm 1234"."""
+        return self.running.where or self.allocation.device
 
 
 class Daemon:
@@ -74,6 +81,7 @@ class Daemon:
         self.notifier = Notifier()
         self.runs = [WatchedRun(place, setup, self.notifier) for place in setup.runs]
         self.pool = _build_pool(setup)
+        self.executor = SlurmExecutor(setup.config.slurm) if setup.config.executor == "slurm" else LocalExecutor()
         self._next_pool: Pool | None = None  # a reload's new pool, waiting for the old one's jobs to end
         self.active: dict[tuple[str, int], ActiveJob] = {}
         self._uncommitted: list[tuple[ActiveJob, Outcome]] = []  # outcomes the journal did not take yet
@@ -111,7 +119,7 @@ class Daemon:
         install_signal_handlers(self._on_stop_signal, self._on_reload_signal)
         with self.resources.guard("start up"):
             for run in self.runs:
-                run.start_up(scan, self.setup.retry_failed)
+                self._start_up(run, scan)
             self.deliver_pending()
 
         if not scan:
@@ -135,7 +143,7 @@ class Daemon:
                 with self.resources.guard("reload the configuration"):
                     self.reload()
             self.run_stages(changed)
-            if self._stop_requested and (not self.active or time.monotonic() >= self._stop_deadline):
+            if self._stop_requested and (not self._stop_waits() or time.monotonic() >= self._stop_deadline):
                 break
             if scan and self.resources.problem and time.time() - self.resources.since > SCAN_PATIENCE:
                 log.error("giving up the scan after %.0f s: %s (what is finished is kept; run it again later)",
@@ -184,10 +192,24 @@ class Daemon:
                 log.error("not watching %s: %s", folder, exc)
                 self._refused.add(folder.name)
                 continue
-            run.start_up(scan, self.setup.retry_failed)
+            self._start_up(run, scan)
             self.runs.append(run)
             self._watch(run)
             log.info("new run %s: watching it", run.name)
+
+    def _start_up(self, run: WatchedRun, scan: bool) -> None:
+        """A run's start: Slurm jobs a stopped or killed daemon left running are followed again (adopted, never
+        submitted twice); every other interrupted job is pending again."""
+        adopted = []
+        if isinstance(self.executor, SlurmExecutor):
+            timeout_of = lambda job: self._timeout_of(job.preset)  # noqa: E731
+            adopted = self.executor.adopt(run.name, run.journal, timeout_of)
+        run.start_up(scan, self.setup.retry_failed, [handle.job.id for handle in adopted])
+        for handle in adopted:
+            allocation = self.pool.offer(1) or self.pool.hold_beyond()
+            self.active[(run.name, handle.job.id)] = ActiveJob(run, handle.job, handle, allocation, self.pool)
+            log.info("%sfollowing %s again: %s, left running by the last stop", run.prefix, handle.job.label,
+                     handle.where)  # fmt: skip
 
     def run_stages(self, changed: dict[str, set[str]]) -> None:
         """One round of the pipeline after the watchdog ping. A full disk, a quota or a folder we may not write
@@ -237,7 +259,9 @@ class Daemon:
 
     def shutdown(self, scan: bool) -> int:
         self.notifier.stopping()
-        if self.active:
+        if self.active and self.executor.detaches and not self.executor.cancel_on_stop:
+            self._leave_running()
+        elif self.active:
             log.info("stopping %d running job(s) (%s); they will run again at the next start", len(self.active),
                      ", ".join(a.job.label for a in self.active.values()))  # fmt: skip
             self._stop_all()
@@ -280,6 +304,22 @@ class Daemon:
             run.journal.close()
         return 1 if any(failed.values()) or unwritten or self._gave_up else 0
 
+    def _stop_waits(self) -> bool:
+        """Whether a stop waits (up to stop_grace) for running jobs: not for Slurm jobs that are left running."""
+        return bool(self.active) and not (self.executor.detaches and not self.executor.cancel_on_stop)
+
+    def _leave_running(self) -> None:
+        """Slurm jobs run on after the daemon stops; the next start follows them again (their journal rows stay)."""
+        assert isinstance(self.executor, SlurmExecutor)
+        log.info("leaving %d Slurm job(s) running (%s); the next start collects their results (cancel_on_stop = "
+                 "true cancels them instead)", len(self.active),
+                 ", ".join(f"{a.job.label} as {a.device}" for a in self.active.values()))  # fmt: skip
+        for active in list(self.active.values()):
+            assert isinstance(active.running, SlurmJob)
+            self.executor.detach(active.running)
+            active.pool.release(active.allocation)
+            del self.active[active.key]
+
     def _stop_all(self) -> None:
         """Stop every running job: all are sent SIGTERM at once and share one grace period."""
         for active in self.active.values():
@@ -317,8 +357,10 @@ class Daemon:
             self.notifier.ready(self.status_line())
             return
         new.retry_failed = False
-        if any(getattr(new.config, name) != getattr(self.config, name) for name in POOL_SETTINGS):
+        if any(_setting(new.config, name) != _setting(self.config, name) for name in POOL_SETTINGS):
             self._next_pool = _build_pool(new)
+        if isinstance(self.executor, SlurmExecutor):
+            self.executor.settings = new.config.slurm  # from the next submission on
         places = {place.name: place for place in new.runs}
         for run in self.runs:
             run.replace_setup(places.get(run.name) or resolve_run(new.config, run.output_dir), new)
@@ -354,8 +396,9 @@ class Daemon:
             if len(run.journal.jobs(states=ACTIVE_STATES)) > len(running):
                 # Active in the journal but not running: a start cut short (a full disk) left it so.
                 run.journal.recover_interrupted(running)
-            queues.append(run.queue())
-        if not any(queue.pending for queue in queues):
+            queued = [a.job for a in self.active.values() if a.run is run and getattr(a.running, "queued", False)]
+            queues.append(run.queue(queued))
+        if not any(queue.pending or queue.queued for queue in queues):
             self._note_waiting([])
             return
         pool = self.pool if self._next_pool is None else None  # a new pool waits for the old one's jobs
@@ -368,6 +411,11 @@ class Daemon:
                 if jobs:
                     run.journal.skip([job.id for job in jobs], reason)
                     log.info("%s%s: skipping %s", run.prefix, reason, ", ".join(job.label for job in jobs))
+        for name, job, why in decided.cancel:  # Slurm jobs still queued, for checkpoints a newer one overtook
+            active = self.active[(name, job.id)]
+            log.info("%s%s: cancelling %s, still queued: %s", active.run.prefix, job.label, active.device, why)
+            self._end(active, stop=True, why=why)
+            active.run.journal.skip([job.id], why, started=True)
         started = set()
         for name, job in decided.start:
             allocation = pool.offer(self._slots_of(job.preset)) if pool else None
@@ -395,28 +443,28 @@ class Daemon:
         if started is None:  # not pending any more: nothing to run
             pool.release(allocation)
             return
-        job, checkpoint = started, started.checkpoint
-        preset = self.setup.presets[job.preset]
-        paths = JobPaths.for_job(run.results_dir, run.config.resolved_scratch_dir(), job)
-        spec = JobSpec(job_id=job.id, checkpoint_name=checkpoint.name, checkpoint_path=checkpoint.path,
-                       step=checkpoint.step, generation=checkpoint.generation, layout=checkpoint.layout,
-                       variants=checkpoint.variants, variant=job.variant, preset=preset,
-                       devices=allocation.child_devices,
-                       base_model=Path(self.config.base_model) if self.config.base_model else None,
-                       scratch_dir=paths.scratch, outcome_path=paths.outcome, parent_pid=os.getpid())  # fmt: skip
-        timeout = preset.time_budget or self.config.job_timeout
-        env = child_environment(list(allocation.visible_devices))
+        job = started
+        base_model = Path(self.config.base_model) if self.config.base_model else None
         try:
-            running = launch(job, spec, paths, env, timeout, run.journal.processes)
+            running = self.executor.launch(run.name, run.journal, run.results_dir, run.config.resolved_scratch_dir(),
+                                           job, self.setup.presets[job.preset], allocation, base_model,
+                                           self._timeout_of(job.preset))  # fmt: skip
         except BaseException:
             pool.release(allocation)  # the job stays "preparing" in the journal: the next round puts it back
             raise
-        self.active[(run.name, job.id)] = ActiveJob(run, job, running, allocation, pool)
+        active = ActiveJob(run, job, running, allocation, pool)
+        self.active[active.key] = active
         self._last_run = run.name
-        log.info("%sstarted %s on %s (attempt %d)", run.prefix, job.label, allocation.device, job.attempts)
+        log.info("%sstarted %s on %s (attempt %d)", run.prefix, job.label, active.device, job.attempts)
+
+    def _timeout_of(self, preset: str) -> float:
+        """A job's time budget: its preset's, else job_timeout (a Slurm job's --time adds a margin to it)."""
+        known = self.setup.presets.get(preset)
+        return (known.time_budget if known else None) or self.config.job_timeout
 
     def supervise(self) -> None:
         """Follow the running jobs: stage changes, their checkpoint vanishing, timeouts, and their end."""
+        self.executor.refresh()
         for active in list(self.active.values()):
             run, job, running = active.run, active.job, active.running
             for stage in running.new_stages():
@@ -424,7 +472,7 @@ class Daemon:
                     run.journal.set_stage(job.id, JobState.EVALUATING)
             if run.gone(job.checkpoint):
                 log.info("%s%s: checkpoint went away during the job; stopping it", run.prefix, job.label)
-                self._end(active, stop=True)
+                self._end(active, stop=True, why="checkpoint deleted")
                 continue
             if running.poll() is None:
                 if running.timed_out:
@@ -453,9 +501,9 @@ class Daemon:
             self._uncommitted.pop(0)
             active.run.deliver_pending(self.idle())
 
-    def _end(self, active: ActiveJob, stop: bool, grace: float = STOP_GRACE) -> None:
+    def _end(self, active: ActiveJob, stop: bool, grace: float = STOP_GRACE, why: str = "ckpt-watch stopped") -> None:
         if stop:
-            active.running.stop(grace)
+            active.running.stop(grace, why)
         active.running.close()
         active.pool.release(active.allocation)
         del self.active[active.key]
@@ -473,7 +521,7 @@ class Daemon:
                         self.config.max_attempts, delay, outcome.error)  # fmt: skip
             return
         result = build_result(job, outcome, attempt=attempt, started=running.started,
-                              device=active.allocation.device,
+                              device=active.device,
                               cuda_visible_devices=active.allocation.cuda_visible_devices,
                               log_file=str(running.paths.log.relative_to(run.results_dir)))  # fmt: skip
         if not run.journal.finish(job.id, result):
@@ -487,7 +535,7 @@ class Daemon:
             log.error("%s%s failed after %d attempt(s): %s", run.prefix, job.label, attempt, result.error)
 
     def _active_views(self) -> list[ActiveView]:
-        return [ActiveView(a.running, a.allocation.device, a.run.name) for a in self.active.values()]
+        return [ActiveView(a.running, a.device, a.run.name) for a in self.active.values()]
 
     def snapshot(self) -> Snapshot:
         """What the live view shows, as plain data (see watcher/view_feed.py); with several runs, theirs
@@ -587,7 +635,15 @@ class Daemon:
             self._feeds.wake()
 
 
+def _setting(config: Any, name: str) -> Any:
+    for part in name.split("."):
+        config = getattr(config, part)
+    return config
+
+
 def _build_pool(setup: Setup) -> Pool:
     config = setup.config
+    if config.executor == "slurm":  # Slurm places the jobs: the pool only counts them
+        return Pool(cpu_jobs=config.slurm.max_jobs, label="slurm")
     return Pool.for_device(setup.device, setup.gpu_entries, GpuInventory() if setup.device.kind == "cuda" else None,
                            busy_mib=config.gpu_busy_mib, cpu_jobs=config.cpu_jobs)  # fmt: skip

@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from watcher import processes
-from watcher.journal import Job, ProcessLedger
-from watcher.records import JobSpec, Outcome
+from watcher.devices import child_environment
+from watcher.journal import Job, Journal, ProcessLedger
+from watcher.pool import Allocation
+from watcher.records import JobSpec, Outcome, Preset
 
 
 @dataclass(frozen=True)
@@ -45,38 +47,22 @@ class JobPaths:
         )
 
 
-class RunningJob:
-    def __init__(self, job: Job, proc: subprocess.Popen, status_fd: int, paths: JobPaths, timeout: float,
-                 ledger: ProcessLedger):  # fmt: skip
-        self.job = job
-        self.proc = proc
-        self.ledger = ledger
-        self.paths = paths
-        self.started = time.time()
-        self.deadline = self.started + timeout
-        self.timeout = timeout
+class StageReader:
+    """The worker's stage reports (the protocol in watcher/worker.py), from bytes as they arrive: a pipe for a
+    local job, the stage file for a Slurm job."""
+
+    def __init__(self) -> None:
         self.stage = "preparing"
         self.progress: dict[str, Any] = {}  # the latest report's progress: done/total, or step/steps/backend
         self._reported: str | None = None  # the stage of the child's last report
-        self._status_fd = status_fd
         self._buffer = b""
 
-    def new_stages(self) -> list[str]:
-        """Stages the child entered since the last call (non-blocking; a stage repeated with new progress is
-        not listed again). Progress on the way is kept in `progress`: the latest report's keys besides "stage"
-        (see the protocol in watcher/worker.py), empty for a bare stage line."""
-        stages = []
-        while True:
-            try:
-                chunk = os.read(self._status_fd, 4096)
-            except BlockingIOError:
-                break
-            except OSError:
-                break
-            if not chunk:
-                break
-            self._buffer += chunk
+    def feed(self, chunk: bytes) -> list[str]:
+        """Stages entered in the complete lines read so far (a stage repeated with new progress is not listed
+        again); progress on the way is kept in `progress` (empty for a bare stage line)."""
+        self._buffer += chunk
         *lines, self._buffer = self._buffer.split(b"\n")
+        stages = []
         for line in lines:
             try:
                 message = json.loads(line)
@@ -91,6 +77,45 @@ class RunningJob:
             self.progress = {k: v for k, v in message.items() if k != "stage"}
         return stages
 
+
+class RunningJob:
+    """A local job: the worker as a child process of the daemon (see the module docstring)."""
+
+    where = ""  # named by its slot (a Slurm job by its Slurm id: watcher/slurm_jobs.py)
+
+    def __init__(self, job: Job, proc: subprocess.Popen, status_fd: int, paths: JobPaths, timeout: float,
+                 ledger: ProcessLedger):  # fmt: skip
+        self.job = job
+        self.proc = proc
+        self.ledger = ledger
+        self.paths = paths
+        self.started = time.time()
+        self.deadline = self.started + timeout
+        self.timeout = timeout
+        self._stages = StageReader()
+        self._status_fd = status_fd
+
+    @property
+    def stage(self) -> str:
+        return self._stages.stage
+
+    @property
+    def progress(self) -> dict[str, Any]:
+        return self._stages.progress
+
+    def new_stages(self) -> list[str]:
+        """Stages the child entered since the last call (non-blocking; see `StageReader.feed`)."""
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(self._status_fd, 4096)
+            except (BlockingIOError, OSError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return self._stages.feed(b"".join(chunks))
+
     def poll(self) -> int | None:
         return self.proc.poll()
 
@@ -98,11 +123,11 @@ class RunningJob:
     def timed_out(self) -> bool:
         return time.time() > self.deadline
 
-    def terminate(self) -> None:
+    def terminate(self, why: str = "") -> None:
         """SIGTERM the job's process group and return at once (several jobs stopping share one grace period)."""
         processes.kill_group(self.proc.pid, signal.SIGTERM)
 
-    def stop(self, grace: float = 10.0) -> None:
+    def stop(self, grace: float = 10.0, why: str = "") -> None:
         """SIGTERM the job's whole process group, then SIGKILL whatever is left after `grace` seconds."""
         processes.stop(self.proc, grace)
 
@@ -130,6 +155,35 @@ class RunningJob:
             pass
         shutil.rmtree(self.paths.workdir, ignore_errors=True)
         self.ledger.remove(self.proc.pid)
+
+
+class LocalExecutor:
+    """Jobs as child processes of the daemon, on the slots of its pool (the default `executor`)."""
+
+    detaches = False  # a stopping daemon stops its jobs: they are its children
+    cancel_on_stop = True
+
+    def launch(self, run_name: str, journal: Journal, results_dir: Path, scratch_dir: Path, job: Job,
+               preset: Preset, allocation: Allocation, base_model: Path | None, timeout: float) -> "RunningJob":  # fmt: skip
+        paths = JobPaths.for_job(results_dir, scratch_dir, job)
+        spec = job_spec(job, preset, paths, allocation.child_devices, base_model, os.getpid())
+        env = child_environment(list(allocation.visible_devices))
+        return launch(job, spec, paths, env, timeout, journal.processes)
+
+    def refresh(self) -> None:
+        """Nothing to ask anyone: a child's end is seen by `RunningJob.poll`."""
+
+
+def job_spec(job: Job, preset: Preset, paths: JobPaths, devices: tuple[str, ...], base_model: Path | None,
+             parent_pid: int) -> JobSpec:  # fmt: skip
+    """What the worker is told: the journal's facts about the job, never read again from the checkpoint.
+    `parent_pid` 0: no daemon on the worker's machine to go with (a Slurm job)."""
+    checkpoint = job.checkpoint
+    return JobSpec(job_id=job.id, checkpoint_name=checkpoint.name, checkpoint_path=checkpoint.path,
+                   step=checkpoint.step, generation=checkpoint.generation, layout=checkpoint.layout,
+                   variants=checkpoint.variants, variant=job.variant, preset=preset, devices=devices,
+                   base_model=base_model, scratch_dir=paths.scratch, outcome_path=paths.outcome,
+                   parent_pid=parent_pid)  # fmt: skip
 
 
 def launch(job: Job, spec: JobSpec, paths: JobPaths, env: dict[str, str], timeout: float,

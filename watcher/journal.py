@@ -90,6 +90,20 @@ CREATE TABLE IF NOT EXISTS processes (   -- process groups started and not yet s
     daemon_pid   INTEGER NOT NULL,
     started_at   REAL NOT NULL
 );
+-- Jobs handed to Slurm (executor = "slurm", watcher/slurm_jobs.py), from just before sbatch until their outcome
+-- is recorded. A daemon started after a stop or a kill -9 adopts the ones still queued or running from here.
+CREATE TABLE IF NOT EXISTS slurm_jobs (
+    job_id       INTEGER PRIMARY KEY REFERENCES jobs(id),
+    attempt      INTEGER NOT NULL,        -- the job's attempt this Slurm job runs
+    name         TEXT NOT NULL,           -- its unique Slurm job name: finds it when sbatch's answer was lost
+    slurm_id     TEXT,                    -- NULL until sbatch answered
+    folder       TEXT NOT NULL,           -- its job folder (spec, stage file, outcome) on the shared filesystem
+    log          TEXT NOT NULL,           -- where Slurm appends its stdout and stderr
+    submitted_at REAL NOT NULL,
+    state        TEXT,                    -- Slurm's state and reason as last read (for `status`)
+    reason       TEXT,
+    cancelling   TEXT                     -- why ckpt-watch cancels it, written before scancel (Slurm never says who)
+);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
 """
 
@@ -140,6 +154,7 @@ class Journal:
         self._db.executescript(_SCHEMA)  # CREATE ... IF NOT EXISTS: an older journal gains the newer tables
         _add_missing_columns(self._db)
         self.processes = ProcessLedger(path)
+        self.slurm = SlurmLedger(self._db)
 
     def close(self) -> None:
         self._db.close()
@@ -300,12 +315,16 @@ class Journal:
             )
         return True
 
-    def skip(self, job_ids: Iterable[int], reason: str) -> None:
+    def skip(self, job_ids: Iterable[int], reason: str, started: bool = False) -> None:
+        """Pending jobs `latest` gave up on are skipped; with `started`, also ones already handed out (a Slurm
+        job still queued when it was overtaken, cancelled by the caller)."""
+        states = (JobState.PENDING, *ACTIVE_STATES) if started else (JobState.PENDING,)
         with self._tx():
             for job_id in job_ids:
                 self._db.execute(
-                    "UPDATE jobs SET state = ?, error = ?, finished_at = ? WHERE id = ? AND state = ?",
-                    (JobState.SKIPPED, reason, time.time(), job_id, JobState.PENDING),
+                    "UPDATE jobs SET state = ?, error = ?, finished_at = ? WHERE id = ?"
+                    f" AND state IN ({', '.join('?' * len(states))})",
+                    (JobState.SKIPPED, reason, time.time(), job_id, *states),
                 )
 
     def requeue(self, preset: str, states: Iterable[JobState]) -> int:
@@ -438,6 +457,62 @@ class ProcessLedger:
                     for pgid, start, role, folder, daemon in rows]  # fmt: skip
         finally:
             db.close()
+
+
+@dataclass(frozen=True)
+class SlurmRecord:
+    """A row of the `slurm_jobs` table (see the schema)."""
+
+    job_id: int
+    attempt: int
+    name: str
+    slurm_id: str | None
+    folder: Path
+    log: Path
+    submitted_at: float
+    state: str | None
+    reason: str | None
+    cancelling: str | None
+
+
+class SlurmLedger:
+    """The journal's `slurm_jobs` table: which Slurm job runs which of our jobs. Used from the main loop only
+    (it shares the journal's connection); every call is one committed write."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+
+    def submitting(self, job_id: int, attempt: int, name: str, folder: Path, log: Path) -> None:
+        """Before sbatch: a crash between sbatch and `submitted` leaves this row, and the name finds the job."""
+        with _Transaction(self._db):
+            self._db.execute("INSERT OR REPLACE INTO slurm_jobs (job_id, attempt, name, folder, log, submitted_at)"
+                             " VALUES (?, ?, ?, ?, ?, ?)", (job_id, attempt, name, str(folder), str(log), time.time()))  # fmt: skip
+
+    def submitted(self, job_id: int, slurm_id: str) -> None:
+        with _Transaction(self._db):
+            self._db.execute("UPDATE slurm_jobs SET slurm_id = ?, state = 'PENDING', reason = NULL WHERE job_id = ?",
+                             (slurm_id, job_id))  # fmt: skip
+
+    def set_state(self, job_id: int, state: str, reason: str) -> None:
+        with _Transaction(self._db):
+            self._db.execute("UPDATE slurm_jobs SET state = ?, reason = ? WHERE job_id = ?", (state, reason, job_id))
+
+    def cancelling(self, job_id: int, why: str) -> None:
+        with _Transaction(self._db):
+            self._db.execute("UPDATE slurm_jobs SET cancelling = ? WHERE job_id = ?", (why, job_id))
+
+    def forget(self, job_id: int) -> None:
+        with _Transaction(self._db):
+            self._db.execute("DELETE FROM slurm_jobs WHERE job_id = ?", (job_id,))
+
+    def all(self) -> list[SlurmRecord]:
+        rows = self._db.execute("SELECT * FROM slurm_jobs ORDER BY job_id").fetchall()
+        return [_slurm_record(row) for row in rows]
+
+
+def _slurm_record(row: sqlite3.Row) -> SlurmRecord:
+    return SlurmRecord(row["job_id"], row["attempt"], row["name"], row["slurm_id"], Path(row["folder"]),
+                       Path(row["log"]), row["submitted_at"], row["state"], row["reason"], row["cancelling"])  # fmt: skip
 
 
 class _Transaction:
@@ -626,3 +701,8 @@ class JournalReader:
         """A fact the daemon recorded with `Journal.set_meta` (its JSON value), None when it has not."""
         rows = self._rows("SELECT value FROM meta WHERE key = ?", (key,))
         return json.loads(rows[0]["value"]) if rows else None
+
+    def slurm_jobs(self) -> list[SlurmRecord]:
+        """The Slurm jobs the daemon has handed out (empty for the local executor, or a journal of an older
+        version)."""
+        return [_slurm_record(row) for row in self._rows("SELECT * FROM slurm_jobs ORDER BY job_id")]

@@ -39,6 +39,7 @@ class Allocation:
     visible_devices: tuple[str, ...]  # CUDA_VISIBLE_DEVICES entries; () hides every GPU from a cpu job
     child_devices: tuple[str, ...]  # ("cuda:0", "cuda:1") for a pair, ("cpu",) for a cpu slot
     cpu_slot: int | None = None  # which of the `cpu_jobs` slots (so two cpu allocations differ)
+    label: str = "cpu"  # what a slot of a pool without GPUs is: "cpu" (a local child), "slurm" (a Slurm job)
 
     @property
     def cuda_visible_devices(self) -> str:
@@ -47,24 +48,24 @@ class Allocation:
     @property
     def slot_names(self) -> tuple[str, ...]:
         """The slots it holds, named as `SlotState.name`: ("cuda:1", "cuda:2"), ("cpu#0",)."""
-        return (_cpu_slot_name(self.cpu_slot),) if self.cpu_slot is not None else tuple(map(_gpu_slot_name, self.gpus))
+        return (_slot_name(self.label, self.cpu_slot),) if self.cpu_slot is not None else tuple(map(_gpu_slot_name, self.gpus))
 
     @property
     def device(self) -> str:
         """The job's device as logs and result records say it: "cuda:1,2" (user numbering), "cpu"."""
-        return "cpu" if self.cpu_slot is not None else str(self)
+        return self.label if self.cpu_slot is not None else str(self)
 
     def __str__(self) -> str:
         """As the user names the slots: "cuda:1,2", "cpu#0"."""
-        return _cpu_slot_name(self.cpu_slot) if self.cpu_slot is not None else "cuda:" + ",".join(map(str, self.gpus))
+        return _slot_name(self.label, self.cpu_slot) if self.cpu_slot is not None else "cuda:" + ",".join(map(str, self.gpus))
 
 
 def _gpu_slot_name(gpu: int) -> str:
     return f"cuda:{gpu}"
 
 
-def _cpu_slot_name(slot: int) -> str:
-    return f"cpu#{slot}"
+def _slot_name(label: str, slot: int) -> str:
+    return f"{label}#{slot}"
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,10 @@ class SlotState:
 class Pool:
     def __init__(self, gpus: Sequence[int] = (), visible_devices: Sequence[str] = (),
                  inventory: GpuInventory | None = None, busy_mib: int = DEFAULT_GPU_BUSY_MIB,
-                 cpu_jobs: int = DEFAULT_CPU_JOBS) -> None:  # fmt: skip
+                 cpu_jobs: int = DEFAULT_CPU_JOBS, label: str = "cpu") -> None:  # fmt: skip
         """A GPU pool when `gpus` (user-numbered indices) and their `visible_devices` entries are given (see
-        watcher/devices.check_available), else a cpu pool of `cpu_jobs` slots."""
+        watcher/devices.check_available), else a pool of `cpu_jobs` slots named `label`#N: local cpu jobs, or
+        with label "slurm" the Slurm jobs in flight (`[slurm] max_jobs`; Slurm places them)."""
         if len(gpus) != len(visible_devices):
             raise ValueError("each GPU of the pool needs its CUDA_VISIBLE_DEVICES entry")
         if gpus and inventory is None:
@@ -96,6 +98,7 @@ class Pool:
         self._inventory = inventory
         self._busy_mib = busy_mib
         self._cpu_jobs = cpu_jobs
+        self._label = label
         self._held: list[Allocation] = []
 
     @classmethod
@@ -127,7 +130,7 @@ class Pool:
     def slots(self) -> tuple[SlotState, ...]:
         if self.is_cpu:
             taken = {a.cpu_slot for a in self._held}
-            return tuple(SlotState(_cpu_slot_name(i), i in taken) for i in range(self._cpu_jobs))
+            return tuple(SlotState(_slot_name(self._label, i), i in taken) for i in range(self._cpu_jobs))
         held = {gpu for a in self._held for gpu in a.gpus}
         return tuple(SlotState(_gpu_slot_name(g), g in held, None if g in held else self._busy(g), g)
                      for g in self._gpus)  # fmt: skip
@@ -143,7 +146,8 @@ class Pool:
 
     def free(self) -> int:
         """How many slots a job could take now (free GPUs, or free cpu slots)."""
-        return sum(1 for slot in self.slots() if slot.free)
+        free = sum(1 for slot in self.slots() if slot.free)
+        return max(0, min(free, self._cpu_jobs - len(self._held))) if self.is_cpu else free
 
     # --- offer and release -------------------------------------------------------------------------------------
 
@@ -154,15 +158,22 @@ class Pool:
             raise ValueError(f"a job needs at least one GPU, got {gpus_needed}")
         if self.is_cpu:
             free_cpu = [i for i, slot in enumerate(self.slots()) if slot.free]
-            if not free_cpu:
+            if not free_cpu or len(self._held) >= self._cpu_jobs:  # held beyond: see `hold_beyond`
                 return None
-            allocation = Allocation((), (), ("cpu",), cpu_slot=free_cpu[0])
+            allocation = Allocation((), (), ("cpu",), cpu_slot=free_cpu[0], label=self._label)
         else:
             chosen = _choose(self._free_gpus(), gpus_needed)
             if chosen is None:
                 return None
             allocation = Allocation(chosen, tuple(self._entry[g] for g in chosen),
                                     tuple(f"cuda:{i}" for i in range(len(chosen))))  # fmt: skip
+        self._held.append(allocation)
+        return allocation
+
+    def hold_beyond(self) -> Allocation:
+        """A slot past the pool's size, for a Slurm job adopted at start when `max_jobs` was lowered meanwhile:
+        it is followed to its end, and no new job starts until the count is below `max_jobs` again."""
+        allocation = Allocation((), (), ("cpu",), cpu_slot=self._cpu_jobs + len(self._held), label=self._label)
         self._held.append(allocation)
         return allocation
 
@@ -187,12 +198,13 @@ class Pool:
         reasons = [f"{s.name} runs a job" for s in slots if s.held] + [f"{s.name} busy: {s.busy}" for s in slots
                                                                         if s.busy]  # fmt: skip
         if self.is_cpu:
-            return f"no free slot: {', '.join(reasons)} (cpu_jobs = {self._cpu_jobs})"
+            setting = "slurm.max_jobs" if self._label == "slurm" else "cpu_jobs"
+            return f"no free slot: {', '.join(reasons)} ({setting} = {self._cpu_jobs})"
         have = f"{len(free)} free ({', '.join(free)})" if free else "none free"
         return f"no free slot: needs {gpus_needed} GPU{'s' if gpus_needed > 1 else ''}, {have}; {'; '.join(reasons)}"
 
     def describe(self) -> str:
-        return f"cpu x{self._cpu_jobs}" if self.is_cpu else "cuda:" + ",".join(map(str, self._gpus))
+        return f"{self._label} x{self._cpu_jobs}" if self.is_cpu else "cuda:" + ",".join(map(str, self._gpus))
 
 
 def _choose(free: list[int], needed: int) -> tuple[int, ...] | None:

@@ -207,11 +207,12 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
         os._exit(1)
 
 
-def guard(parent_pid: int) -> None:
+def guard(parent_pid: int | None) -> None:
     """Make this process the guardian of everything it will start (see the module docstring).
 
     Call it first thing in a child started by `spawn(..., guardian=True)`. On SIGTERM (the parent died,
     or the parent is stopping us) every descendant gets SIGTERM, then SIGKILL after GUARD_GRACE, and we exit.
+    `parent_pid` None: no parent to follow (a Slurm job: Slurm's SIGTERM is the only stop).
     """
     if _PRCTL is not None:
         _PRCTL(_PR_SET_CHILD_SUBREAPER, 1)
@@ -222,7 +223,8 @@ def guard(parent_pid: int) -> None:
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop_tree)
-    die_with_parent(parent_pid, signal.SIGTERM)
+    if parent_pid is not None:
+        die_with_parent(parent_pid, signal.SIGTERM)
 
 
 def stop_descendants(pid: int, grace: float) -> None:

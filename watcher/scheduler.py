@@ -26,6 +26,7 @@ class RunQueue:
     pending: Sequence[Job]  # its pending jobs
     final_step: int | None = None  # the step of its final checkpoint, once known (schedules.final_checkpoint)
     settling_steps: Sequence[int] = ()  # complete checkpoints still inside their settle window
+    queued: Sequence[Job] = ()  # jobs handed out but not yet begun (Slurm jobs still in Slurm's queue)
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Plan:
 
     start: list[tuple[str, Job]] = field(default_factory=list)
     skip: list[tuple[str, Job, str]] = field(default_factory=list)  # (run, job, reason)
+    cancel: list[tuple[str, Job, str]] = field(default_factory=list)  # queued jobs `latest` gives up on, likewise
     waiting: list[tuple[str, Job, str]] = field(default_factory=list)  # (run, job, why), in start order
     # The first job that found too few free slots and how many it needs: the caller words why once this round's
     # starts hold their slots (the pool's reason, e.g. "no free slot: needs 2 GPUs, cuda:1 busy: ...").
@@ -67,20 +69,21 @@ def plan(queues: Sequence[RunQueue], entries: Sequence[ScheduleEntry], now: floa
         present_steps = {c.step for c in queue.checkpoints if not c.gone}
         # A deleted newest checkpoint overtakes nothing: `latest` compares with what can still run.
         wanted_present = {key: numbers for key, numbers in wanted_keys.items() if key.step in present_steps}
-        pending = []
-        for job in queue.pending:
+        pending, queued = [], []
+        for job in [*queue.pending, *queue.queued]:
             if job.preset not in known:  # a reload removed its entry: it waits until one names the preset again
                 continue
             by_id[(queue.run, job.id)] = job
             key = JobKey(job.checkpoint.step, job.variant, job.preset)
-            pending.append(PendingJob(job.id, job.checkpoint.step, job.checkpoint.generation, job.variant,
-                                      job.preset, job.next_attempt_at, wanted_keys.get(key, ()), queue.run))  # fmt: skip
-        skipped = {p.job_id for p in overtaken(pending, entries, wanted_present, queue.final_step)}
-        for p in pending:
+            (queued if job in queue.queued else pending).append(
+                PendingJob(job.id, job.checkpoint.step, job.checkpoint.generation, job.variant, job.preset,
+                           job.next_attempt_at, wanted_keys.get(key, ()), queue.run))  # fmt: skip
+        skipped = {p.job_id for p in overtaken([*pending, *queued], entries, wanted_present, queue.final_step)}
+        for p in [*pending, *queued]:
             if p.job_id in skipped:
                 newest = max(k.step for k, numbers in wanted_present.items() if set(numbers) & set(p.entries))
-                result.skip.append((queue.run, by_id[(queue.run, p.job_id)],
-                                    f"policy latest: overtaken by step {newest}"))  # fmt: skip
+                (result.cancel if p in queued else result.skip).append(
+                    (queue.run, by_id[(queue.run, p.job_id)], f"policy latest: overtaken by step {newest}"))  # fmt: skip
         runnable = []
         for p in pending:
             if p.job_id in skipped:

@@ -74,7 +74,14 @@ class Setup:
 
 def resolve_setup(config: WatchConfig) -> Setup:
     """Check everything (device, presets, the watched folders) and create nothing; a ConfigError otherwise."""
-    device, gpu_entries = resolve_device(config.device)
+    slurm = config.executor == "slurm"
+    if slurm:  # Slurm gives each job its GPUs on a compute node; this machine's devices do not matter
+        from watcher.slurm import missing_tools
+
+        why = missing_tools()
+        if why:
+            raise ConfigError(f"executor = slurm, but {why}")
+    device, gpu_entries = resolve_device("cpu" if slurm else config.device)
     schedule = config.schedule_entries()
     presets = {entry.preset: get_preset(entry.preset, config.presets, config.backends) for entry in schedule}
     for preset in presets.values():

@@ -115,6 +115,9 @@ def announce(place: RunSetup, setup: Setup, feed: Feed | None) -> str:
         mode = f"polling every {place.poll:g} s" if feed.mode == "polling" else feed.mode
     pool = f"{setup.device} x{setup.config.cpu_jobs}" if setup.device.kind == "cpu" and setup.config.cpu_jobs > 1 \
         else str(setup.device)
+    if setup.config.executor == "slurm":
+        slurm = setup.config.slurm
+        pool = f"Slurm (up to {slurm.max_jobs} jobs" + (f", partition {slurm.partition}" if slurm.partition else "") + ")"
     log.info("ckpt-watch %s: %s (%s), %s, policy %s, device %s, settle %g s, results in %s", __version__,
              place.output_dir, mode, setup.schedule_text(), setup.config.policy, pool, place.settle,
              place.results_dir)  # fmt: skip

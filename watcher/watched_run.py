@@ -10,6 +10,7 @@ schedule's start order, the loop.
 from __future__ import annotations
 
 import logging
+from typing import Iterable
 
 from watcher.detect import Detector, Ready, read_progress
 from watcher.final import finished_step
@@ -59,14 +60,14 @@ class WatchedRun:
         self.outbox.replace_sinks(place.sinks)
         self.journal.set_meta("sinks", [sink.name for sink in place.sinks])
 
-    def start_up(self, scan: bool, retry_failed: bool) -> None:
-        """Before the loop: stop what a killed daemon left, put interrupted jobs back, re-queue what --scan or
-        --retry-failed asks for."""
+    def start_up(self, scan: bool, retry_failed: bool, adopted: Iterable[int] = ()) -> None:
+        """Before the loop: stop what a killed daemon left, put interrupted jobs back (but the `adopted` ones,
+        Slurm jobs that run on), re-queue what --scan or --retry-failed asks for."""
         stop_left_behind(self.journal, self.results_dir)
         for checkpoint in self.journal.checkpoints_without_progress():  # admitted by an older version
             self.journal.set_progress(checkpoint.id, read_progress(checkpoint.path))
         self.journal.set_meta("sinks", [sink.name for sink in self.place.sinks])
-        recovered = self.journal.recover_interrupted()
+        recovered = self.journal.recover_interrupted(adopted)
         if recovered:
             log.info("%s%d job(s) interrupted by the last stop are pending again", self.prefix, recovered)
         if scan:  # a backfill runs what `latest` skipped before, for the entries that evaluate everything
@@ -145,9 +146,10 @@ class WatchedRun:
         """Pending jobs of the presets the schedule names (a reload may have dropped a preset: its jobs wait)."""
         return [job for job in self.journal.jobs(states=[JobState.PENDING]) if job.preset in self.setup.presets]
 
-    def queue(self) -> RunQueue:
+    def queue(self, queued: Iterable[Job] = ()) -> RunQueue:
+        """`queued`: this run's jobs handed out but not begun (Slurm jobs still in Slurm's queue)."""
         return RunQueue(self.name, self.journal.all_checkpoints(), self.pending(), self.final_step,
-                        tuple(self.detector.settling_steps()))  # fmt: skip
+                        tuple(self.detector.settling_steps()), tuple(queued))  # fmt: skip
 
     def idle(self) -> bool:
         """Nothing settling, nothing pending (jobs running are the daemon's to know)."""

@@ -5,6 +5,11 @@ heavy work (torch, lm-eval) and any crash, out-of-memory kill or hang stay insid
 stage through a pipe (CKPT_WATCH_STATUS_FD) and writes its `Outcome` atomically to the spec's `outcome_path`;
 stdout and stderr go to the job's log file.
 
+In a Slurm job (watcher/slurm_jobs.py) the same worker runs on a compute node: it reports its stage by appending
+the same lines to a file (CKPT_WATCH_STATUS_FILE) in its job folder on the shared filesystem, merges into
+CKPT_WATCH_SCRATCH (the node's local disk, removed at the end) and does not watch for the daemon's death (it
+runs on another machine; Slurm stops it, with SIGTERM, when the job is cancelled or times out).
+
 The status pipe carries one JSON object per line, each with a "stage"; progress rides along in optional keys:
 
     {"stage": "preparing"}
@@ -20,9 +25,11 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +41,18 @@ from watcher.records import JobSpec, Outcome, OutcomeKind
 
 def _report_stage(stage: str, **progress: Any) -> None:
     """Tell the daemon (see the protocol above); byte progress is not echoed into the job's log."""
+    line = (json.dumps({"stage": stage, **progress}) + "\n").encode()
     fd = os.environ.get("CKPT_WATCH_STATUS_FD")
     if fd:
         try:  # one short write() to a pipe is atomic: lines from the merge's copy threads never interleave
-            os.write(int(fd), (json.dumps({"stage": stage, **progress}) + "\n").encode())
+            os.write(int(fd), line)
+        except OSError:
+            pass
+    status_file = os.environ.get("CKPT_WATCH_STATUS_FILE")
+    if status_file:
+        try:  # O_APPEND: each line is one write at the file's end, whichever thread reports
+            with open(status_file, "ab", buffering=0) as handle:
+                handle.write(line)
         except OSError:
             pass
     if "done" not in progress:
@@ -117,7 +132,11 @@ def _first_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = JobSpec.read(Path(argv[0]))
-    guard(spec.parent_pid)  # we and all we start go with the daemon: no orphan may hold the GPU
+    node_scratch = os.environ.get("CKPT_WATCH_SCRATCH")
+    if node_scratch:  # a Slurm job: scratch on the node, chosen there (see watcher/slurm_jobs.py)
+        spec = replace(spec, scratch_dir=Path(node_scratch))
+    # We and all we start go with the daemon (no orphan may hold the GPU); a Slurm job's daemon is elsewhere.
+    guard(spec.parent_pid or None)
     print(f"[ckpt-watch] job {spec.job_id}: {spec.checkpoint_name} / {spec.variant} / {spec.preset.name} on "
           f"{spec.device} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})", flush=True)  # fmt: skip
     try:
@@ -137,9 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         outcome = Outcome.failure(f"{type(exc).__name__}: {_first_line(exc)}".rstrip(": "))
         code = 3
-    outcome.write(spec.outcome_path)
     sys.stdout.flush()
     stop_descendants(os.getpid(), GUARD_GRACE)  # what the evaluators left running (we are their subreaper)
+    if node_scratch and not os.environ.get("CKPT_WATCH_KEEP_SCRATCH"):
+        shutil.rmtree(node_scratch, ignore_errors=True)  # the daemon cannot reach a node's local disk
+    # Last: for a Slurm job its appearance is what tells the daemon the job is over.
+    outcome.write(spec.outcome_path)
     return code
 
 
