@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from watcher.config import ConfigError
-from watcher.journal import JobRow, JournalReader
+from watcher.journal import JobRow, JournalReader, SlurmRecord
 from watcher.metrics import headline_metrics
 from watcher.records import Result, iso_time
 
@@ -151,6 +151,7 @@ class PoolStatus:
     recorded: dict[str, Any] | None  # the journal's meta "pool", as written
     run_name: str  # this run as the daemon names it (its output_dir's name)
     jobs: dict[int, JobRow] = field(default_factory=dict)  # this journal's jobs by id
+    slurm: dict[int, SlurmRecord] = field(default_factory=dict)  # its jobs handed to Slurm, by job id
 
     def job_on(self, slot: dict[str, Any]) -> JobRow | None:
         """The job a slot holds, from this journal; None when it is another run's (another journal). A daemon's
@@ -168,9 +169,10 @@ def read_pool(journal_path: Path, run_name: str) -> PoolStatus:
         with JournalReader(journal_path) as reader, reader.snapshot():
             recorded = reader.meta("pool")
             jobs = {job.id: job for job in reader.jobs()}
+            slurm = {record.job_id: record for record in reader.slurm_jobs()}
     except (OSError, sqlite3.Error, ValueError) as exc:
         raise ConfigError(f"cannot read the journal {journal_path}: {exc}") from None
-    return PoolStatus(running, pid, recorded if isinstance(recorded, dict) else None, run_name, jobs)
+    return PoolStatus(running, pid, recorded if isinstance(recorded, dict) else None, run_name, jobs, slurm)
 
 
 def queue_by_preset(rows: list[dict[str, Any]], preset_order: list[str]) -> dict[str, int]:
@@ -182,23 +184,32 @@ def queue_by_preset(rows: list[dict[str, Any]], preset_order: list[str]) -> dict
 
 
 def pool_json(pool: PoolStatus, queue: dict[str, int]) -> dict[str, Any]:
-    """The recorded pool as written, with "daemon_running" (false: what it shows is stale), "queue", and on each
-    slot whose job is in this journal its "state" and "started_at"."""
+    """The recorded pool as written, with "daemon_running" (false: what it shows is stale), "queue", on each
+    slot whose job is in this journal its "state" and "started_at" (and for a Slurm job "slurm_id" and
+    "slurm_state"), and "slurm": this run's Slurm jobs (also those a stopped daemon left running)."""
     recorded = dict(pool.recorded or {})
     slots = []
     for slot in recorded.get("slots") or []:
         job = pool.job_on(slot)
+        record = pool.slurm.get(job.id) if job else None
         slots.append({**slot, "state": str(job.state) if job else None,
-                      "started_at": _iso(job.started_at) if job else None})  # fmt: skip
+                      "started_at": _iso(job.started_at) if job else None,
+                      **({"slurm_id": record.slurm_id, "slurm_state": record.state} if record else {})})  # fmt: skip
     if "slots" in recorded:
         recorded["slots"] = slots
-    return {**recorded, "daemon_running": pool.daemon_running, "queue": queue}
+    slurm = [{"job": r.job_id, "what": pool.jobs[r.job_id].label if r.job_id in pool.jobs else None,
+              "slurm_id": r.slurm_id, "name": r.name, "state": r.state, "reason": r.reason,
+              "submitted_at": _iso(r.submitted_at), "log": str(r.log)} for r in pool.slurm.values()]  # fmt: skip
+    return {**recorded, "daemon_running": pool.daemon_running, "queue": queue, "slurm": slurm}
 
 
 def pool_lines(pool: PoolStatus, queue: dict[str, int], now: float | None = None) -> list[str]:
     """The block above the job table."""
     if not pool.daemon_running:
-        return ["no daemon running"]
+        left = [f"  {pool.jobs[r.job_id].label if r.job_id in pool.jobs else f'job {r.job_id}'}  {_slurm_text(r)}"
+                for r in pool.slurm.values()]  # fmt: skip
+        return ["no daemon running"] + (["Slurm jobs left running (the next start collects them):", *left] if left
+                                        else [])  # fmt: skip
     now = time.time() if now is None else now
     head = "daemon running" + (f" (pid {pool.daemon_pid})" if pool.daemon_pid else "")
     recorded = pool.recorded
@@ -229,7 +240,16 @@ def _slot_text(pool: PoolStatus, slot: dict[str, Any], now: float) -> str:
     text = f"{slot.get('what')}  {job.state}"
     if job.state in ("preparing", "evaluating") and job.started_at:
         text += f"  {_seconds(max(0.0, now - job.started_at))} so far"
-    return text
+    record = pool.slurm.get(job.id)
+    return text + (f"  {_slurm_text(record)}" if record else "")
+
+
+def _slurm_text(record: SlurmRecord) -> str:
+    """ "slurm 1234 PENDING (Priority)", as squeue last said it to the daemon."""
+    if record.slurm_id is None:
+        return "slurm (being submitted)"
+    reason = f" ({record.reason})" if record.reason and record.reason != "None" else ""
+    return f"slurm {record.slurm_id} {record.state or '?'}{reason}"
 
 
 # --- the command ---------------------------------------------------------------------------------------------
