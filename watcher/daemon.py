@@ -81,7 +81,8 @@ class Daemon:
         self.notifier = Notifier()
         self.runs = [WatchedRun(place, setup, self.notifier) for place in setup.runs]
         self.pool = _build_pool(setup)
-        self.executor = SlurmExecutor(setup.config.slurm) if setup.config.executor == "slurm" else LocalExecutor()
+        self.executor = SlurmExecutor(setup.config.slurm, keep_merged=setup.config.keep_merged > 0) \
+            if setup.config.executor == "slurm" else LocalExecutor()  # fmt: skip
         self._next_pool: Pool | None = None  # a reload's new pool, waiting for the old one's jobs to end
         self.active: dict[tuple[str, int], ActiveJob] = {}
         self._uncommitted: list[tuple[ActiveJob, Outcome]] = []  # outcomes the journal did not take yet
@@ -204,6 +205,12 @@ class Daemon:
         if isinstance(self.executor, SlurmExecutor):
             timeout_of = lambda job: self._timeout_of(job.preset)  # noqa: E731
             adopted = self.executor.adopt(run.name, run.journal, timeout_of)
+        else:
+            for record in run.journal.slurm.all():  # left by a daemon with executor = "slurm"
+                log.warning("%sSlurm job %s (%s) of an earlier executor = \"slurm\" is not followed by the local "
+                            "executor: its job runs again here (scancel %s if it still runs)", run.prefix,
+                            record.slurm_id, record.name, record.slurm_id)  # fmt: skip
+                run.journal.slurm.forget(record.job_id)
         run.start_up(scan, self.setup.retry_failed, [handle.job.id for handle in adopted])
         for handle in adopted:
             allocation = self.pool.offer(1) or self.pool.hold_beyond()

@@ -7,7 +7,6 @@ its progress as read at detection), the worker's `Outcome` and the daemon's own 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 import uuid
@@ -65,7 +64,7 @@ def keep_merged(job: Job, outcome: Outcome, keep: int, scratch_dir: Path, step_o
     kept.mkdir(parents=True, exist_ok=True)
     destination = kept / job.checkpoint.name
     shutil.rmtree(destination, ignore_errors=True)
-    os.replace(merged, destination)
+    shutil.move(merged, destination)  # a rename; a copy when a Slurm job merged on another filesystem
     by_step = sorted(kept.iterdir(), key=lambda p: step_of(p.name) or -1)
     for old in by_step[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -144,8 +144,10 @@ class SlurmExecutor:
 
     detaches = True  # a stopping daemon leaves its jobs to Slurm, unless cancel_on_stop
 
-    def __init__(self, settings: SlurmSettings):
+    def __init__(self, settings: SlurmSettings, keep_merged: bool = False):
+        """`keep_merged`: merge in the job folder (shared), not on the node, so the daemon can keep the copy."""
         self.settings = settings
+        self.keep_merged = keep_merged
         self.jobs: dict[tuple[str, int], SlurmJob] = {}  # (run, job id) -> its Slurm job
         self._journals: dict[tuple[str, int], Journal] = {}
         self._next_query = 0.0
@@ -203,11 +205,14 @@ class SlurmExecutor:
         """The job script's body: where to merge (the node's local disk when it has one), then the worker."""
         python = self.settings.python or sys.executable
         folder = shlex.quote(str(paths.workdir))
-        if self.settings.scratch:
+        keep = []
+        if self.keep_merged:  # keep_merged moves the merged copy from here: it must be where the daemon sees it
+            base, keep = folder, ["export CKPT_WATCH_KEEP_SCRATCH=1"]
+        elif self.settings.scratch:
             base = self.settings.scratch  # shell text, expanded on the node (e.g. "$LOCAL_SCRATCH")
         else:
             base = f'${{SLURM_TMPDIR:-${{TMPDIR:-{folder}}}}}'
-        return [f'export CKPT_WATCH_SCRATCH="{base}/ckpt-watch-job-{job.id}"',
+        return [*keep, f'export CKPT_WATCH_SCRATCH="{base}/ckpt-watch-job-{job.id}"',
                 f"export CKPT_WATCH_STATUS_FILE={shlex.quote(str(paths.workdir / STATUS_FILE))}",
                 "export PYTHONUNBUFFERED=1",
                 f"exec {shlex.quote(python)} -m watcher.worker {shlex.quote(str(paths.spec))}"]  # fmt: skip

@@ -137,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         spec = replace(spec, scratch_dir=Path(node_scratch))
     # We and all we start go with the daemon (no orphan may hold the GPU); a Slurm job's daemon is elsewhere.
     guard(spec.parent_pid or None)
+    slurm_job = os.environ.get("SLURM_JOB_ID")
+    where = f" in Slurm job {slurm_job} on {os.uname().nodename}" if slurm_job else ""
     print(f"[ckpt-watch] job {spec.job_id}: {spec.checkpoint_name} / {spec.variant} / {spec.preset.name} on "
-          f"{spec.device} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})", flush=True)  # fmt: skip
+          f"{spec.device}{where} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})", flush=True)  # fmt: skip
     try:
         outcome = run_job(spec)
         code = 0
