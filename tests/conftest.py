@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import marked, train_with_callback
+from slurm_fixture import slurm_cluster  # noqa: F401  (a fixture: pytest finds it by name here)
 
 # The Hugging Face Hub is unreachable here and must never be needed: every model and data set is built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,6 +45,14 @@ def pytest_runtest_protocol(item, nextitem):
     with open(shared / "serial-tests.lock", "a") as lock:
         fcntl.flock(lock, mode)  # released when the file is closed
         return (yield)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items):
+    """A test that uses the real Slurm cluster is marked `slurm`: `-m "not slurm"` leaves those out."""
+    for item in items:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slurm)
 
 
 @pytest.fixture(scope="session")
