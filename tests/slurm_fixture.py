@@ -3,8 +3,11 @@
 A cluster that already answers (SLURM_CONF set by `.ci/run` or a developer, or cluster.sh's default config) is
 used as it is and left running. Otherwise the fixture starts one and stops it when the last test session using it
 ends. The cluster is machine-wide (fixed ports), and pytest-xdist workers and other sessions (other worktrees) may
-share it: each holds a shared lock on it while its tests run; the one that finds the lock free at its end stops a
-cluster a fixture started. Jobs of different tests tell themselves apart by unique job names.
+share it. Two locks beside its state dir: `.start` (held only while checking, starting or stopping) and `.users`
+(held shared by every session for as long as it uses the cluster). At its end a session stops a cluster a fixture
+started only if it can take `.users` exclusively, i.e. no other session still uses it. (One lock for both would
+make a second session wait for the first one's end before it could even check.) Jobs of different tests tell
+themselves apart by unique job names.
 
 Cannot start (no root, no apt, slurmctld fails): the tests skip with one line saying why, unless
 CKPT_WATCH_REQUIRE_SLURM=1 (set by `.ci/run`): then they fail, since CI must never skip them.
@@ -12,6 +15,7 @@ CKPT_WATCH_REQUIRE_SLURM=1 (set by `.ci/run`): then they fail, since CI must nev
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import subprocess
@@ -23,7 +27,7 @@ CLUSTER_SH = Path(__file__).parent / "slurm" / "cluster.sh"
 STATE_DIR = Path(os.environ.get("CKPT_WATCH_SLURM_DIR", "/tmp/ckpt-watch-slurm"))
 # Beside the state dir, not in it: cluster.sh owns that folder. Its presence = "a test fixture started this one".
 STARTED_BY_FIXTURE = Path(f"{STATE_DIR}.started-by-pytest")
-LOCK = Path(f"{STATE_DIR}.lock")
+START_LOCK, USERS_LOCK = Path(f"{STATE_DIR}.start.lock"), Path(f"{STATE_DIR}.users.lock")
 
 
 def _answers(conf: str) -> bool:
@@ -56,24 +60,30 @@ def _start() -> str:
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """SLURM_CONF of a running one-node Slurm, also put into os.environ (every Slurm command needs it)."""
-    with open(LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one session checks and starts at a time
-        conf = next((c for c in (os.environ.get("SLURM_CONF"), str(STATE_DIR / "slurm.conf")) if c and _answers(c)),
-                    None)  # fmt: skip
-        if conf is None:
-            try:
-                conf = _start()
-            except BaseException:  # skip or fail: let the others try again
-                fcntl.flock(lock, fcntl.LOCK_UN)
-                raise
-            STARTED_BY_FIXTURE.touch()
-        fcntl.flock(lock, fcntl.LOCK_SH)  # in use by this session
+    with open(START_LOCK, "a") as start_lock, open(USERS_LOCK, "a") as users_lock:
+        with _locked(start_lock):
+            conf = next((c for c in (os.environ.get("SLURM_CONF"), str(STATE_DIR / "slurm.conf")) if c and _answers(c)),
+                        None)  # fmt: skip
+            if conf is None:
+                conf = _start()  # or skip/fail, releasing the lock
+                STARTED_BY_FIXTURE.touch()
+            fcntl.flock(users_lock, fcntl.LOCK_SH)  # in use by this session (a stopping session holds start_lock)
         os.environ["SLURM_CONF"] = conf
         yield conf
-        try:  # the last user of a cluster a fixture started stops it
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return  # another session still uses it; it stops it at its end
-        if STARTED_BY_FIXTURE.exists():
-            subprocess.run(["bash", str(CLUSTER_SH), "stop"], capture_output=True, timeout=120)
-            STARTED_BY_FIXTURE.unlink(missing_ok=True)
+        with _locked(start_lock):
+            try:  # only the last user of a cluster a fixture started stops it
+                fcntl.flock(users_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # another session still uses it; it stops it at its end
+            if STARTED_BY_FIXTURE.exists():
+                subprocess.run(["bash", str(CLUSTER_SH), "stop"], capture_output=True, timeout=120)
+                STARTED_BY_FIXTURE.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _locked(lock_file):
+    fcntl.flock(lock_file, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(lock_file, fcntl.LOCK_UN)

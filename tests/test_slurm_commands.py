@@ -36,7 +36,7 @@ def write_job(folder: Path, label: str, *commands: str, time_text: str = "00:02:
     return script, log, name
 
 
-def wait_for(slurm_id: str, done=lambda s: s.finished, timeout: float = 60) -> SlurmJobState:
+def wait_for(slurm_id: str, done=lambda s: s.finished, timeout: float = 120) -> SlurmJobState:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = slurm.states([slurm_id]).get(slurm_id)
