@@ -64,7 +64,8 @@ def test_job_script_renders_every_option(tmp_path):
                              extra=("--reservation=eval", "#SBATCH --nice=10"))  # fmt: skip
     log = tmp_path / "run 1" / "it's 100%.log"
     text = slurm.job_script(name="ckpt-watch:run:checkpoint-10", log=log, workdir=tmp_path / "run 1",
-                            settings=settings, gpus=2, time="01:10:00", commands=["python -m watcher.worker spec.json"])  # fmt: skip
+                            settings=settings, gpus=2, time="01:10:00",
+                            commands=["python -m watcher.worker spec.json"])  # fmt: skip
     quoted_log = "'" + str(log).replace("'", "'\"'\"'").replace("%", "%%") + "'"
     assert text.splitlines() == [
         "#!/bin/bash",
@@ -109,7 +110,8 @@ def test_job_script_renders_every_option(tmp_path):
     ("COMPLETED", "None", "", True, ["COMPLETED", "no outcome"]),
     ("TIMEOUT", "TimeLimit", "", False, ["TIMEOUT", "time limit"]),
     ("OUT_OF_MEMORY", "OutOfMemory", "", False, ["OUT_OF_MEMORY", "out of memory"]),
-    ("FAILED", "JobLaunchFailure", "slurmstepd-vm: error: Exceeded job memory limit\n", False, ["FAILED", "out of memory"]),
+    ("FAILED", "JobLaunchFailure", "slurmstepd-vm: error: Exceeded job memory limit\n", False,
+     ["FAILED", "out of memory"]),
     ("FAILED", "NonZeroExitCode", "slurmstepd: error: Detected 1 oom-kill event(s) in StepId=8.batch\n", False,
      ["out of memory"]),
     ("DEADLINE", "DeadLine", "", False, ["DEADLINE"]),
@@ -133,7 +135,8 @@ def test_finished_is_every_state_outside_the_pending_running_family():
 
 def test_missing_tools_names_them(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert slurm.missing_tools() == 'sbatch, squeue, scancel not found on PATH (executor = "slurm" needs Slurm\'s command-line tools)'
+    assert slurm.missing_tools() == (
+        'sbatch, squeue, scancel not found on PATH (executor = "slurm" needs Slurm\'s command-line tools)')
     with pytest.raises(SlurmError, match="^squeue: not found on PATH"):
         slurm.states(["1"])
 
@@ -260,7 +263,8 @@ def test_a_controller_that_is_down_or_silent_is_a_slurm_error(slurm_cluster, tmp
         port = silent.getsockname()[1]
         # Down: nothing listens on port + 1 (MessageTimeout=1 makes squeue give up at once instead of after 18 s).
         monkeypatch.setenv("SLURM_CONF", conf_pointing_at(port + 1, tmp_path, message_timeout=1))
-        with pytest.raises(SlurmError, match=r"^squeue .* failed \(exit status 1\): slurm_load_jobs error: Unable to contact slurm controller"):
+        down = r"^squeue .* failed \(exit status 1\): slurm_load_jobs error: Unable to contact slurm controller"
+        with pytest.raises(SlurmError, match=down):
             slurm.states(["1", "2"])
         with pytest.raises(SlurmError, match="Unable to contact slurm controller"):
             slurm.cancel("1")
@@ -278,7 +282,8 @@ def test_a_job_over_its_time_limit_ends_timeout(job_past_its_time_limit):
     state = wait_for(slurm_id, timeout=90)  # slurmctld's time-limit sweep runs every 30 s
     assert (state.state, state.reason) == ("TIMEOUT", "TimeLimit")
     assert "DUE TO TIME LIMIT" in log.read_text()
-    assert slurm.describe_end(state, log.read_text()) == (False, f"Slurm job {slurm_id} hit its time limit (TIMEOUT); raise [slurm] time")
+    reason = f"Slurm job {slurm_id} hit its time limit (TIMEOUT); raise [slurm] time"
+    assert slurm.describe_end(state, log.read_text()) == (False, reason)
 
 
 def test_ci_fails_rather_than_skips_without_slurm(tmp_path):
