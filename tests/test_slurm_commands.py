@@ -173,7 +173,7 @@ def test_a_job_runs_and_appends_to_its_log(slurm_cluster, job_past_its_time_limi
     assert slurm.find_by_name(unique("never-submitted")) == []
 
 
-def test_states_answers_for_several_jobs_in_one_call(slurm_cluster, tmp_path):
+def test_states_answers_for_several_jobs_in_one_call(slurm_cluster, tmp_path, monkeypatch):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     ok = slurm.submit(write_job(tmp_path / "a", "ok", "true")[0])
     failing_script, failing_log, _ = write_job(tmp_path / "b", "exit3", "echo about to fail", "exit 3")
@@ -184,6 +184,11 @@ def test_states_answers_for_several_jobs_in_one_call(slurm_cluster, tmp_path):
         ok: SlurmJobState(ok, "COMPLETED", "None"),
         failing: SlurmJobState(failing, "FAILED", "NonZeroExitCode"),
     }  # an id Slurm does not know (purged) is absent
+    monkeypatch.setattr(slurm, "SQUEUE_CHUNK", 2)  # hundreds of ids go in several calls: [ok, failing], [unknown]
+    assert slurm.states([ok, failing, unknown]) == {
+        ok: SlurmJobState(ok, "COMPLETED", "None"),
+        failing: SlurmJobState(failing, "FAILED", "NonZeroExitCode"),
+    }
     assert slurm.states([unknown]) == {}  # squeue exits 1 "Invalid job id specified" for a lone unknown id
     assert slurm.states([unknown, "99999998"]) == {}
     assert slurm.states([]) == {}
