@@ -226,6 +226,8 @@ def test_slurm_refusing_a_job_gives_its_own_message(slurm_cluster, tmp_path):
         slurm.submit(script)
     assert str(refused.value) == (f"sbatch --parsable {script} failed (exit status 1): "
                                   "sbatch: error: invalid partition specified: no-such-partition")  # fmt: skip
+    with pytest.raises(SlurmError, match=r"^sbatch --parsable .* could not be run: \[Errno 2\] No such file"):
+        slurm.submit(script, cwd=tmp_path / "gone")
 
 
 def test_sbatch_accepts_every_rendered_option(slurm_cluster, tmp_path):

@@ -96,7 +96,9 @@ def job_script(*, name: str, log: Path, workdir: Path, settings: SlurmSettings, 
     """The batch script: #SBATCH options, then the `setup` lines, then `commands` (shell lines, as given).
 
     stdout and stderr both go to `log`, appended (a retried job adds to the same log). --no-requeue: Slurm would
-    requeue a job after a node failure under the same id; ckpt-watch's own retries own that decision."""
+    requeue a job after a node failure under the same id; ckpt-watch's own retries own that decision.
+    Create `log`'s folder and `workdir` before sbatch: a job whose --output folder is missing ends FAILED
+    (JobLaunchFailure) with no log at all, and one whose --chdir is missing runs in /tmp (measured)."""
     options = [
         f"--job-name={_directive_value(name)}",
         f"--output={_file_pattern(log)}",
@@ -128,8 +130,10 @@ def _run(argv: list[str], *, cwd: Path | None = None) -> subprocess.CompletedPro
     be run or did not answer in time."""
     try:
         return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False)
-    except FileNotFoundError:
-        raise SlurmError(f"{argv[0]}: not found on PATH (is Slurm installed here?)") from None
+    except FileNotFoundError as e:
+        if e.filename == argv[0]:
+            raise SlurmError(f"{argv[0]}: not found on PATH (is Slurm installed here?)") from None
+        raise SlurmError(f"{_shown(argv)} could not be run: {e}") from None  # its cwd is missing
     except subprocess.TimeoutExpired:
         raise SlurmError(f"{_shown(argv)} did not answer within {COMMAND_TIMEOUT:g} s (is slurmctld up?)") from None
     except OSError as e:  # a cwd that is gone, a tool that is not executable
