@@ -40,6 +40,7 @@ OUTCOME_GRACE = 10.0  # seconds an ended job's outcome file may take to show up 
 QUERY_SOON = 1.0  # seconds between squeue queries at the least, even when outcomes keep appearing
 START_MARGIN_S = 300.0  # the default --time: the job's budget plus this (or 10 % of it, if more) for start-up
 STATUS_FILE = "status.jsonl"
+ATTEMPT_HEADER = "===== attempt "  # begins the line written to the job's log before each submission
 
 
 class SlurmJob:
@@ -180,7 +181,7 @@ class SlurmExecutor:
                                            gpus=gpus, time=self.time_for(timeout),
                                            commands=self._commands(paths, job)))  # fmt: skip
         with open(paths.log, "ab") as handle:
-            handle.write(f"\n===== attempt {job.attempts} at {time.strftime('%Y-%m-%d %H:%M:%S')}: Slurm job "
+            handle.write(f"\n{ATTEMPT_HEADER}{job.attempts} at {time.strftime('%Y-%m-%d %H:%M:%S')}: Slurm job "
                          f"{name} =====\n".encode())  # fmt: skip
         journal.slurm.submitting(job.id, job.attempts, name, folder, paths.log)
         record = SlurmRecord(job.id, job.attempts, name, None, folder, paths.log, time.time(), None, None, None)
@@ -355,10 +356,15 @@ def _job_name(run_name: str, job: Job) -> str:
 
 
 def _log_tail(log_path: Path) -> str:
-    """The end of the job's log (Slurm's own lines, e.g. slurmstepd's memory kill, are there)."""
+    """The end of the job's log, this attempt's part only (the log is appended to by every attempt, and an earlier
+    attempt's memory kill must not explain this one's end). Slurm's own lines, e.g. slurmstepd's, are there."""
     try:
         with open(log_path, "rb") as handle:
-            handle.seek(max(0, os.path.getsize(log_path) - 4096))
-            return handle.read().decode(errors="replace")
+            handle.seek(max(0, os.path.getsize(log_path) - 8192))
+            text = handle.read().decode(errors="replace")
     except OSError:
         return ""
+    header = text.rfind(ATTEMPT_HEADER)
+    if header < 0:
+        return text
+    return text[header:].split("\n", 1)[1] if "\n" in text[header:] else ""
