@@ -59,7 +59,7 @@ def test_time_limit_rounds_up_to_whole_minutes(seconds, text):
 
 
 def test_job_script_renders_every_option(tmp_path):
-    settings = SlurmSettings(partition="gpu", account="evals", qos="high", cpus_per_task=8, mem="64G",
+    settings = SlurmSettings(partition="gpu", account="evals", qos="high", gpu_type="h100", cpus_per_task=8, mem="64G",
                              constraint="h100&ib", setup=("module load cuda/12.4", "source /env/bin/activate"),
                              extra=("--reservation=eval", "#SBATCH --nice=10"))  # fmt: skip
     log = tmp_path / "run 1" / "it's 100%.log"
@@ -76,7 +76,7 @@ def test_job_script_renders_every_option(tmp_path):
         f"#SBATCH --chdir='{tmp_path}/run 1'",
         "#SBATCH --no-requeue",
         "#SBATCH --time=01:10:00",
-        "#SBATCH --gres=gpu:2",
+        "#SBATCH --gres=gpu:h100:2",
         "#SBATCH --partition=gpu",
         "#SBATCH --account=evals",
         "#SBATCH --qos=high",

@@ -168,6 +168,9 @@ def test_sigterm_leaves_the_slurm_job_running_and_the_next_start_collects_it(slu
         assert {job["state"] for job in our_slurm_jobs(output)} == {"RUNNING"}
         assert "leaving 1 Slurm job(s) running" in log.read_text()
         assert journal_job(output, 10).state in ("preparing", "evaluating")  # not put back to pending
+        shown = ckpt_watch("status", output, "--config", config).stdout
+        assert "no daemon running" in shown and "Slurm jobs left running" in shown, shown
+        assert f"checkpoint-10/regular/sleepy  slurm {running_in_slurm(output, 1)[0]['id']} " in shown, shown
         wait_for(lambda: {j["state"] for j in our_slurm_jobs(output)} == {"COMPLETED"}, 120, what="job done")
         daemon = start(output, config, log, "--scan")
         assert daemon.wait(timeout=120) == 0, log.read_text()

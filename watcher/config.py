@@ -92,6 +92,9 @@ class SlurmSettings:
     gpus_per_job: int | None = None
     """GPUs one job asks for (`--gres=gpu:N`). Default: the preset's `gpus`. 0: no GPU, the job runs on the CPU."""
 
+    gpu_type: str | None = None
+    """The GPU type in `--gres=gpu:TYPE:N` (e.g. `a100`), for clusters whose GRES names types."""
+
     cpus_per_task: int | None = None
     """`--cpus-per-task`."""
 
@@ -558,7 +561,7 @@ def _slurm_settings(table: Any) -> SlurmSettings:
         if key not in SLURM_KEYS:
             raise ConfigError(f"unknown key '{key}' in [slurm]; known keys: {', '.join(SLURM_KEYS)}")
     values = dict(table)
-    for key in ("partition", "account", "qos", "mem", "constraint", "time", "scratch", "python"):
+    for key in ("partition", "account", "qos", "gpu_type", "mem", "constraint", "time", "scratch", "python"):
         value = values.get(key)
         if value is not None and (not isinstance(value, str) or not value.strip() or "\n" in value):
             raise ConfigError(f"slurm.{key} must be a one-line string, got {value!r}")

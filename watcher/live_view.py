@@ -23,7 +23,7 @@ class RunningView:
     variant: str
     preset: str
     slot: str  # where it runs: "cuda:1", "cuda:2,3", "cpu"
-    stage: str  # preparing | evaluating
+    stage: str  # preparing | evaluating, or queued (a Slurm job still in Slurm's queue)
     started_at: float  # time.time() when the job started; elapsed = now - started_at
     done: int | None = None  # preparing (a merge): bytes written so far ...
     total: int | None = None  # ... of this many

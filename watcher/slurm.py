@@ -109,7 +109,8 @@ def job_script(*, name: str, log: Path, workdir: Path, settings: SlurmSettings, 
         f"--time={_directive_value(time)}",
     ]
     if gpus > 0:
-        options.append(f"--gres=gpu:{gpus}")
+        kind = f"{_directive_value(settings.gpu_type)}:" if settings.gpu_type else ""
+        options.append(f"--gres=gpu:{kind}{gpus}")
     for option, value in (("partition", settings.partition), ("account", settings.account), ("qos", settings.qos),
                           ("cpus-per-task", settings.cpus_per_task), ("mem", settings.mem),
                           ("constraint", settings.constraint)):  # fmt: skip
