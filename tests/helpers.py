@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -192,3 +193,20 @@ def sleep_preset_config(tmp_path: Path, preset: str, seconds: float, top: str = 
                       f'[presets.{preset}]\n[[presets.{preset}.evaluators]]\nbackend = "command"\n'
                       f'command = ["{sys.executable}", "{script}", "{seconds}"]\n')  # fmt: skip
     return config
+
+
+def with_steps(trainer_output: Path, destination: Path, steps: list[int]) -> Path:
+    """A copy of the Trainer's output dir at `destination` with exactly these checkpoint steps: its
+    checkpoint-10/20/30, and more made by copying checkpoint-30 with the step in trainer_state.json changed (so
+    the completion rules accept them)."""
+    shutil.copytree(trainer_output, destination)
+    for step in steps:
+        folder = destination / f"checkpoint-{step}"
+        if not folder.exists():
+            shutil.copytree(destination / "checkpoint-30", folder)
+            state = json.loads((folder / "trainer_state.json").read_text())
+            (folder / "trainer_state.json").write_text(json.dumps({**state, "global_step": step}))
+    for folder in destination.glob("checkpoint-*"):
+        if int(folder.name.split("-")[1]) not in steps:
+            shutil.rmtree(folder)
+    return destination

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (assert_none_left, ckpt_watch, job_states, marked, marked_env, read_journal, results,
-                     wait_for)  # fmt: skip
+                     wait_for, with_steps)  # fmt: skip
 
 from watcher.gpu_inventory import FAKE_GPUS_ENV
 from watcher.journal import JournalReader
@@ -62,22 +62,6 @@ def write_config(tmp_path: Path, body: str, name: str = "c.toml") -> Path:
     return config
 
 
-def make_output(copy_trainer_output, steps: list[int]) -> Path:
-    """The Trainer's output dir with exactly these checkpoint steps: its checkpoint-10/20/30, and more made by
-    copying checkpoint-30 with the step in trainer_state.json changed (so the completion rules accept them)."""
-    output = copy_trainer_output()
-    for step in steps:
-        folder = output / f"checkpoint-{step}"
-        if not folder.exists():
-            shutil.copytree(output / "checkpoint-30", folder)
-            state = json.loads((folder / "trainer_state.json").read_text())
-            (folder / "trainer_state.json").write_text(json.dumps({**state, "global_step": step}))
-    for folder in output.glob("checkpoint-*"):
-        if int(folder.name.split("-")[1]) not in steps:
-            shutil.rmtree(folder)
-    return output
-
-
 def fake_gpus(spec: str, **extra: str) -> dict[str, str]:
     return {**os.environ, FAKE_GPUS_ENV: spec, **extra}
 
@@ -113,8 +97,8 @@ def unique_jobs(records: list[dict]) -> list[tuple[int, str, str]]:
 # --- slots ------------------------------------------------------------------------------------------------------
 
 
-def test_four_fake_gpus_run_four_jobs_at_once_each_pinned_to_its_own_gpu(copy_trainer_output, tmp_path):
-    output = make_output(copy_trainer_output, [10, 20, 30, 40])
+def test_four_fake_gpus_run_four_jobs_at_once_each_pinned_to_its_own_gpu(trainer_output, tmp_path):
+    output = with_steps(trainer_output, tmp_path / "output", [10, 20, 30, 40])
     config = write_config(tmp_path, 'preset = "one"\n' + preset_table("one", tmp_path))
     run = ckpt_watch(output, "--scan", "--config", config, "--device", "cuda", env=fake_gpus(FOUR_GPUS))
     assert run.returncode == 0, run.stderr
@@ -132,8 +116,8 @@ def test_four_fake_gpus_run_four_jobs_at_once_each_pinned_to_its_own_gpu(copy_tr
         assert program["device"] == "cuda:0"  # which, pinned to one GPU, sees it as its cuda:0
 
 
-def test_a_two_gpu_preset_takes_pairs_and_two_pairs_run_at_once(copy_trainer_output, tmp_path):
-    output = make_output(copy_trainer_output, [10, 20])
+def test_a_two_gpu_preset_takes_pairs_and_two_pairs_run_at_once(trainer_output, tmp_path):
+    output = with_steps(trainer_output, tmp_path / "output", [10, 20])
     config = write_config(tmp_path, 'preset = "pair"\n' + preset_table("pair", tmp_path, gpus=2))
     run = ckpt_watch(output, "--scan", "--config", config, "--device", "cuda:0,1,2,3", env=fake_gpus(FOUR_GPUS))
     assert run.returncode == 0, run.stderr
@@ -148,8 +132,8 @@ def test_a_two_gpu_preset_takes_pairs_and_two_pairs_run_at_once(copy_trainer_out
         assert program["device"] == "cuda:0,1"  # the pair as the child numbers it
 
 
-def test_a_preset_needing_more_gpus_than_the_pool_has_is_refused_at_start(copy_trainer_output, tmp_path):
-    output = make_output(copy_trainer_output, [10])
+def test_a_preset_needing_more_gpus_than_the_pool_has_is_refused_at_start(trainer_output, tmp_path):
+    output = with_steps(trainer_output, tmp_path / "output", [10])
     config = write_config(tmp_path, 'preset = "triple"\n' + preset_table("triple", tmp_path, gpus=3))
     run = ckpt_watch(output, "--scan", "--config", config, "--device", "cuda:0,1", env=fake_gpus(FOUR_GPUS))
     assert run.returncode == 2
@@ -231,9 +215,9 @@ def test_the_log_says_why_a_busy_gpu_is_not_offered(one_usable_gpu_run):
 
 
 def test_kill_9_with_four_jobs_in_flight_loses_nothing_repeats_nothing_and_leaves_no_process(
-    copy_trainer_output, tmp_path, marker
+    trainer_output, tmp_path, marker
 ):
-    output = make_output(copy_trainer_output, [10, 20, 30, 40])
+    output = with_steps(trainer_output, tmp_path / "output", [10, 20, 30, 40])
     slow = write_config(tmp_path, 'preset = "one"\n' + preset_table("one", tmp_path, seconds=120), "slow.toml")
     env = {**marked_env(marker), FAKE_GPUS_ENV: FOUR_GPUS}
     with open(tmp_path / "killed.log", "wb") as handle:
@@ -269,11 +253,11 @@ def test_kill_9_with_four_jobs_in_flight_loses_nothing_repeats_nothing_and_leave
 
 
 def test_a_schedule_runs_each_entry_on_its_checkpoints_and_the_final_entry_only_once_finalized(
-    copy_trainer_output, tmp_path
+    trainer_output, tmp_path
 ):
     """On `--device cpu` with `cpu_jobs = 2`, which this test also checks: two jobs at once, never three."""
     steps = [10, 20, 30, 40, 50]
-    output = make_output(copy_trainer_output, steps)
+    output = with_steps(trainer_output, tmp_path / "output", steps)
     body = ('[[schedule]]\npreset = "a"\n[[schedule]]\npreset = "b"\nevery = 2\n[[schedule]]\npreset = "c"\n'
             'final = true\n' + "".join(preset_table(name, tmp_path, seconds=1) for name in "abc"))  # fmt: skip
     config = write_config(tmp_path, "cpu_jobs = 2\n" + body)

@@ -10,7 +10,6 @@ costs a few seconds: the worker imports transformers for its weight check before
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -21,7 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import ckpt_watch, read_journal, results, wait_for
+from helpers import ckpt_watch, read_journal, results, wait_for, with_steps
 
 from watcher.journal import JournalReader
 
@@ -45,20 +44,8 @@ def slurm_config(tmp_path: Path, slurm: str = "", top: str = "", seconds: float 
 
 
 def run_folder(trainer_output: Path, tmp_path: Path, steps: list[int]) -> Path:
-    """A copy of the Trainer's output dir under a unique name, with exactly these checkpoint steps (more made
-    by copying checkpoint-30 with its step changed)."""
-    output = tmp_path / f"run-{uuid.uuid4().hex[:8]}"
-    shutil.copytree(trainer_output, output)
-    for step in steps:
-        folder = output / f"checkpoint-{step}"
-        if not folder.exists():
-            shutil.copytree(output / "checkpoint-30", folder)
-            state = json.loads((folder / "trainer_state.json").read_text())
-            (folder / "trainer_state.json").write_text(json.dumps({**state, "global_step": step}))
-    for folder in output.glob("checkpoint-*"):
-        if int(folder.name.split("-")[1]) not in steps:
-            shutil.rmtree(folder)
-    return output
+    """The Trainer's output dir with these checkpoint steps, under a unique name (see the module docstring)."""
+    return with_steps(trainer_output, tmp_path / f"run-{uuid.uuid4().hex[:8]}", steps)
 
 
 def our_slurm_jobs(output: Path) -> list[dict]:
