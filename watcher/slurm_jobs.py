@@ -61,6 +61,7 @@ class SlurmJob:
         self._offset = 0
         self._ended_at: float | None = None  # when we first saw it ended without an outcome (OUTCOME_GRACE)
         self.submit_error: str | None = None  # sbatch refused it: it ends at once with this failure
+        self.uncancelled = False  # our scancel failed: its journal row stays, so the next start cancels it again
 
     @property
     def stage(self) -> str:
@@ -286,10 +287,15 @@ class SlurmExecutor:
             try:
                 slurm.cancel(handle.slurm_id)
             except slurm.SlurmError as exc:  # journaled: the next start cancels it again
-                log.warning("could not cancel Slurm job %s (%s): %s", handle.slurm_id, why, exc)
+                handle.uncancelled = True
+                log.warning("could not cancel Slurm job %s (%s): %s; the next start tries again", handle.slurm_id,
+                            why, exc)  # fmt: skip
 
     def forget(self, handle: SlurmJob) -> None:
         key = self._key(handle)
+        if handle.uncancelled:  # its row (with `cancelling`) and folder stay for the next start's adopt()
+            self.detach(handle)
+            return
         if key is not None:
             journal = self._journals.pop(key)
             del self.jobs[key]
