@@ -199,3 +199,29 @@ def test_kill_9_of_the_daemon_leaves_no_worker(copy_trainer_output, tmp_path, ma
         daemon.send_signal(signal.SIGKILL)
         daemon.wait()
     assert_none_left(marker, f"kill -9 of the daemon with a {worker} worker")
+
+
+def test_idle_workers_go_from_a_slot_the_pool_finds_busy_and_after_the_idle_time(tmp_path):
+    """The pool's own rules, on real worker processes (no job needed): each step stops the right one."""
+    from watcher.devices import child_environment
+    from watcher.journal import Journal
+    from watcher.warm import WarmPool, WarmSettings, WarmWorker
+
+    journal = Journal(tmp_path / "journal.sqlite")
+    pool = WarmPool(WarmSettings(idle_s=2.0))
+    workers = {}
+    for gpu in (0, 1):
+        key = ((f"cuda:{gpu}",), (str(gpu),))
+        workers[gpu] = pool.workers[key] = WarmWorker.start(key, f"cuda:{gpu}", child_environment([]),
+                                                            tmp_path / f"warm-{gpu}", journal.processes)  # fmt: skip
+    try:
+        assert {r.pgid for r in journal.processes.all()} == {w.proc.pid for w in workers.values()}
+        pool.refresh()  # not idle for long yet: both stay
+        pool.free_slots({"cuda:0": "30000 of 81000 MiB used by another process"})
+        assert not workers[0].alive and workers[1].alive and list(pool.workers) == [(("cuda:1",), ("1",))]
+        wait_for(lambda: pool.refresh() or not pool.workers, 30, what="the idle worker to be recycled")
+        assert not workers[1].alive and journal.processes.all() == []
+        assert not (tmp_path / "warm-0").exists() and not (tmp_path / "warm-1").exists()
+    finally:
+        pool.shutdown()
+        journal.close()

@@ -415,6 +415,9 @@ class Daemon:
             self._note_waiting([])
             return
         pool = self.pool if self._next_pool is None else None  # a new pool waits for the old one's jobs
+        if pool is not None and isinstance(self.executor, LocalExecutor):
+            # The memory an idle warm worker holds counts as "used by another process" on its GPU: let it go.
+            self.executor.free_slots({slot.name: slot.busy for slot in pool.slots() if slot.busy})
         decided = plan(queues, self.setup.schedule, time.time(), pool.free() if pool else 0, self._slots_of,
                        self._last_run)  # fmt: skip
         by_name = {run.name: run for run in self.runs}

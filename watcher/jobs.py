@@ -77,16 +77,14 @@ class StageReader:
         return stages
 
 
-class RunningJob:
-    """A local job: the worker as a child process of the daemon (see the module docstring)."""
+class LocalJob:
+    """What a job on this machine has, whatever process runs it: its time budget and the stages read from its
+    status pipe (`_status_fd`). The daemon follows `RunningJob` and `warm.WarmJob` alike through it."""
 
     where = ""  # named by its slot (a Slurm job by its Slurm id: watcher/slurm_jobs.py)
 
-    def __init__(self, job: Job, proc: subprocess.Popen, status_fd: int, paths: JobPaths, timeout: float,
-                 ledger: ProcessLedger):  # fmt: skip
+    def __init__(self, job: Job, paths: JobPaths, timeout: float, status_fd: int):
         self.job = job
-        self.proc = proc
-        self.ledger = ledger
         self.paths = paths
         self.started = time.time()
         self.deadline = self.started + timeout
@@ -103,15 +101,25 @@ class RunningJob:
         return self._stages.progress
 
     def new_stages(self) -> list[str]:
-        """Stages the child entered since the last call (non-blocking; see `StageReader.feed`)."""
+        """Stages the job entered since the last call (non-blocking; see `StageReader.feed`)."""
         return self._stages.feed(read_nonblocking(self._status_fd))
-
-    def poll(self) -> int | None:
-        return self.proc.poll()
 
     @property
     def timed_out(self) -> bool:
         return time.time() > self.deadline
+
+
+class RunningJob(LocalJob):
+    """A local job: the worker as a child process of the daemon (see the module docstring)."""
+
+    def __init__(self, job: Job, proc: subprocess.Popen, status_fd: int, paths: JobPaths, timeout: float,
+                 ledger: ProcessLedger):  # fmt: skip
+        super().__init__(job, paths, timeout, status_fd)
+        self.proc = proc
+        self.ledger = ledger
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
 
     def terminate(self, why: str = "") -> None:
         """SIGTERM the job's process group and return at once (several jobs stopping share one grace period)."""

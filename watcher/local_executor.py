@@ -47,6 +47,11 @@ class LocalExecutor:
         if not warm.enabled:
             self.workers.recycle("warm = false")
 
+    def free_slots(self, busy: dict[str, str]) -> None:
+        """Slots the pool does not offer (slot name -> why): an idle warm worker there is stopped, as its memory
+        may be what makes the GPU look busy, or another process needs that memory more."""
+        self.workers.free_slots(busy)
+
     def recycle(self, why: str) -> None:
         """SIGHUP: fresh workers (new code, new packages): idle ones stop now, busy ones after their job."""
         self.workers.recycle(why)

@@ -17,7 +17,9 @@ next job on its slot starts a fresh one, which is all a crash costs too):
 - after `warm_max_jobs` jobs, after any failed job, and when what it holds after a job (resident memory, or GPU
   memory torch keeps reserved) is over `warm_max_rss_mb` / `warm_max_gpu_mb`: a leak in a backend is bounded;
 - on SIGHUP (`Daemon.reload`: new code or packages take effect): idle workers at once, busy ones after their job;
-- when idle for IDLE_RECYCLE seconds, so that a daemon with nothing to do holds no GPU memory.
+- when idle for IDLE_RECYCLE seconds, so that a daemon with nothing to do holds no GPU memory;
+- when idle on a GPU the pool finds busy (`gpu_busy_mib`): its own memory may be what tips the reading over
+  (then the GPU is offered again), or another process needs the memory.
 
 A worker that dies mid-job (a crash, the OOM killer) fails only that job, as a transient failure retried later.
 Processes: a worker is spawned like a one-shot job child (its own group, a guardian that dies with the daemon
@@ -40,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from watcher import processes
-from watcher.jobs import JobPaths, StageReader, outcome_of, prepare_folder, read_nonblocking
+from watcher.jobs import JobPaths, LocalJob, outcome_of, prepare_folder, read_nonblocking
 from watcher.journal import Job, ProcessLedger
 from watcher.pool import Allocation
 from watcher.records import JobSpec, Outcome
@@ -189,34 +191,15 @@ class WarmWorker:
             return b""
 
 
-class WarmJob:
-    """A job running in a warm worker. It has the face of `jobs.RunningJob`, so the daemon follows both alike."""
-
-    where = ""  # named by its slot
+class WarmJob(LocalJob):
+    """A job running in a warm worker. The worker's status pipe carries only this job's lines while it runs: the
+    previous job's were read before that job was answered."""
 
     def __init__(self, job: Job, paths: JobPaths, timeout: float, worker: WarmWorker, pool: "WarmPool"):
-        self.job = job
-        self.paths = paths
+        super().__init__(job, paths, timeout, worker.status_fd)
         self.worker = worker
-        self.started = time.time()
-        self.deadline = self.started + timeout
-        self.timeout = timeout
         self.reply: dict[str, Any] | None = None  # the worker's answer, once the job is over
         self._pool = pool
-        self._stages = StageReader()
-
-    @property
-    def stage(self) -> str:
-        return self._stages.stage
-
-    @property
-    def progress(self) -> dict[str, Any]:
-        return self._stages.progress
-
-    def new_stages(self) -> list[str]:
-        """Stages the job entered since the last call (the worker's status pipe carries only this job's lines
-        now: the previous job's were read before it was answered)."""
-        return self._stages.feed(read_nonblocking(self.worker.status_fd))
 
     def poll(self) -> int | None:
         """None while the job runs; 0 (3 for a failed job, as a one-shot worker exits) once the worker answered;
@@ -229,10 +212,6 @@ class WarmJob:
         if self.reply is not None:
             return 0 if self.reply.get("ok") else 3
         return self.worker.proc.poll()
-
-    @property
-    def timed_out(self) -> bool:
-        return time.time() > self.deadline
 
     def terminate(self, why: str = "") -> None:
         """SIGTERM the worker's group and return at once: the job cannot be stopped without its worker."""
@@ -340,6 +319,13 @@ class WarmPool:
                 self.drop(worker, WORKER_STOP_GRACE, f"it ended while idle ({_ended(worker.proc.returncode)})")
             elif now - worker.idle_since >= self.settings.idle_s:
                 self.drop(worker, WORKER_STOP_GRACE, f"idle for {self.settings.idle_s:.0f} s")
+
+    def free_slots(self, busy: dict[str, str]) -> None:
+        """Stop idle workers on slots the pool found busy (slot name -> the pool's reason)."""
+        for worker in list(self.workers.values()):
+            taken = [name for name in worker.key[0] if name in busy]
+            if taken and not worker.busy:
+                self.drop(worker, WORKER_STOP_GRACE, f"{taken[0]} is not offered ({busy[taken[0]]})")
 
     def recycle(self, why: str) -> None:
         """Idle workers are stopped now, busy ones once their job ends."""
