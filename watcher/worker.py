@@ -5,6 +5,9 @@ heavy work (torch, lm-eval) and any crash, out-of-memory kill or hang stay insid
 stage through a pipe (CKPT_WATCH_STATUS_FD) and writes its `Outcome` atomically to the spec's `outcome_path`;
 stdout and stderr go to the job's log file.
 
+With `--serve` it is a warm worker instead (watcher/warm.py): started once per slot, it takes that slot's jobs
+one after another over a pipe, each run exactly as the one-shot worker runs it (`run_one`); see `serve`.
+
 In a Slurm job (watcher/slurm_jobs.py) the same worker runs on a compute node: it reports its stage by appending
 the same lines to a file (CKPT_WATCH_STATUS_FILE) in its job folder on the shared filesystem, merges into
 CKPT_WATCH_SCRATCH (the node's local disk, removed at the end) and does not watch for the daemon's death (it
