@@ -130,7 +130,7 @@ def test_a_failed_job_a_killed_worker_and_a_timeout_each_fail_only_their_job_and
     assert f"(pid {pids[0]}) recycled: after a failed job" in text
     assert f"(pid {pids[1]}) recycled: it ended during its job (killed by SIGKILL)" in text
     assert "job process killed by SIGKILL" in text  # the job's (transient) failure
-    assert "timed out after 20 s; stopping it" in text and f"(pid {first_30}) recycled: its job was stopped" in text
+    assert "timed out after 20 s; stopping it" in text and f"(pid {first_30}) recycled: its job was stopped (timed out after 20 s)" in text
     assert not any(alive(pid) for pid in pids)
     assert not worker_processes(output / "ckpt-watch")
 
@@ -225,3 +225,13 @@ def test_idle_workers_go_from_a_slot_the_pool_finds_busy_and_after_the_idle_time
     finally:
         pool.shutdown()
         journal.close()
+
+
+@pytest.mark.parametrize("line, message", [("warm = \"yes\"", "warm must be true or false, got 'yes'"),
+                                           ("warm_max_jobs = 0", "warm_max_jobs must be a positive integer, got 0"),
+                                           ("warm_max_gpu_mb = -1", "warm_max_gpu_mb must be a non-negative integer")])
+def test_a_bad_warm_setting_is_one_line_and_exit_2(trainer_output, tmp_path, line, message):
+    config = tmp_path / "c.toml"
+    config.write_text(line + "\n")
+    run = ckpt_watch(trainer_output, "--scan", "--config", config)
+    assert run.returncode == 2 and message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr

@@ -494,8 +494,9 @@ class Daemon:
                 if running.timed_out:
                     log.warning("%s%s: timed out after %.0f s; stopping it", run.prefix, job.label,
                                 running.timeout)  # fmt: skip
-                    self._end(active, stop=True)
-                    self._commit(active, Outcome.failure(f"timed out after {running.timeout:.0f} s"))
+                    why = f"timed out after {running.timeout:.0f} s"
+                    self._end(active, stop=True, why=why)
+                    self._commit(active, Outcome.failure(why))
                 continue
             outcome = running.outcome()
             keep_merged(job, outcome, self.config.keep_merged, run.config.resolved_scratch_dir(), self.config.step_of)
