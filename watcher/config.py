@@ -175,6 +175,25 @@ class WatchConfig:
     cpu_jobs: int = 1
     """With `device = "cpu"`: how many jobs run at once."""
 
+    warm: bool = True
+    """Local jobs run in a warm worker per slot: a long-lived process that imports torch and transformers once
+    and takes that slot's jobs one after another, each with its own folder, log and time budget (watcher/warm.py).
+    `false`: a fresh process per job. Either way a crash fails only the job it ran (retried in a fresh process)."""
+
+    warm_max_jobs: int = 20
+    """A warm worker is replaced by a fresh one after this many jobs (also after a failed job, on SIGHUP and
+    after 10 minutes idle), so that whatever a backend leaks per job stays bounded."""
+
+    warm_max_rss_mb: int = 8192
+    """A warm worker still holding more than this many MiB of memory after a job is replaced. A worker with torch,
+    transformers and lm-eval imported holds 1-2 GiB between jobs; 8 GiB leaves room for what the allocator keeps
+    of a large model's load, while eight slots' workers together stay within a GPU server's memory."""
+
+    warm_max_gpu_mb: int = 256
+    """A warm worker whose torch still reserves more than this many MiB of GPU memory after a job (its cache is
+    emptied first, so a clean job leaves 0) is replaced: a tensor leaked. Kept low so that an idle worker (its
+    CUDA context, about 600 MiB, plus this) stays below `gpu_busy_mib` and its GPU is still offered."""
+
     gpu_busy_mib: int = 1024
     """A GPU of the pool on which processes other than our jobs use more than this many MiB is not offered (an
     idle GPU shows 0-600 MiB of driver reservations; see watcher/pool.py)."""
@@ -485,6 +504,12 @@ def validate(config: WatchConfig) -> None:
                           f"{config.checkpoint_pattern!r} has no group")  # fmt: skip
     if config.sentinel is not None and (not isinstance(config.sentinel, str) or "/" in config.sentinel):
         raise ConfigError(f"sentinel must be a file name, got {config.sentinel!r}")
+    if not isinstance(config.warm, bool):
+        raise ConfigError(f"warm must be true or false, got {config.warm!r}")
+    for name, minimum in (("warm_max_jobs", 1), ("warm_max_rss_mb", 1), ("warm_max_gpu_mb", 0)):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{name} must be a {'positive' if minimum else 'non-negative'} integer, got {value!r}")
     for name, minimum in (("cpu_jobs", 1), ("gpu_busy_mib", 0)):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -22,9 +22,10 @@ from typing import Any, Callable
 
 from watcher.config import ConfigError
 from watcher.gpu_inventory import GpuInventory
-from watcher.jobs import LocalExecutor, RunningJob
+from watcher.jobs import RunningJob
 from watcher.journal import Job
 from watcher.live_view import Snapshot
+from watcher.local_executor import LocalExecutor
 from watcher.notify import Notifier
 from watcher.pool import Allocation, Pool
 from watcher.recording import build_result, headline_text, keep_merged
@@ -36,6 +37,7 @@ from watcher.slurm_jobs import SlurmExecutor, SlurmJob
 from watcher.startup import announce, install_signal_handlers, start_feed
 from watcher.view_feed import ActiveView, merge_snapshots, running_views, status_line, waiting_lines
 from watcher.watch import FeedSet, PollingFeed
+from watcher.warm import WarmJob, WarmSettings
 from watcher.watched_run import WatchedRun
 
 log = logging.getLogger("ckpt-watch")
@@ -60,7 +62,7 @@ class ActiveJob:
 
     run: WatchedRun
     job: Job
-    running: RunningJob | SlurmJob
+    running: RunningJob | WarmJob | SlurmJob
     allocation: Allocation
     pool: Pool
 
@@ -82,7 +84,7 @@ class Daemon:
         self.runs = [WatchedRun(place, setup, self.notifier) for place in setup.runs]
         self.pool = _build_pool(setup)
         self.executor = SlurmExecutor(setup.config.slurm, keep_merged=setup.config.keep_merged > 0) \
-            if setup.config.executor == "slurm" else LocalExecutor()  # fmt: skip
+            if setup.config.executor == "slurm" else LocalExecutor(WarmSettings.of(setup.config))  # fmt: skip
         self._next_pool: Pool | None = None  # a reload's new pool, waiting for the old one's jobs to end
         self.active: dict[tuple[str, int], ActiveJob] = {}
         self._uncommitted: list[tuple[ActiveJob, Outcome]] = []  # outcomes the journal did not take yet
@@ -275,6 +277,7 @@ class Daemon:
             with self.resources.guard("stop"):
                 for run in self.runs:
                     run.journal.recover_interrupted()
+        self.executor.shutdown()  # warm workers between jobs (local executor); their ledger rows are in the journals
         if self._feeds is not None:
             self._feeds.stop()
         failed = {run.name: [j for j in run.journal.jobs(states=[JobState.FAILED])
@@ -352,6 +355,7 @@ class Daemon:
         """
         self._reload_requested = False
         self.notifier.reloading()
+        self.executor.recycle("SIGHUP")  # fresh warm workers pick up new code and packages, whatever the config
         try:
             if self.setup.reload is None:
                 raise ConfigError("this daemon was not started from a config it can reload")
@@ -368,6 +372,8 @@ class Daemon:
             self._next_pool = _build_pool(new)
         if isinstance(self.executor, SlurmExecutor):
             self.executor.settings = new.config.slurm  # from the next submission on
+        else:
+            self.executor.configure(WarmSettings.of(new.config))
         places = {place.name: place for place in new.runs}
         for run in self.runs:
             run.replace_setup(places.get(run.name) or resolve_run(new.config, run.output_dir), new)
@@ -409,6 +415,9 @@ class Daemon:
             self._note_waiting([])
             return
         pool = self.pool if self._next_pool is None else None  # a new pool waits for the old one's jobs
+        if pool is not None and isinstance(self.executor, LocalExecutor):
+            # The memory an idle warm worker holds counts as "used by another process" on its GPU: let it go.
+            self.executor.free_slots({slot.name: slot.busy for slot in pool.slots() if slot.busy})
         decided = plan(queues, self.setup.schedule, time.time(), pool.free() if pool else 0, self._slots_of,
                        self._last_run)  # fmt: skip
         by_name = {run.name: run for run in self.runs}
@@ -485,8 +494,9 @@ class Daemon:
                 if running.timed_out:
                     log.warning("%s%s: timed out after %.0f s; stopping it", run.prefix, job.label,
                                 running.timeout)  # fmt: skip
-                    self._end(active, stop=True)
-                    self._commit(active, Outcome.failure(f"timed out after {running.timeout:.0f} s"))
+                    why = f"timed out after {running.timeout:.0f} s"
+                    self._end(active, stop=True, why=why)
+                    self._commit(active, Outcome.failure(why))
                 continue
             outcome = running.outcome()
             keep_merged(job, outcome, self.config.keep_merged, run.config.resolved_scratch_dir(), self.config.step_of)

@@ -1,6 +1,7 @@
 """Jobs: start a job's child process on the pinned device, watch it, stop it, collect its outcome.
 
-Each job runs `python -m watcher.worker` in its own process group, as the guardian of everything it starts
+This is the one-process-per-job mode (`warm = false`; watcher/warm.py runs jobs in long-lived workers instead,
+and shares the job folder, stage and outcome pieces defined here). Each job runs `python -m watcher.worker` in its own process group, as the guardian of everything it starts
 (watcher/processes.py: a stop, a timeout or the daemon's death reaches every process of the job), with
 CUDA_VISIBLE_DEVICES pinned, stdout/stderr appended to the job's log file. Its group is recorded in the journal
 while it runs, so that a daemon started after a kill -9 can stop what is left. A child that crashes, is killed
@@ -21,9 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from watcher import processes
-from watcher.devices import child_environment
-from watcher.journal import Job, Journal, ProcessLedger
-from watcher.pool import Allocation
+from watcher.journal import Job, ProcessLedger
 from watcher.records import JobSpec, Outcome, Preset
 
 
@@ -78,16 +77,14 @@ class StageReader:
         return stages
 
 
-class RunningJob:
-    """A local job: the worker as a child process of the daemon (see the module docstring)."""
+class LocalJob:
+    """What a job on this machine has, whatever process runs it: its time budget and the stages read from its
+    status pipe (`_status_fd`). The daemon follows `RunningJob` and `warm.WarmJob` alike through it."""
 
     where = ""  # named by its slot (a Slurm job by its Slurm id: watcher/slurm_jobs.py)
 
-    def __init__(self, job: Job, proc: subprocess.Popen, status_fd: int, paths: JobPaths, timeout: float,
-                 ledger: ProcessLedger):  # fmt: skip
+    def __init__(self, job: Job, paths: JobPaths, timeout: float, status_fd: int):
         self.job = job
-        self.proc = proc
-        self.ledger = ledger
         self.paths = paths
         self.started = time.time()
         self.deadline = self.started + timeout
@@ -104,24 +101,25 @@ class RunningJob:
         return self._stages.progress
 
     def new_stages(self) -> list[str]:
-        """Stages the child entered since the last call (non-blocking; see `StageReader.feed`)."""
-        chunks = []
-        while True:
-            try:
-                chunk = os.read(self._status_fd, 4096)
-            except (BlockingIOError, OSError):
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return self._stages.feed(b"".join(chunks))
-
-    def poll(self) -> int | None:
-        return self.proc.poll()
+        """Stages the job entered since the last call (non-blocking; see `StageReader.feed`)."""
+        return self._stages.feed(read_nonblocking(self._status_fd))
 
     @property
     def timed_out(self) -> bool:
         return time.time() > self.deadline
+
+
+class RunningJob(LocalJob):
+    """A local job: the worker as a child process of the daemon (see the module docstring)."""
+
+    def __init__(self, job: Job, proc: subprocess.Popen, status_fd: int, paths: JobPaths, timeout: float,
+                 ledger: ProcessLedger):  # fmt: skip
+        super().__init__(job, paths, timeout, status_fd)
+        self.proc = proc
+        self.ledger = ledger
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
 
     def terminate(self, why: str = "") -> None:
         """SIGTERM the job's process group and return at once (several jobs stopping share one grace period)."""
@@ -133,18 +131,7 @@ class RunningJob:
 
     def outcome(self) -> Outcome:
         """What the child wrote, or a (transient) failure built from its exit status and the end of its log."""
-        code = self.proc.poll()
-        try:
-            return Outcome.read(self.paths.outcome)
-        except (OSError, ValueError, TypeError):
-            pass
-        if code is not None and code < 0:
-            name = signal.Signals(-code).name
-            why = "killed by SIGKILL (out of memory?)" if code == -signal.SIGKILL else f"killed by {name}"
-        else:
-            why = f"exited with status {code}"
-        tail = last_log_line(self.paths.log)
-        return Outcome.failure(f"job process {why}" + (f": {tail}" if tail else ""))
+        return outcome_of(self.paths, self.proc.poll())
 
     def close(self) -> None:
         """After the child ended (or was stopped): nothing of its group may outlive it, nor its folder."""
@@ -155,23 +142,6 @@ class RunningJob:
             pass
         shutil.rmtree(self.paths.workdir, ignore_errors=True)
         self.ledger.remove(self.proc.pid)
-
-
-class LocalExecutor:
-    """Jobs as child processes of the daemon, on the slots of its pool (the default `executor`)."""
-
-    detaches = False  # a stopping daemon stops its jobs: they are its children
-    cancel_on_stop = True
-
-    def launch(self, run_name: str, journal: Journal, results_dir: Path, scratch_dir: Path, job: Job,
-               preset: Preset, allocation: Allocation, base_model: Path | None, timeout: float) -> "RunningJob":  # fmt: skip
-        paths = JobPaths.for_job(results_dir, scratch_dir, job)
-        spec = job_spec(job, preset, paths, allocation.child_devices, base_model, os.getpid())
-        env = child_environment(list(allocation.visible_devices))
-        return launch(job, spec, paths, env, timeout, journal.processes)
-
-    def refresh(self) -> None:
-        """Nothing to ask anyone: a child's end is seen by `RunningJob.poll`."""
 
 
 def job_spec(job: Job, preset: Preset, paths: JobPaths, devices: tuple[str, ...], base_model: Path | None,
@@ -189,16 +159,11 @@ def job_spec(job: Job, preset: Preset, paths: JobPaths, devices: tuple[str, ...]
 def launch(job: Job, spec: JobSpec, paths: JobPaths, env: dict[str, str], timeout: float,
            ledger: ProcessLedger) -> RunningJob:  # fmt: skip
     """Write the spec, start the worker and record its process group in `ledger`; returns at once."""
-    shutil.rmtree(paths.workdir, ignore_errors=True)
-    paths.workdir.mkdir(parents=True)
-    paths.log.parent.mkdir(parents=True, exist_ok=True)
-    spec.write(paths.spec)
+    prepare_folder(job, spec, paths)
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
     env = {**env, "CKPT_WATCH_STATUS_FD": str(write_fd), "PYTHONUNBUFFERED": "1"}
     with open(paths.log, "ab") as log:
-        log.write(f"\n===== attempt {job.attempts} at {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
-        log.flush()
         proc = processes.spawn(
             [sys.executable, "-m", "watcher.worker", str(paths.spec)],
             guardian=True,  # the worker calls processes.guard: it goes with us and stops its whole tree
@@ -214,6 +179,46 @@ def launch(job: Job, spec: JobSpec, paths: JobPaths, env: dict[str, str], timeou
         )
     os.close(write_fd)
     return RunningJob(job, proc, read_fd, paths, timeout, ledger)
+
+
+def prepare_folder(job: Job, spec: JobSpec, paths: JobPaths) -> None:
+    """A fresh job folder with the spec in it, and this attempt's header in the job's log."""
+    shutil.rmtree(paths.workdir, ignore_errors=True)
+    paths.workdir.mkdir(parents=True)
+    paths.log.parent.mkdir(parents=True, exist_ok=True)
+    spec.write(paths.spec)
+    with open(paths.log, "ab") as log:
+        log.write(f"\n===== attempt {job.attempts} at {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
+
+
+def read_nonblocking(fd: int) -> bytes:
+    """Whatever a non-blocking pipe holds now (b"" when nothing, or when the writer is gone)."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except (BlockingIOError, OSError):
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def outcome_of(paths: JobPaths, code: int | None) -> Outcome:
+    """What the worker wrote for the job, or a (transient) failure built from the worker's exit status `code`
+    and the end of the job's log."""
+    try:
+        return Outcome.read(paths.outcome)
+    except (OSError, ValueError, TypeError):
+        pass
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name
+        why = "killed by SIGKILL (out of memory?)" if code == -signal.SIGKILL else f"killed by {name}"
+    else:
+        why = f"exited with status {code}"
+    tail = last_log_line(paths.log)
+    return Outcome.failure(f"job process {why}" + (f": {tail}" if tail else ""))
 
 
 def last_log_line(log: Path, limit: int = 300) -> str:

@@ -312,6 +312,12 @@ class SlurmExecutor:
             del self.jobs[key]
             del self._journals[key]
 
+    def recycle(self, why: str) -> None:
+        """Nothing to renew: each Slurm job is a fresh process (the local executor's warm workers are recycled)."""
+
+    def shutdown(self) -> None:
+        """Nothing runs here between jobs (what Slurm runs is handled by `cancel_on_stop`)."""
+
     def _key(self, handle: SlurmJob) -> tuple[str, int] | None:
         return next((key for key, h in self.jobs.items() if h is handle), None)
 

@@ -5,6 +5,9 @@ heavy work (torch, lm-eval) and any crash, out-of-memory kill or hang stay insid
 stage through a pipe (CKPT_WATCH_STATUS_FD) and writes its `Outcome` atomically to the spec's `outcome_path`;
 stdout and stderr go to the job's log file.
 
+With `--serve` it is a warm worker instead (watcher/warm.py): started once per slot, it takes that slot's jobs
+one after another over a pipe, each run exactly as the one-shot worker runs it (`run_one`); see `serve`.
+
 In a Slurm job (watcher/slurm_jobs.py) the same worker runs on a compute node: it reports its stage by appending
 the same lines to a file (CKPT_WATCH_STATUS_FILE) in its job folder on the shared filesystem, merges into
 CKPT_WATCH_SCRATCH (the node's local disk, removed at the end) and does not watch for the daemon's death (it
@@ -22,6 +25,9 @@ A reader must ignore keys it does not know (and lines that are not JSON objects 
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import importlib
 import json
 import os
 import resource
@@ -131,6 +137,8 @@ def _first_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--serve":
+        return serve(argv[1:])
     spec = JobSpec.read(Path(argv[0]))
     node_scratch = os.environ.get("CKPT_WATCH_SCRATCH")
     if node_scratch:  # a Slurm job: scratch on the node, chosen there (see watcher/slurm_jobs.py)
@@ -139,6 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     guard(spec.parent_pid or None)
     slurm_job = os.environ.get("SLURM_JOB_ID")
     where = f" in Slurm job {slurm_job} on {os.uname().nodename}" if slurm_job else ""
+    outcome, code = run_one(spec, where)
+    if node_scratch and not os.environ.get("CKPT_WATCH_KEEP_SCRATCH"):
+        shutil.rmtree(node_scratch, ignore_errors=True)  # the daemon cannot reach a node's local disk
+    # Last: for a Slurm job its appearance is what tells the daemon the job is over.
+    outcome.write(spec.outcome_path)
+    return code
+
+
+def run_one(spec: JobSpec, where: str = "") -> tuple[Outcome, int]:
+    """One job, in either mode: `run_job` with every exception turned into a recorded `Outcome` (and the exit
+    status the one-shot worker ends with); then whatever the evaluators left running is stopped."""
     print(f"[ckpt-watch] job {spec.job_id}: {spec.checkpoint_name} / {spec.variant} / {spec.preset.name} on "
           f"{spec.device}{where} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})", flush=True)  # fmt: skip
     try:
@@ -159,12 +178,92 @@ def main(argv: list[str] | None = None) -> int:
         outcome = Outcome.failure(f"{type(exc).__name__}: {_first_line(exc)}".rstrip(": "))
         code = 3
     sys.stdout.flush()
+    sys.stderr.flush()
     stop_descendants(os.getpid(), GUARD_GRACE)  # what the evaluators left running (we are their subreaper)
-    if node_scratch and not os.environ.get("CKPT_WATCH_KEEP_SCRATCH"):
-        shutil.rmtree(node_scratch, ignore_errors=True)  # the daemon cannot reach a node's local disk
-    # Last: for a Slurm job its appearance is what tells the daemon the job is over.
-    outcome.write(spec.outcome_path)
-    return code
+    return outcome, code
+
+
+# --- the warm worker: one process per slot, jobs one after another (watcher/warm.py is the daemon's side) ---
+
+
+def serve(argv: list[str]) -> int:
+    """`python -m watcher.worker --serve --parent PID --home FOLDER`: a warm worker.
+
+    It imports torch and transformers once, then takes one request per line on stdin, {"spec": PATH, "log":
+    PATH}, and runs that job as the one-shot worker would (`run_one`): its stdout and stderr (fds 1 and 2, so
+    also what subprocesses print) appended to the job's log, its cwd the job's folder, its environment as it
+    was before the job, stage reports through the same status pipe (CKPT_WATCH_STATUS_FD). After writing the
+    job's outcome it answers one line on the reply pipe (CKPT_WATCH_REPLY_FD): {"done": JOB_ID, "ok": BOOL,
+    "rss_mb": ..., "gpu_mb": ...}, the memory it still holds (the daemon recycles a worker that holds too
+    much). End of stdin: it exits. SIGTERM (the daemon stops it, or the daemon died): its tree is stopped.
+    """
+    options = dict(zip(argv[::2], argv[1::2]))
+    guard(int(options["--parent"]))
+    home = Path(options["--home"])
+    reply_fd = int(os.environ["CKPT_WATCH_REPLY_FD"])
+    for module in ("torch", "transformers"):  # the point of a warm worker: imported once, not per job
+        importlib.import_module(module)
+
+    served = 0
+    for line in sys.stdin:
+        request = json.loads(line)
+        spec = JobSpec.read(Path(request["spec"]))
+        served += 1
+        outcome = _serve_one(spec, Path(request["log"]), f" in warm worker {os.getpid()} (its job {served})")
+        outcome.write(spec.outcome_path)
+        os.chdir(home)
+        reply = {"done": spec.job_id, "ok": outcome.ok, **_memory_held()}
+        os.write(reply_fd, (json.dumps(reply) + "\n").encode())
+    return 0
+
+
+def _serve_one(spec: JobSpec, log: Path, where: str) -> Outcome:
+    """`run_one` with fds 1 and 2 on the job's log, in the job's folder, in a copy of the environment."""
+    environment = dict(os.environ)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    log_fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.chdir(spec.outcome_path.parent)
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()  # each job's stages report their own GPU peaks
+        outcome, _ = run_one(spec, where)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, log_fd):
+            os.close(fd)
+        os.environ.clear()
+        os.environ.update(environment)
+    return outcome
+
+
+def _memory_held() -> dict[str, float]:
+    """What this worker still holds once a job's objects are gone: resident memory, and the GPU memory torch's
+    allocator keeps reserved (0 when no job leaked a tensor). Freed heap is handed back to the kernel first, so
+    that RSS measures what is still in use rather than what glibc kept."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    gpu_mb = 0.0
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+        gpu_mb = round(torch.cuda.memory_reserved() / 2**20, 1)
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # glibc only; elsewhere RSS is simply read as it is
+    except (OSError, AttributeError):
+        pass
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        rss_mb = round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # the peak: an upper bound
+    return {"rss_mb": rss_mb, "gpu_mb": gpu_mb}
 
 
 if __name__ == "__main__":
