@@ -1,6 +1,8 @@
 """Turn one checkpoint (or several, averaged) into a Hugging Face model folder.
 
     open_weights(checkpoint, variant, layout=None)  -> a WeightSource, from where the layout keeps the weights
+    open_model(checkpoint, variant, ...)            -> ModelWeights: what merge_checkpoint would write (tensors,
+                                                       config.json), described and readable without writing
     merge_checkpoint(checkpoint, out)               -> out/ with sharded safetensors, index, config and tokenizer files
     average_checkpoints([a, b], out)                -> the tensor-by-tensor mean, accumulated in fp32
 
@@ -14,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -34,7 +37,7 @@ from merge.layouts import (
 from merge.safetensors_source import SafetensorsSource, has_safetensors
 from merge.source import FLOATING, MergeError, TensorSpec, WeightSource
 from merge.torchtitan_source import TorchtitanSource, looks_like_torchtitan
-from merge.writer import DEFAULT_SHARD_BYTES, ByteProgress, write_weights
+from merge.writer import DEFAULT_SHARD_BYTES, ByteProgress, output_dtype, write_weights
 
 log = logging.getLogger("ckpt-watch")
 
@@ -219,6 +222,59 @@ def average_checkpoints(
             source.close()
 
 
+@dataclass
+class ModelWeights:
+    """A model folder as merge_checkpoint would write it, without writing it: the tensors it would hold (names in
+    the model's order, a tied lm_head dropped, torchtitan names mapped), its config.json, and where its config and
+    tokenizer files come from. The watcher loads a sharded checkpoint straight from this (watcher/model_input.py),
+    so the in-memory model and the merged folder follow one set of rules."""
+
+    source: WeightSource  # read tensors here, by the names in `names`
+    names: list[str]
+    config: dict  # config.json as written: its dtype says what most weight bytes are
+    model_folders: list[Path]  # where config, generation config and tokenizer files come from (first wins)
+    cast: str | None = None  # floating-point tensors are written in this dtype (None: their own)
+    owned: WeightSource | None = None  # what `close` closes (the source may wrap it)
+
+    def specs(self) -> dict[str, "TensorSpec"]:
+        """name -> dtype and shape as written (the cast applied), for `names` only."""
+        specs = self.source.specs()
+        return {n: TensorSpec(output_dtype(specs[n].dtype, self.cast), specs[n].shape) for n in self.names}
+
+    def close(self) -> None:
+        (self.owned or self.source).close()
+
+
+def open_model(checkpoint: Path, variant: str = "regular", base_model: Path | None = None,
+               layout: Layout | str | None = None, dtype: str | None = None) -> ModelWeights:  # fmt: skip
+    """`variant`'s weights of `checkpoint` as the model folder merge_checkpoint would write; close() when done."""
+    checkpoint = Path(checkpoint)
+    source = open_weights(checkpoint, variant, layout)  # validates coverage before anything is read
+    try:
+        return describe_model(source, [checkpoint], base_model, dtype)
+    except BaseException:
+        source.close()
+        raise
+
+
+def describe_model(source: WeightSource, checkpoints: list[Path], base_model: Path | None,
+                   dtype: str | None = None) -> ModelWeights:  # fmt: skip
+    """The model folder `source`'s tensors make, with config and tokenizer files from the first checkpoint (or
+    `base_model`). Closing the result closes `source`."""
+    config_home = _find_config(checkpoints[0], base_model)
+    config = json.loads((config_home / "config.json").read_text(encoding="utf-8"))
+    owned = source
+    if looks_like_torchtitan(source.specs()):
+        source = TorchtitanSource(source, config)  # torchtitan's names -> Hugging Face's, with its own adapter
+    names = _output_names(source.specs(), config)
+    dominant = written_dtype(source.specs(), names, dtype)
+    if dominant:
+        # The config says what the weights are: a bf16 export merged with a float32 base config stays bf16.
+        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]:
+            config[key] = dominant
+    return ModelWeights(source, names, config, list(_model_folders(checkpoints[0], base_model)), dtype, owned)
+
+
 def _write_model(
     source: WeightSource,
     checkpoints: list[Path],
@@ -230,18 +286,14 @@ def _write_model(
 ) -> Path:
     if out.exists() and any(out.iterdir()):
         raise MergeError(f"output folder {out} already exists and is not empty")
-    config_home = _find_config(checkpoints[0], base_model)
-    config = json.loads((config_home / "config.json").read_text(encoding="utf-8"))
-    if looks_like_torchtitan(source.specs()):
-        source = TorchtitanSource(source, config)  # torchtitan's names -> Hugging Face's, with its own adapter
-    names = _output_names(source.specs(), config)
+    model = describe_model(source, checkpoints, base_model, dtype)  # the caller closes `source`
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        write_weights(staging, source, names, dtype, max_shard_bytes, progress)
-        _copy_model_files(checkpoints[0], base_model, staging, written_dtype(source.specs(), names, dtype))
+        write_weights(staging, model.source, model.names, dtype, max_shard_bytes, progress)
+        _copy_model_files(model, staging)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(staging, out)
@@ -309,14 +361,10 @@ def copy_model_files(folders: list[Path], out: Path, missing_only: bool = False)
                 break
 
 
-def _copy_model_files(checkpoint: Path, base_model: Path | None, staging: Path, written_dtype: str | None) -> None:
-    copy_model_files(list(_model_folders(checkpoint, base_model)), staging)
-    if written_dtype:
-        # The config says what the weights are: a bf16 export merged with a float32 base config stays bf16.
-        config = json.loads((staging / "config.json").read_text(encoding="utf-8"))
-        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]:
-            config[key] = written_dtype
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+def _copy_model_files(model: ModelWeights, staging: Path) -> None:
+    copy_model_files(model.model_folders, staging)
+    if written_dtype(model.source.specs(), model.names, model.cast):  # else config.json is copied as it is
+        (staging / "config.json").write_text(json.dumps(model.config, indent=2) + "\n", encoding="utf-8")
     if not any((staging / name).is_file() for name in TOKENIZER_FILES):
-        log.warning("no tokenizer files in %s%s: the merged weights are complete, but evaluators need a tokenizer",
-                    checkpoint, f" or {base_model}" if base_model else "")  # fmt: skip
+        log.warning("no tokenizer files in %s: the merged weights are complete, but evaluators need a tokenizer",
+                    " or ".join(str(f) for f in model.model_folders))  # fmt: skip

@@ -86,12 +86,7 @@ def checkpoint_tensors(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]] |
 def compare_with_model(folder: Path) -> LoadReport | None:
     """What transformers would leave unloaded if it loaded `folder`; None when the model class cannot be built
     here (custom code, an architecture this transformers does not know) or the folder has no full weights."""
-    import torch
-    import transformers
     from transformers import AutoConfig
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import convert_and_load_state_dict_in_model
-    from transformers.modeling_utils import LoadStateDictConfig
 
     folder = Path(folder)
     tensors = checkpoint_tensors(folder)
@@ -99,6 +94,21 @@ def compare_with_model(folder: Path) -> LoadReport | None:
         return None
     try:
         config = AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, ImportError, RuntimeError, AttributeError, TypeError):
+        return None  # a config only custom code (trust_remote_code) can build: not checkable here
+    return compare_tensors(config, tensors, str(folder))
+
+
+def compare_tensors(config, tensors: dict[str, tuple[str, tuple[int, ...]]], where: str) -> LoadReport | None:
+    """`compare_with_model` for tensors described by name -> (dtype, shape) and a transformers config object
+    (a sharded checkpoint's, before any merge); `where` names them in transformers' own messages."""
+    import torch
+    import transformers
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    try:
         model_class = _model_class(transformers, config)
         if model_class is None:
             return None
@@ -107,7 +117,7 @@ def compare_with_model(folder: Path) -> LoadReport | None:
     except (ValueError, KeyError, ImportError, RuntimeError, AttributeError, TypeError):
         return None  # a config or class only custom code (trust_remote_code) can build: not checkable here
     state = {name: torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for name, (dtype, shape) in tensors.items()}
-    load_config = LoadStateDictConfig(pretrained_model_name_or_path=str(folder), device_map={"": "meta"},
+    load_config = LoadStateDictConfig(pretrained_model_name_or_path=where, device_map={"": "meta"},
                                       weight_mapping=get_model_conversion_mapping(model, None, None))  # fmt: skip
     verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()  # its own "newly initialized" report: we say it ourselves, once
@@ -132,6 +142,11 @@ def check_all_weights_load(folder: Path) -> LoadReport | None:
     report = compare_with_model(folder)
     if report is None or report.ok:
         return report
+    raise LoadCheckError(failure_text(report))
+
+
+def failure_text(report: LoadReport) -> str:
+    """One line: how many weights are missing, unexpected or of the wrong shape, the first of each, and why."""
     parts = []
     if report.missing:
         parts.append(f"{len(report.missing)} missing (first: {report.missing[0]})")
@@ -139,8 +154,8 @@ def check_all_weights_load(folder: Path) -> LoadReport | None:
         parts.append(f"{len(report.unexpected)} unexpected (first: {report.unexpected[0]})")
     if report.mismatched:
         parts.append(f"{len(report.mismatched)} of the wrong shape (first: {report.mismatched[0]})")
-    raise LoadCheckError(f"not every weight would load into {report.model_class} built from config.json: "
-                         f"{', '.join(parts)}; likely cause: {likely_cause(report)}")  # fmt: skip
+    return (f"not every weight would load into {report.model_class} built from config.json: {', '.join(parts)}; "
+            f"likely cause: {likely_cause(report)}")  # fmt: skip
 
 
 def likely_cause(report: LoadReport) -> str:
