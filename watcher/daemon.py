@@ -84,7 +84,8 @@ class Daemon:
         self.runs = [WatchedRun(place, setup, self.notifier) for place in setup.runs]
         self.pool = _build_pool(setup)
         self.executor = SlurmExecutor(setup.config.slurm, keep_merged=setup.config.keep_merged > 0) \
-            if setup.config.executor == "slurm" else LocalExecutor(WarmSettings.of(setup.config))  # fmt: skip
+            if setup.config.executor == "slurm" \
+            else LocalExecutor(WarmSettings.of(setup.config), keep_merged=setup.config.keep_merged > 0)  # fmt: skip
         self._next_pool: Pool | None = None  # a reload's new pool, waiting for the old one's jobs to end
         self.active: dict[tuple[str, int], ActiveJob] = {}
         self._uncommitted: list[tuple[ActiveJob, Outcome]] = []  # outcomes the journal did not take yet
@@ -374,6 +375,7 @@ class Daemon:
             self.executor.settings = new.config.slurm  # from the next submission on
         else:
             self.executor.configure(WarmSettings.of(new.config))
+            self.executor.keep_merged = new.config.keep_merged > 0  # from the next job on
         places = {place.name: place for place in new.runs}
         for run in self.runs:
             run.replace_setup(places.get(run.name) or resolve_run(new.config, run.output_dir), new)

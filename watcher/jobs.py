@@ -145,7 +145,7 @@ class RunningJob(LocalJob):
 
 
 def job_spec(job: Job, preset: Preset, paths: JobPaths, devices: tuple[str, ...], base_model: Path | None,
-             parent_pid: int) -> JobSpec:  # fmt: skip
+             parent_pid: int, keep_merged: bool = False) -> JobSpec:  # fmt: skip
     """What the worker is told: the journal's facts about the job, never read again from the checkpoint.
     `parent_pid` 0: no daemon on the worker's machine to go with (a Slurm job)."""
     checkpoint = job.checkpoint
@@ -153,7 +153,7 @@ def job_spec(job: Job, preset: Preset, paths: JobPaths, devices: tuple[str, ...]
                    step=checkpoint.step, generation=checkpoint.generation, layout=checkpoint.layout,
                    variants=checkpoint.variants, variant=job.variant, preset=preset, devices=devices,
                    base_model=base_model, scratch_dir=paths.scratch, outcome_path=paths.outcome,
-                   parent_pid=parent_pid)  # fmt: skip
+                   parent_pid=parent_pid, keep_merged=keep_merged)  # fmt: skip
 
 
 def launch(job: Job, spec: JobSpec, paths: JobPaths, env: dict[str, str], timeout: float,

@@ -24,14 +24,16 @@ class LocalExecutor:
     detaches = False  # a stopping daemon stops its jobs: they are its children
     cancel_on_stop = True
 
-    def __init__(self, warm: WarmSettings | None = None):
+    def __init__(self, warm: WarmSettings | None = None, keep_merged: bool = False):
+        """`keep_merged`: the daemon keeps merged copies, so every sharded checkpoint is merged."""
         self.workers = WarmPool(warm or WarmSettings())
+        self.keep_merged = keep_merged
 
     def launch(self, run_name: str, journal: Journal, results_dir: Path, scratch_dir: Path, job: Job,
                preset: Preset, allocation: Allocation, base_model: Path | None,
                timeout: float) -> RunningJob | WarmJob:  # fmt: skip
         paths = JobPaths.for_job(results_dir, scratch_dir, job)
-        spec = job_spec(job, preset, paths, allocation.child_devices, base_model, os.getpid())
+        spec = job_spec(job, preset, paths, allocation.child_devices, base_model, os.getpid(), self.keep_merged)
         env = child_environment(list(allocation.visible_devices))
         if self.workers.settings.enabled:
             return self.workers.launch(job, spec, paths, env, allocation, timeout, journal.processes, scratch_dir)

@@ -34,10 +34,6 @@ from merge.safetensors_source import SafetensorsSource
 LOADED_LINE = "[ckpt-watch] model loaded on"
 
 
-class ModelLoadError(RuntimeError):
-    """The weights do not fit the model the config builds; the message (one line) names the first bad names."""
-
-
 class ModelInput:
     """The model of one job; see the module docstring. Build it with watcher.prepare.prepare_input."""
 
@@ -57,6 +53,11 @@ class ModelInput:
     def merged_folder(self) -> Path | None:
         """The merged copy this job wrote to its scratch folder, if any (the daemon may keep it)."""
         return self._folder if self._merged else None
+
+    @property
+    def has_folder(self) -> bool:
+        """A folder exists already: folder() writes nothing."""
+        return self._folder is not None
 
     def folder(self) -> Path:
         if self._folder is None:
@@ -127,12 +128,13 @@ def _load_weights(weights: ModelWeights, device: str, checkpoint_name: str):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from watcher.load_check import LoadReport, failure_text
+    from watcher.prepare import PrepareError  # here: prepare imports this module
 
     config_dict = dict(weights.config)
     try:  # what AutoConfig.from_pretrained does with a folder's config.json
         config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
     except KeyError:
-        raise ModelLoadError(f"{checkpoint_name}: config.json has no model_type this transformers "
+        raise PrepareError(f"{checkpoint_name}: config.json has no model_type this transformers "
                              f"({transformers.__version__}) knows") from None  # fmt: skip
     lock = threading.Lock()  # transformers reads from a thread pool; a WeightSource is not thread-safe
     state = {name: _ShardTensor(weights, name, spec, lock) for name, spec in weights.specs().items()}
@@ -149,7 +151,7 @@ def _load_weights(weights: ModelWeights, device: str, checkpoint_name: str):
                         tuple(sorted(info["unexpected_keys"])),
                         tuple(sorted(str(entry) for entry in info["mismatched_keys"])))  # fmt: skip
     if not report.ok:
-        raise ModelLoadError(f"{checkpoint_name}: {failure_text(report)}")
+        raise PrepareError(f"{checkpoint_name}: {failure_text(report)}")
     generation = next((f for f in weights.model_folders if (f / "generation_config.json").is_file()), None)
     if generation is not None and model.can_generate():  # as from_pretrained reads it from a folder
         model.generation_config = GenerationConfig.from_pretrained(generation)
@@ -188,7 +190,9 @@ class _ShardTensor:
                 try:
                     self.weights.source.read(self.name, memoryview(raw.numpy()))
                 except MergeError as exc:
-                    raise ModelLoadError(str(exc)) from None
+                    from watcher.prepare import PrepareError
+
+                    raise PrepareError(str(exc)) from None
         tensor = raw.view(getattr(torch, source_spec.dtype)).reshape(source_spec.shape)
         if tensor.dtype != self.dtype:  # the merge's cast (merge.writer.output_dtype), if it was asked for one
             tensor = tensor.to(self.dtype)

@@ -9,6 +9,11 @@ Whatever the route, the worker then calls `verify_loadable` before it hands the 
 weights are checked against the model class its `config.json` builds (watcher.load_check), so a model whose
 weights would not all load is never evaluated. It is a step of its own because it imports torch and transformers
 (hundreds of MB), which the streaming merge never needs.
+
+`prepare_input` wraps either route in a watcher.model_input.ModelInput. With `merge=False` a sharded checkpoint is
+not merged at all: the evaluators load it straight from its shards (each of them said it can take a loaded
+model), and the merge runs only if one of them asks for a folder after all. Its weights are then checked against
+the model class from their metadata alone (`verify_input`), before any evaluator, as a folder's are.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from merge import MergeError, is_consolidated, merge_checkpoint
+from merge import MergeError, is_consolidated, merge_checkpoint, open_model
 from merge.consolidate import TOKENIZER_FILES, copy_model_files
 from merge.layouts import Layout, weight_home
 from merge.writer import ByteProgress
-from watcher.load_check import LoadCheckError, check_all_weights_load
+from watcher.load_check import LoadCheckError, check_all_weights_load, compare_tensors, failure_text
+from watcher.model_input import ModelInput
 
 
 class PrepareError(RuntimeError):
@@ -42,10 +48,7 @@ def prepare_model(checkpoint: Path, variant: str, workdir: Path, base_model: Pat
     """
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"checkpoint folder is gone: {checkpoint}")
-    home = weight_home(layout, variant) if layout is not None else None
-    # A layout whose weights are sharded is merged even if a stray model.safetensors lies beside them.
-    in_place = variant == "regular" and (home is None or home.consolidated) and is_consolidated(checkpoint)
-    if in_place:
+    if _in_place(checkpoint, variant, layout):
         if _lacks_model_files(checkpoint) and base_model is not None:
             return _link_with_base(checkpoint, base_model, workdir / "model"), False
         if not (checkpoint / "config.json").is_file():
@@ -63,6 +66,52 @@ def prepare_model(checkpoint: Path, variant: str, workdir: Path, base_model: Pat
     return out, True
 
 
+def prepare_input(checkpoint: Path, variant: str, workdir: Path, base_model: Path | None = None,
+                  progress: Callable[[int, int], None] | None = None, layout: Layout | str | None = None,
+                  merge: bool = True, checkpoint_name: str | None = None) -> ModelInput:  # fmt: skip
+    """The job's ModelInput: a model folder as `prepare_model` makes it, or, with `merge=False`, a sharded
+    checkpoint's weights read in place (merged, with `progress`, only when an evaluator asks for a folder)."""
+    name = checkpoint_name or Path(checkpoint).name
+    if merge or _in_place(checkpoint, variant, layout):
+        folder, merged = prepare_model(checkpoint, variant, workdir, base_model, progress, layout)
+        return ModelInput(name, folder=folder, merged=merged)
+    try:
+        weights = open_model(checkpoint, variant, base_model=base_model, layout=layout)
+    except MergeError as exc:
+        if not Path(checkpoint).is_dir():
+            raise FileNotFoundError(f"checkpoint folder is gone: {checkpoint}") from None
+        raise PrepareError(str(exc)) from None
+
+    def merge_now() -> Path:
+        folder, _ = prepare_model(checkpoint, variant, workdir, base_model, progress, layout)
+        verify_loadable(folder, name)
+        return folder
+
+    return ModelInput(name, weights=weights, merge=merge_now)
+
+
+def verify_input(model: ModelInput) -> None:
+    """`verify_loadable` for any ModelInput: a folder's weights from their headers, a sharded checkpoint's from
+    the shards' metadata (nothing is read or written)."""
+    if model.has_folder:
+        verify_loadable(model.folder(), model.checkpoint_name)
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config = model.config()
+    try:
+        config_object = CONFIG_MAPPING[config["model_type"]].from_dict(config)
+    except (KeyError, ValueError, TypeError):
+        config_object = None
+    tensors = {name: (spec.dtype, spec.shape) for name, spec in model.specs().items()}
+    report = compare_tensors(config_object, tensors, model.checkpoint_name) if config_object is not None else None
+    if report is None:
+        print(f"[ckpt-watch] weight check skipped for {model.checkpoint_name}: a model class this transformers "
+              "cannot build (custom code)", flush=True)  # fmt: skip
+    elif not report.ok:
+        raise PrepareError(f"{model.checkpoint_name}: {failure_text(report)}")
+
+
 def verify_loadable(model_dir: Path, checkpoint_name: str) -> None:
     """Raise PrepareError unless every weight in `model_dir` would load into the model its config.json builds."""
     try:
@@ -72,6 +121,13 @@ def verify_loadable(model_dir: Path, checkpoint_name: str) -> None:
     if report is None:  # said in the job's log: the evaluators still run, unchecked
         print(f"[ckpt-watch] weight check skipped for {checkpoint_name}: no full-model weights, or a model class "
               "this transformers cannot build (custom code)", flush=True)
+
+
+def _in_place(checkpoint: Path, variant: str, layout: Layout | str | None) -> bool:
+    """Consolidated weights of this variant: used as they are, never merged."""
+    home = weight_home(layout, variant) if layout is not None else None
+    # A layout whose weights are sharded is merged even if a stray model.safetensors lies beside them.
+    return variant == "regular" and (home is None or home.consolidated) and is_consolidated(checkpoint)
 
 
 def _lacks_model_files(checkpoint: Path) -> bool:

@@ -110,6 +110,9 @@ class JobSpec:
     scratch_dir: Path  # the job's private folder for merged weights and evaluator files, removed afterwards
     outcome_path: Path  # where the worker writes its Outcome
     parent_pid: int  # the daemon: the worker goes with it (watcher/processes.guard)
+    # The daemon keeps merged copies (keep_merged): a sharded checkpoint is merged even when every evaluator could
+    # load it straight from its shards.
+    keep_merged: bool = False
 
     @property
     def device(self) -> str:
@@ -142,6 +145,7 @@ class JobSpec:
             scratch_dir=Path(data["scratch_dir"]),
             outcome_path=Path(data["outcome_path"]),
             parent_pid=int(data["parent_pid"]),
+            keep_merged=bool(data.get("keep_merged", False)),
         )
 
     def write(self, path: Path) -> None:

@@ -175,7 +175,7 @@ class SlurmExecutor:
         paths.log.parent.mkdir(parents=True, exist_ok=True)
         gpus = self.gpus_for(preset)
         devices = tuple(f"cuda:{i}" for i in range(gpus)) or ("cpu",)
-        job_spec(job, preset, paths, devices, base_model, parent_pid=0).write(paths.spec)
+        job_spec(job, preset, paths, devices, base_model, parent_pid=0, keep_merged=self.keep_merged).write(paths.spec)
         name = _job_name(run_name, job)
         script = folder / "job.sbatch"
         script.write_text(slurm.job_script(name=name, log=paths.log, workdir=folder, settings=self.settings,

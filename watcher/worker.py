@@ -68,46 +68,57 @@ def _report_stage(stage: str, **progress: Any) -> None:
 
 def run_job(spec: JobSpec) -> Outcome:
     from watcher.evaluators import get_evaluator
-    from watcher.prepare import prepare_model, verify_loadable
+    from watcher.prepare import prepare_input, verify_input
 
     workdir = spec.scratch_dir
     workdir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     stages: dict[str, dict[str, float]] = {}
+    steps = spec.preset.evaluators
+    evaluators = [get_evaluator(step.backend) for step in steps]
+    # Loaded in this process by every step: a sharded checkpoint is then read from its shards, not merged (unless
+    # the daemon keeps merged copies, which then must exist).
+    in_process = all(e.takes_loaded_model(dict(s.options), spec.devices) for e, s in zip(evaluators, steps))
 
     _report_stage("preparing")
     start = time.time()
-    model_dir, merged = prepare_model(spec.checkpoint_path, spec.variant, workdir, spec.base_model, layout=spec.layout,
-                                      progress=lambda done, total: _report_stage("preparing", done=done, total=total))
-    timings["prepare_s"] = round(time.time() - start, 3)
-    stages["prepare"] = _stage_usage(start)
-    start = time.time()
-    verify_loadable(model_dir, spec.checkpoint_name)  # before any evaluator: every weight must load
-    stages["verify"] = _stage_usage(start)
-
-    steps = spec.preset.evaluators
-    if not steps:
-        _report_stage("evaluating")
-    context = JobContext(checkpoint=spec.checkpoint_name, step=spec.step, variant=spec.variant)
-    metrics: dict[str, float] = {}
-    raw: dict[str, Any] = {}
-    versions: dict[str, str] = {}
-    evaluate_start = time.time()
-    for index, step in enumerate(steps):
-        _report_stage("evaluating", step=index + 1, steps=len(steps), backend=step.backend)
+    model = prepare_input(spec.checkpoint_path, spec.variant, workdir, spec.base_model, layout=spec.layout,
+                          progress=lambda done, total: _report_stage("preparing", done=done, total=total),
+                          merge=spec.keep_merged or not in_process, checkpoint_name=spec.checkpoint_name)  # fmt: skip
+    try:
+        timings["prepare_s"] = round(time.time() - start, 3)
+        stages["prepare"] = _stage_usage(start)
         start = time.time()
-        evaluator = get_evaluator(step.backend)
-        step_dir = workdir / f"{index}-{step.backend}"
-        step_dir.mkdir(parents=True, exist_ok=True)
-        output = evaluator.run(model_dir, spec.devices, dict(step.options), step_dir, context)
-        metrics.update(output.metrics)
-        # Keyed by backend (what `compare` looks up); a second step of the same backend gets its index.
-        raw[step.backend if step.backend not in raw else f"{step.backend}#{index}"] = output.raw
-        versions.update(output.versions)
-        stages[f"{index}-{step.backend}"] = _stage_usage(start)
-    timings["evaluate_s"] = round(time.time() - evaluate_start, 3)
+        verify_input(model)  # before any evaluator: every weight must load
+        stages["verify"] = _stage_usage(start)
+
+        if not steps:
+            _report_stage("evaluating")
+        context = JobContext(checkpoint=spec.checkpoint_name, step=spec.step, variant=spec.variant, model=model)
+        metrics: dict[str, float] = {}
+        raw: dict[str, Any] = {}
+        versions: dict[str, str] = {}
+        evaluate_start = time.time()
+        for index, (step, evaluator) in enumerate(zip(steps, evaluators)):
+            _report_stage("evaluating", step=index + 1, steps=len(steps), backend=step.backend)
+            start = time.time()
+            step_dir = workdir / f"{index}-{step.backend}"
+            step_dir.mkdir(parents=True, exist_ok=True)
+            options = dict(step.options)
+            # A folder for a step that needs one (merged now if not yet); None for one that loads in-process.
+            needs_folder = model.has_folder or not evaluator.takes_loaded_model(options, spec.devices)
+            output = evaluator.run(model.folder() if needs_folder else None, spec.devices, options, step_dir, context)
+            metrics.update(output.metrics)
+            # Keyed by backend (what `compare` looks up); a second step of the same backend gets its index.
+            raw[step.backend if step.backend not in raw else f"{step.backend}#{index}"] = output.raw
+            versions.update(output.versions)
+            stages[f"{index}-{step.backend}"] = _stage_usage(start)
+        timings["evaluate_s"] = round(time.time() - evaluate_start, 3)
+    finally:
+        model.close()
+    merged = model.merged_folder
     return Outcome(OutcomeKind.OK, metrics=metrics, raw=raw, versions=versions, timings=timings, stages=stages,
-                   merged_model=str(model_dir) if merged else None)  # fmt: skip
+                   merged_model=str(merged) if merged else None)  # fmt: skip
 
 
 def _stage_usage(start: float) -> dict[str, float]:

@@ -9,7 +9,10 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
+
+if TYPE_CHECKING:  # a type only: importing it here would not cost much, but the daemon needs none of it
+    from watcher.model_input import ModelInput
 
 
 @dataclass
@@ -23,11 +26,14 @@ class EvalOutput:
 
 @dataclass(frozen=True)
 class JobContext:
-    """What is being evaluated, for backends that hand it on (the custom command's placeholders)."""
+    """What is being evaluated, for backends that hand it on (the custom command's placeholders), and the job's
+    model: one watcher.model_input.ModelInput shared by every step of the preset, so that the model is loaded
+    once per job (`model.load(device)`) and a sharded checkpoint is merged only if a step asks for a folder."""
 
     checkpoint: str = ""
     step: int = 0
     variant: str = "regular"
+    model: "ModelInput | None" = None
 
 
 def is_int(value: Any) -> bool:
@@ -64,14 +70,26 @@ class Evaluator(Protocol):
         loads presets, so a typo in a preset stops the daemon at start, not every job later."""
         ...
 
+    def takes_loaded_model(self, options: dict[str, Any], devices: Sequence[str]) -> bool:
+        """Whether `run` with these options on these devices can work from `context.model` alone, in this
+        process (its `load`, `specs` and `config`), with `model_dir` None. When every step of a preset says so,
+        a sharded checkpoint is not merged: the model is loaded straight from its shards. Cheap and import-light,
+        like check_options (called before the prepare stage)."""
+        ...
+
     def run(
-        self, model_dir: Path, devices: Sequence[str], options: dict[str, Any], workdir: Path,
+        self, model_dir: Path | None, devices: Sequence[str], options: dict[str, Any], workdir: Path,
         context: JobContext | None = None,
     ) -> EvalOutput:
         """Evaluate the model in `model_dir` on `devices`: ("cpu",), ("cuda:0",), or ("cuda:0", "cuda:1") for a job
         pinned to several GPUs (watcher.records.JobSpec.devices; CUDA_VISIBLE_DEVICES renumbers them from 0). A
         backend that uses one GPU takes the first, one that can spread work takes them all.
 
-        `workdir` is a private scratch directory for this job; `model_dir` is never written to.
+        `workdir` is a private scratch directory for this job; `model_dir` is never written to. The worker passes
+        `context.model` too: a backend that loads the model in this process takes it from `context.model.load()`
+        (the job's one load), and `model_dir` is None when the backend said it `takes_loaded_model` (it may still
+        call `context.model.folder()`, which then merges). Without `context.model` (a direct call) `model_dir` is
+        a model folder.
         """
         ...
+

@@ -81,6 +81,9 @@ def excerpt(text: str, limit: int = OUTPUT_EXCERPT) -> str:
 class CommandBackend:
     name = "command"
 
+    def takes_loaded_model(self, options: dict[str, Any], devices: Sequence[str]) -> bool:
+        return False  # the command runs in its own process and reads a model folder
+
     def check_options(self, options: dict[str, Any]) -> None:
         reject_unknown_options("command", options, _OPTIONS)
         command = options.get("command")

@@ -84,8 +84,7 @@ def _rank(request_path: Path) -> int:
     request = json.loads(request_path.read_text(encoding="utf-8"))
     rank = int(os.environ.get("RANK", "0"))
     try:
-        output = evaluate(Path(request["model_dir"]), request["device"], parse_options(request["options"]),
-                          Path(request["workdir"]) / f"rank{rank}")  # fmt: skip
+        output = evaluate(Path(request["model_dir"]), request["device"], parse_options(request["options"]))
     except EvaluatorError as exc:
         if rank == 0:
             write_json_atomic(Path(request["result"]), {"error": str(exc)})

@@ -6,8 +6,21 @@ run (lm_eval_parallel.py).
 Besides lm-eval's own tasks and any user task directories (`include_path`), the bundled offline
 tasks of `watcher/data/tasks/` (`ckpt_watch_smoke_mc`, `ckpt_watch_smoke_ppl` and their group
 `ckpt_watch_smoke`) are always available. Their YAMLs are templates: `datasets` resolves relative
-`data_files` against the process's cwd, not against the YAML, so each run renders them into its
-workdir with the absolute path of the installed data and a private `datasets` cache.
+`data_files` against the process's cwd, not against the YAML, so they are rendered with the absolute path of the
+installed data and a private `datasets` cache, once per process, into a folder of its own (removed at its exit).
+
+Per process too: lm-eval's task index. Building a TaskManager parses every task YAML under its paths (thousands
+for lm-eval's own tasks, seconds), so one is built per set of task folders and kept; a job gets it with its own
+metadata. A long-lived worker (one per slot) pays for it once.
+
+Requests are not cached across jobs (simple_evaluate's `cache_requests`): they do not depend on the weights, but
+lm-eval keys its cache file by task name and few-shot count only, in a folder shared by every process (inside its
+own package unless LM_HARNESS_CACHE_PATH is set), and never by the task's YAML or data, so an edited task or a
+user task of the same name as another would be served stale requests; and building them is milliseconds for the
+bundled tasks.
+
+On one device, with the `hf` model and the default dtype, the run takes the job's loaded model object
+(watcher.model_input.ModelInput.load) instead of loading the folder again: `HFLM(pretrained=<model>)`.
 
 torch, lm_eval and datasets are imported inside `evaluate()` only, so that importing this module is cheap.
 """
@@ -23,9 +36,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from watcher.evaluators.base import EvalOutput, EvaluatorError, is_int, is_number, reject_unknown_options
+
+if TYPE_CHECKING:
+    from watcher.model_input import ModelInput
 
 BUNDLED_TASKS = ("ckpt_watch_smoke", "ckpt_watch_smoke_mc", "ckpt_watch_smoke_ppl")
 
@@ -39,6 +55,13 @@ _CACHE_PLACEHOLDER = "__CKPT_WATCH_CACHE__"
 _KNOWN_OPTIONS = frozenset(
     {"tasks", "limit", "num_fewshot", "batch_size", "dtype", "model", "include_path", "model_args"}
 )
+# HFLM arguments that still apply when it is handed a loaded model (the others are from_pretrained's, or pick a
+# parallel mode): a step whose model_args stay within these can share the job's loaded model.
+OBJECT_MODEL_ARGS = frozenset({
+    "backend", "tokenizer", "truncation", "logits_cache", "max_length", "softmax_dtype", "mixed_precision_dtype",
+    "max_batch_size", "add_bos_token", "prefix_token_id", "think_end_token", "enable_thinking", "chat_template_args",
+    "use_fast_tokenizer",
+})  # fmt: skip
 # The parts of simple_evaluate's return worth keeping; "samples" (per-sample logs) is deliberately absent.
 _RAW_KEYS = (
     "results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "config",
@@ -57,8 +80,18 @@ class LmEvalOptions:
     model_args: Mapping[str, Any] | None = None
 
 
-def evaluate(model_dir: Path, device: str, opts: LmEvalOptions, workdir: Path) -> EvalOutput | None:
-    """One lm-eval run in this process; None on the non-zero ranks of a data-parallel run."""
+def takes_loaded_model(opts: LmEvalOptions, devices: int) -> bool:
+    """Whether this run can use the job's loaded model: `hf` on one device, in the dtype the model is loaded in
+    ("auto": config.json's), with no model_args that only a load from a folder would apply."""
+    return (opts.model == "hf" and devices == 1 and opts.dtype == "auto"
+            and set(opts.model_args or {}) <= OBJECT_MODEL_ARGS)  # fmt: skip
+
+
+def evaluate(model: "Path | ModelInput", device: str, opts: LmEvalOptions) -> EvalOutput | None:
+    """One lm-eval run in this process; None on the non-zero ranks of a data-parallel run.
+
+    `model`: a model folder, which lm-eval loads itself, or the job's ModelInput, whose loaded model it takes
+    (only when `takes_loaded_model`)."""
     import lm_eval
     from lm_eval.api.registry import get_model
 
@@ -68,13 +101,18 @@ def evaluate(model_dir: Path, device: str, opts: LmEvalOptions, workdir: Path) -
         raise EvaluatorError(f"unknown lm-eval model type {opts.model!r}") from None
 
     _disable_datasets_telemetry()
-    model_args = {"pretrained": str(model_dir.resolve()), "dtype": opts.dtype, **(opts.model_args or {})}
-    bundled_dir = render_bundled_tasks(workdir)
-    task_manager = _task_manager(opts, bundled_dir, metadata=dict(model_args))
+    if isinstance(model, Path):
+        model_args = {"pretrained": str(model.resolve()), "dtype": opts.dtype, **(opts.model_args or {})}
+        metadata = dict(model_args)
+        lm: Any = opts.model
+    else:
+        lm, metadata = _loaded_model(model, device, opts)
+        model_args = None
+    task_manager = _task_manager(opts, bundled_tasks_dir(), metadata=metadata)
 
     try:
         results = lm_eval.simple_evaluate(
-            model=opts.model,
+            model=lm,
             model_args=model_args,
             tasks=list(opts.tasks),
             num_fewshot=opts.num_fewshot,
@@ -93,6 +131,21 @@ def evaluate(model_dir: Path, device: str, opts: LmEvalOptions, workdir: Path) -
         return None
     raw = {key: to_json_safe(results[key]) for key in _RAW_KEYS if key in results}
     return EvalOutput(metrics=flatten_results(results["results"]), raw=raw, versions=_versions(opts.model))
+
+
+def _loaded_model(model: "ModelInput", device: str, opts: LmEvalOptions) -> tuple[Any, dict[str, Any]]:
+    """lm-eval's `hf` model around the job's loaded model, set up as simple_evaluate would set it up from the
+    folder (the same HFLM arguments), and the task metadata a folder run would have."""
+    from lm_eval.models.huggingface import HFLM
+
+    loaded, _ = model.load(device)
+    args = dict(opts.model_args or {})
+    # Its own tokenizer, loaded by HFLM with its own arguments (add_bos_token, use_fast_tokenizer) as from a
+    # folder: HFLM adds a pad token to the one it gets, which the probes' shared tokenizer must not see.
+    tokenizer = args.pop("tokenizer", str(model.tokenizer_dir))
+    lm = HFLM(pretrained=loaded, tokenizer=tokenizer, batch_size=opts.batch_size, device=device, **args)
+    metadata = {"pretrained": str(model.tokenizer_dir), "dtype": opts.dtype, **(opts.model_args or {})}
+    return lm, metadata
 
 
 def parse_options(options: Mapping[str, Any]) -> LmEvalOptions:
@@ -177,6 +230,24 @@ def bundled_data_dir() -> Path:
     return path
 
 
+_bundled_tasks: Path | None = None  # this process's rendered bundled tasks (bundled_tasks_dir)
+
+
+def bundled_tasks_dir() -> Path:
+    """The bundled tasks rendered for this process: once, into a temporary folder removed when the process ends
+    (with the `datasets` cache of their data, reused by every job of the process)."""
+    global _bundled_tasks
+    if _bundled_tasks is None or not _bundled_tasks.is_dir():
+        import atexit
+        import shutil
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="ckpt-watch-lm-eval-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _bundled_tasks = render_bundled_tasks(folder)
+    return _bundled_tasks
+
+
 def render_bundled_tasks(workdir: Path) -> Path:
     """Write the bundled task YAMLs, with absolute data paths filled in, to `workdir/lm_eval_tasks`."""
     data_dir = bundled_data_dir()
@@ -193,18 +264,21 @@ def render_bundled_tasks(workdir: Path) -> Path:
     return out
 
 
+# (task folders, whether lm-eval's own tasks are indexed too) -> the TaskManager built for them in this process
+_task_managers: dict[tuple[tuple[str, ...], bool], Any] = {}
+
+
 def _task_manager(opts: LmEvalOptions, bundled_dir: Path, metadata: dict[str, Any]):
     """A TaskManager that knows every requested task, or EvaluatorError naming the unknown ones."""
-    from lm_eval.tasks import TaskManager
-
+    # Bundled first: later include paths win, so a user's task can shadow a bundled one.
+    paths = (str(bundled_dir), *(str(p) for p in opts.include_paths))
     # Indexing lm-eval's ~15k built-in task names takes several seconds; the smoke preset runs on
-    # every checkpoint and needs none of them, so skip them when only bundled tasks are asked for.
-    # (`metadata` mirrors what simple_evaluate would pass: some tasks read model args from it.)
-    manager = TaskManager(include_path=str(bundled_dir), include_defaults=False, metadata=metadata)
-    if opts.include_paths or not all(task in manager.all_tasks for task in opts.tasks):
-        # Bundled first: later include paths win, so a user's task can shadow a bundled one.
-        paths = [str(bundled_dir), *(str(p) for p in opts.include_paths)]
-        manager = TaskManager(include_path=paths, metadata=metadata)
+    # every checkpoint and needs none of them, so they are indexed only when a requested task is not ours.
+    manager = _indexed_tasks(paths, include_defaults=False)
+    include_defaults = not all(task in manager.all_tasks or _is_task_file(task) for task in opts.tasks)
+    if include_defaults:
+        manager = _indexed_tasks(paths, include_defaults=True)
+    manager = _with_metadata(manager, metadata, include_defaults)
 
     unknown = [task for task in opts.tasks if task not in manager.all_tasks and not _is_task_file(task)]
     if unknown:
@@ -213,6 +287,33 @@ def _task_manager(opts: LmEvalOptions, bundled_dir: Path, metadata: dict[str, An
             "(not a built-in task, group or tag, not bundled with ckpt-watch, not in include_path)"
         )
     return manager
+
+
+def _indexed_tasks(paths: tuple[str, ...], include_defaults: bool):
+    """The TaskManager of these task folders, built once per process (see the module docstring)."""
+    from lm_eval.tasks import TaskManager
+
+    key = (paths, include_defaults)
+    if key not in _task_managers:
+        _task_managers[key] = TaskManager(include_path=list(paths), include_defaults=include_defaults)
+    return _task_managers[key]
+
+
+def _with_metadata(manager, metadata: dict[str, Any], include_defaults: bool):
+    """The same task index, building tasks with this job's metadata (what simple_evaluate would pass: some tasks
+    read the model's arguments from it). TaskManager takes metadata only when it builds its index, and hands it to
+    its TaskFactory, so a copy gets a factory of its own; the index is shared."""
+    import copy
+
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._factory import TaskFactory
+
+    if not hasattr(manager, "_factory"):  # another lm-eval: index again rather than guess at its insides
+        return TaskManager(include_path=manager.include_path, include_defaults=include_defaults, metadata=metadata)
+    job_manager = copy.copy(manager)
+    job_manager.metadata = metadata
+    job_manager._factory = TaskFactory(meta=metadata)
+    return job_manager
 
 
 def _is_task_file(task: str) -> bool:

@@ -88,6 +88,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # loguru colours lmms-eval's log l
 class LmmsEvalBackend:
     name = "lmms_eval"
 
+    def takes_loaded_model(self, options: dict[str, Any], devices: Sequence[str]) -> bool:
+        return False  # lmms-eval runs in its own process (its own Python) and loads a model folder
+
     def check_options(self, options: dict[str, Any]) -> None:
         parse_options(options)
 

@@ -23,7 +23,9 @@ Options (all optional):
     prompt_tokens   inference: tokens per prompt (default 32)
 
 The model is loaded once, on the job's pinned device, for the probes that need it (perplexity, inference,
-routing).
+routing), through the job's watcher.model_input.ModelInput: the same loaded model serves lm-eval's `hf` steps of
+the job. parameters and flops read the weights' specs and config.json from it, so they need no folder either: on a
+sharded checkpoint they read the shards' metadata.
 
 Metrics:
     params/total      every stored parameter (a tied lm_head is stored, and counted, once)
@@ -53,7 +55,6 @@ Metrics:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -62,9 +63,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from merge import MergeError
-from merge.safetensors_source import SafetensorsSource
 from merge.source import TensorSpec
 from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext, reject_unknown_options
+from watcher.model_input import ModelInput
 
 _OPTIONS = {"probes", "text", "max_length", "iterations", "new_tokens", "batch_size", "prompt_tokens",
             "routing_tokens", "flops_context"}  # fmt: skip
@@ -89,15 +90,13 @@ _EMBEDDING_MODULES = {"embed_tokens", "tok_embeddings", "wte", "wpe", "embed_in"
                       "position_embeddings", "embed_positions", "lm_head"}  # fmt: skip
 
 
-def read_config(model_dir: Path) -> dict:
+def read_config(model: Path | ModelInput) -> dict:
     """config.json, or {} when there is none (the parameters probe then treats the model as dense)."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        return {}
+    model = model if isinstance(model, ModelInput) else ModelInput("", folder=Path(model))
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return model.config()
     except ValueError as exc:
-        raise EvaluatorError(f"{path}: not valid JSON ({exc})") from None
+        raise EvaluatorError(f"config.json of {model.checkpoint_name or 'the model'}: not valid JSON ({exc})") from None
 
 
 def config_value(config: Mapping, keys: tuple[str, ...]) -> Any:
@@ -109,14 +108,12 @@ def config_value(config: Mapping, keys: tuple[str, ...]) -> Any:
     return None
 
 
-def read_specs(model_dir: Path, probe: str) -> dict[str, TensorSpec]:
+def read_specs(model: Path | ModelInput, probe: str) -> dict[str, TensorSpec]:
+    model = model if isinstance(model, ModelInput) else ModelInput("", folder=Path(model))
     try:
-        source = SafetensorsSource(model_dir)
+        return model.specs()
     except MergeError as exc:
         raise EvaluatorError(f"{probe} probe: {exc}") from None
-    specs = source.specs()
-    source.close()
-    return specs
 
 
 def routed_experts(specs: Mapping[str, TensorSpec], config: Mapping) -> tuple[int, int, int] | None:
@@ -160,8 +157,8 @@ def parameter_counts(specs: Mapping[str, TensorSpec], config: Mapping) -> ProbeR
     return metrics, raw
 
 
-def count_parameters(model_dir: Path, options: dict[str, Any], model: Callable[[], Any]) -> ProbeResult:
-    return parameter_counts(read_specs(model_dir, "parameters"), read_config(model_dir))
+def count_parameters(source: ModelInput, options: dict[str, Any], model: Callable[[], Any]) -> ProbeResult:
+    return parameter_counts(read_specs(source, "parameters"), read_config(source))
 
 
 def flops_per_token(active: float, embedding: float, config: Mapping, context: int | None = None) -> ProbeResult:
@@ -187,21 +184,21 @@ def flops_per_token(active: float, embedding: float, config: Mapping, context: i
     return {"flops/per_token": float(forward), "flops/per_token_train": 3.0 * forward}, raw
 
 
-def flops(model_dir: Path, options: dict[str, Any], model: Callable[[], Any]) -> ProbeResult:
-    config = read_config(model_dir)
+def flops(source: ModelInput, options: dict[str, Any], model: Callable[[], Any]) -> ProbeResult:
+    config = read_config(source)
     if not config:
-        raise EvaluatorError(f"flops probe: {model_dir} has no config.json")
-    params, _ = parameter_counts(read_specs(model_dir, "flops"), config)
+        raise EvaluatorError(f"flops probe: {source.checkpoint_name} has no config.json")
+    params, _ = parameter_counts(read_specs(source, "flops"), config)
     return flops_per_token(params["params/active"], params["params/embedding"], config, options.get("flops_context"))
 
 
-def perplexity(model_dir: Path, options: dict[str, Any], model: Callable[[], Any]) -> ProbeResult:
+def perplexity(source: ModelInput, options: dict[str, Any], model: Callable[[], Any]) -> ProbeResult:
     """Token-weighted: the mean negative log-likelihood over every predicted token of the whole text, with
     overlapping windows so that each token (after the first window) is predicted with half a window of context."""
     import torch
 
     lm, tokenizer, device = model()
-    ids = tokenizer(_heldout_text(options), return_tensors="pt").input_ids[0]
+    ids = heldout_ids(tokenizer, options)
     window = _window(lm, options)
     stride = max(1, window // 2)
     total_nll, counted, start = 0.0, 0, 0
@@ -225,7 +222,7 @@ def perplexity(model_dir: Path, options: dict[str, Any], model: Callable[[], Any
     return {"ppl/perplexity": math.exp(mean), "ppl/nll_per_token": mean, "ppl/tokens": float(counted)}, {}
 
 
-def inference(model_dir: Path, options: dict[str, Any], model: Callable[[], Any]) -> ProbeResult:
+def inference(source: ModelInput, options: dict[str, Any], model: Callable[[], Any]) -> ProbeResult:
     import torch
 
     lm, tokenizer, device = model()
@@ -257,7 +254,7 @@ def inference(model_dir: Path, options: dict[str, Any], model: Callable[[], Any]
     return metrics, {}
 
 
-def routing(model_dir: Path, options: dict[str, Any], model: Callable[[], Any]) -> ProbeResult:
+def routing(source: ModelInput, options: dict[str, Any], model: Callable[[], Any]) -> ProbeResult:
     """Router statistics over the first `routing_tokens` tokens of the text, fed in windows of `max_length`.
 
     Every routing decision counts: with top-k routing a token adds one to each of its k experts, so a layer's
@@ -272,7 +269,7 @@ def routing(model_dir: Path, options: dict[str, Any], model: Callable[[], Any]) 
     recorder = RouterRecorder(lm, getattr(config, "num_experts_per_tok", None))
     if not recorder.routers:
         return {}, {"moe": False, "note": f"{type(lm).__name__} has no MoE router modules: no routing statistics"}
-    ids = tokenizer(_heldout_text(options), return_tensors="pt").input_ids[0]
+    ids = heldout_ids(tokenizer, options)
     ids = ids[: options.get("routing_tokens", DEFAULT_ROUTING_TOKENS)]
     window = _window(lm, options)
     with torch.no_grad(), recorder:
@@ -294,6 +291,16 @@ def _heldout_text(options: dict[str, Any]) -> str:
     if path:
         return Path(path).read_text(encoding="utf-8")
     return resources.files("watcher").joinpath("data/smoke/heldout.txt").read_text(encoding="utf-8")
+
+
+def heldout_ids(tokenizer, options: dict[str, Any]):
+    """The held-out text's token ids, one 1-D tensor; the probes feed them to the model in windows.
+
+    Tokenised whole, as one text, with the tokenizer's warning that the ids exceed the model's length turned off
+    (verbose=False): the windows keep every forward pass within it. Tokenising the text in pieces instead would
+    change the ids: a BPE tokenizer merges differently across a cut, and a Llama-style one adds BOS to each piece.
+    """
+    return tokenizer(_heldout_text(options), return_tensors="pt", verbose=False).input_ids[0]
 
 
 def _window(lm, options: dict[str, Any]) -> int:
@@ -319,28 +326,34 @@ class ProbesBackend:
         if "text" in options and not Path(options["text"]).is_file():
             raise EvaluatorError(f"probes option 'text': file not found: {options['text']}")
 
+    def takes_loaded_model(self, options: dict[str, Any], devices: Sequence[str]) -> bool:
+        return True  # every probe reads specs/config or the loaded model, in this process
+
     def run(
-        self, model_dir: Path, devices: Sequence[str], options: dict[str, Any], workdir: Path,
+        self, model_dir: Path | None, devices: Sequence[str], options: dict[str, Any], workdir: Path,
         context: JobContext | None = None,
     ) -> EvalOutput:
         self.check_options(options)
         names = options.get("probes", ["parameters"])
         device = devices[0]  # probes measure one model copy: on a multi-GPU job, the first GPU
+        source = context.model if context is not None and context.model is not None else None
+        if source is None:
+            if model_dir is None or not Path(model_dir).is_dir():
+                raise EvaluatorError(f"model dir {str(model_dir)!r} does not exist or is not a directory")
+            source = ModelInput(Path(model_dir).name, folder=Path(model_dir))
         loaded: list = []
 
         def model():
-            """Load the model once, on the pinned device, for the probes that need it."""
+            """The job's loaded model, on the pinned device, for the probes that need it."""
             if not loaded:
-                from transformers import AutoModelForCausalLM, AutoTokenizer
-
-                lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
-                loaded.append((lm, AutoTokenizer.from_pretrained(model_dir), device))
+                lm, tokenizer = source.load(device)
+                loaded.append((lm, tokenizer, device))
             return loaded[0]
 
         metrics: dict[str, float] = {}
         raw: dict[str, Any] = {"probes": names}
         for name in names:
-            probe_metrics, probe_raw = _PROBES[name](Path(model_dir), options, model)
+            probe_metrics, probe_raw = _PROBES[name](source, options, model)
             metrics.update(probe_metrics)
             if probe_raw:
                 raw[name] = probe_raw
