@@ -92,6 +92,23 @@ def test_a_run_on_the_tiny_model_gives_finite_metrics_and_json_raw_output(evalua
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in output.versions.items())
 
 
+def test_a_backend_that_takes_the_loaded_model_measures_the_same_from_it(evaluator_case, tiny_model_dir, tmp_path):
+    """`takes_loaded_model` is a bool; when True, a run given only the job's ModelInput (model_dir None) measures
+    what a run on the folder measures, exactly."""
+    from watcher.evaluators import JobContext
+    from watcher.model_input import ModelInput
+
+    backend, options = evaluator_case
+    evaluator = get_evaluator(backend)
+    takes = evaluator.takes_loaded_model(options, ("cpu",))
+    assert type(takes) is bool
+    if not takes:
+        return
+    model = ModelInput(tiny_model_dir.name, folder=tiny_model_dir)
+    shared = evaluator.run(None, ("cpu",), options, tmp_path / "shared", JobContext(model=model))
+    assert shared.metrics == evaluator.run(tiny_model_dir, ("cpu",), options, tmp_path / "folder").metrics
+
+
 def test_a_missing_model_dir_is_a_permanent_failure(evaluator_case, tmp_path):
     """EvaluatorError is what the worker records as permanent (not retried): the model will not appear."""
     backend, options = evaluator_case

@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from watcher.evaluators import EvalOutput, EvaluatorError, get_evaluator, known_backends
-from watcher.evaluators.lm_eval_run import BUNDLED_TASKS, flatten_results, parse_options, render_bundled_tasks
+from watcher.evaluators.lm_eval_run import (
+    BUNDLED_TASKS,
+    bundled_tasks_dir,
+    flatten_results,
+    parse_options,
+    render_bundled_tasks,
+)
 
 SMOKE_TASKS = ["ckpt_watch_smoke_mc", "ckpt_watch_smoke_ppl"]
 SMOKE_LIMIT = 8
@@ -70,13 +76,17 @@ def test_smoke_raw_and_versions(smoke_run):
     assert all(isinstance(v, str) for v in output.versions.values())
 
 
-def test_bundled_tasks_read_installed_data_and_cache_in_workdir(smoke_run):
+def test_bundled_tasks_read_installed_data_and_cache_in_a_folder_of_the_process(smoke_run):
+    """Rendered once per process (a warm worker's later jobs reuse them and their datasets cache), not per job."""
     _, workdir = smoke_run
-    rendered = {p.name: p.read_text() for p in (workdir / "lm_eval_tasks").glob("*.yaml")}
+    folder = bundled_tasks_dir()
+    assert folder == bundled_tasks_dir() and not folder.is_relative_to(workdir)
+    rendered = {p.name: p.read_text() for p in folder.glob("*.yaml")}
     assert set(rendered) == {f"{name}.yaml" for name in BUNDLED_TASKS}
     assert not any("__CKPT_WATCH_" in text for text in rendered.values())
     assert str(Path(str(DATA)) / "smoke") in rendered["ckpt_watch_smoke_mc.yaml"]
-    assert any((workdir / "hf_datasets_cache").rglob("*.arrow"))
+    assert any((folder.parent / "hf_datasets_cache").rglob("*.arrow"))
+    assert not list(workdir.rglob("*"))  # nothing of the run lands in the job's folder
 
 
 def _write_user_task(user_dir: Path) -> None:
