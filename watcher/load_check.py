@@ -34,10 +34,6 @@ TORCHTITAN_HINT = ("the names are torchtitan's: set base_model (a Hugging Face f
                    f"{INSTALL_HINT} so they are mapped to Hugging Face names")
 
 
-class LoadCheckError(RuntimeError):
-    """Some weights would not load; the message (one line) names the first missing and unexpected keys."""
-
-
 @dataclass(frozen=True)
 class LoadReport:
     model_class: str
@@ -135,14 +131,6 @@ def compare_tensors(config, tensors: dict[str, tuple[str, tuple[int, ...]]], whe
     mismatched = sorted(_describe_mismatch(entry) for entry in info.mismatched_keys)
     mismatched += sorted(f"{name}: {error}" for name, error in (info.conversion_errors or {}).items())
     return LoadReport(model_class.__name__, tuple(missing), tuple(sorted(info.unexpected_keys)), tuple(mismatched))
-
-
-def check_all_weights_load(folder: Path) -> LoadReport | None:
-    """Raise LoadCheckError unless every weight the model needs is in `folder` with the right shape."""
-    report = compare_with_model(folder)
-    if report is None or report.ok:
-        return report
-    raise LoadCheckError(failure_text(report))
 
 
 def failure_text(report: LoadReport) -> str:

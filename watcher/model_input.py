@@ -74,6 +74,11 @@ class ModelInput:
         finally:
             source.close()
 
+    def transformers_config(self):
+        """config() as the transformers config object a folder's config.json makes; None when this transformers
+        cannot build it (no or an unknown model_type: custom code)."""
+        return transformers_config(self.config())
+
     def config(self) -> dict:
         """config.json ({} when there is none); raises ValueError when it is not JSON."""
         if self._folder is None:
@@ -113,6 +118,16 @@ class ModelInput:
             self._weights.close()
 
 
+def transformers_config(config: dict):
+    """What AutoConfig.from_pretrained makes of a folder's config.json, from the dict; None when it cannot."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        return CONFIG_MAPPING[config["model_type"]].from_dict(dict(config))
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
 def _load_folder(folder: Path, device: str):
     from transformers import AutoModelForCausalLM
 
@@ -125,17 +140,14 @@ def _load_weights(weights: ModelWeights, device: str, checkpoint_name: str):
     import transformers
     from transformers import AutoModelForCausalLM, GenerationConfig
     from transformers.models.auto.auto_factory import _get_model_class
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from watcher.load_check import LoadReport, failure_text
     from watcher.prepare import PrepareError  # here: prepare imports this module
 
-    config_dict = dict(weights.config)
-    try:  # what AutoConfig.from_pretrained does with a folder's config.json
-        config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
-    except KeyError:
+    config = transformers_config(weights.config)
+    if config is None:
         raise PrepareError(f"{checkpoint_name}: config.json has no model_type this transformers "
-                             f"({transformers.__version__}) knows") from None  # fmt: skip
+                           f"({transformers.__version__}) can build")  # fmt: skip
     lock = threading.Lock()  # transformers reads from a thread pool; a WeightSource is not thread-safe
     state = {name: _ShardTensor(weights, name, spec, lock) for name, spec in weights.specs().items()}
     verbosity = transformers.logging.get_verbosity()

@@ -26,7 +26,7 @@ from merge import MergeError, is_consolidated, merge_checkpoint, open_model
 from merge.consolidate import TOKENIZER_FILES, copy_model_files
 from merge.layouts import Layout, weight_home
 from merge.writer import ByteProgress
-from watcher.load_check import LoadCheckError, check_all_weights_load, compare_tensors, failure_text
+from watcher.load_check import LoadReport, compare_tensors, compare_with_model, failure_text
 from watcher.model_input import ModelInput
 
 
@@ -96,31 +96,23 @@ def verify_input(model: ModelInput) -> None:
     if model.has_folder:
         verify_loadable(model.folder(), model.checkpoint_name)
         return
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    config = model.config()
-    try:
-        config_object = CONFIG_MAPPING[config["model_type"]].from_dict(config)
-    except (KeyError, ValueError, TypeError):
-        config_object = None
+    config = model.transformers_config()
     tensors = {name: (spec.dtype, spec.shape) for name, spec in model.specs().items()}
-    report = compare_tensors(config_object, tensors, model.checkpoint_name) if config_object is not None else None
-    if report is None:
-        print(f"[ckpt-watch] weight check skipped for {model.checkpoint_name}: a model class this transformers "
-              "cannot build (custom code)", flush=True)  # fmt: skip
-    elif not report.ok:
-        raise PrepareError(f"{model.checkpoint_name}: {failure_text(report)}")
+    _judge(compare_tensors(config, tensors, model.checkpoint_name) if config is not None else None,
+           model.checkpoint_name)  # fmt: skip
 
 
 def verify_loadable(model_dir: Path, checkpoint_name: str) -> None:
     """Raise PrepareError unless every weight in `model_dir` would load into the model its config.json builds."""
-    try:
-        report = check_all_weights_load(model_dir)
-    except LoadCheckError as exc:
-        raise PrepareError(f"{checkpoint_name}: {exc}") from None
+    _judge(compare_with_model(model_dir), checkpoint_name)
+
+
+def _judge(report: LoadReport | None, checkpoint_name: str) -> None:
     if report is None:  # said in the job's log: the evaluators still run, unchecked
         print(f"[ckpt-watch] weight check skipped for {checkpoint_name}: no full-model weights, or a model class "
               "this transformers cannot build (custom code)", flush=True)
+    elif not report.ok:
+        raise PrepareError(f"{checkpoint_name}: {failure_text(report)}")
 
 
 def _in_place(checkpoint: Path, variant: str, layout: Layout | str | None) -> bool:
