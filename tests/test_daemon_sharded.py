@@ -32,6 +32,8 @@ def test_the_daemon_merges_and_evaluates_regular_and_ema(tmp_path_factory, tiny_
     ppl = "ckpt_watch_smoke_ppl/word_perplexity"
     assert records["regular"]["metrics"][ppl] != records["ema"]["metrics"][ppl]  # EMA = weights * 0.5 here
     assert records["regular"]["metrics"]["params/total"] == records["ema"]["metrics"]["params/total"] > 0
+    for record in records.values():  # lm-eval took the model the job loaded once (the probes here read headers)
+        assert (output / "ckpt-watch" / record["log"]).read_text().count("[ckpt-watch] model loaded on") == 1
     scratch = output / "ckpt-watch" / ".work"
     assert not list(scratch.glob("job-*"))  # each job's scratch copy is gone ...
     kept = sorted(p.relative_to(scratch).as_posix() for p in scratch.glob("merged/*/*"))

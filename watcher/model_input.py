@@ -34,6 +34,11 @@ from merge.safetensors_source import SafetensorsSource
 LOADED_LINE = "[ckpt-watch] model loaded on"
 
 
+class PrepareError(RuntimeError):
+    """The checkpoint cannot be turned into a loadable model; the message says why. (Raised by the prepare stage,
+    watcher/prepare.py, which imports it from here, and by a direct load from shards.)"""
+
+
 class ModelInput:
     """The model of one job; see the module docstring. Build it with watcher.prepare.prepare_input."""
 
@@ -142,7 +147,6 @@ def _load_weights(weights: ModelWeights, device: str, checkpoint_name: str):
     from transformers.models.auto.auto_factory import _get_model_class
 
     from watcher.load_check import LoadReport, failure_text
-    from watcher.prepare import PrepareError  # here: prepare imports this module
 
     config = transformers_config(weights.config)
     if config is None:
@@ -202,8 +206,6 @@ class _ShardTensor:
                 try:
                     self.weights.source.read(self.name, memoryview(raw.numpy()))
                 except MergeError as exc:
-                    from watcher.prepare import PrepareError
-
                     raise PrepareError(str(exc)) from None
         tensor = raw.view(getattr(torch, source_spec.dtype)).reshape(source_spec.shape)
         if tensor.dtype != self.dtype:  # the merge's cast (merge.writer.output_dtype), if it was asked for one

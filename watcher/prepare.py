@@ -27,11 +27,7 @@ from merge.consolidate import TOKENIZER_FILES, copy_model_files
 from merge.layouts import Layout, weight_home
 from merge.writer import ByteProgress
 from watcher.load_check import LoadReport, compare_tensors, compare_with_model, failure_text
-from watcher.model_input import ModelInput
-
-
-class PrepareError(RuntimeError):
-    """The checkpoint cannot be turned into a loadable model folder; the message says why."""
+from watcher.model_input import ModelInput, PrepareError  # PrepareError: see watcher/model_input.py
 
 
 def prepare_model(checkpoint: Path, variant: str, workdir: Path, base_model: Path | None = None,
