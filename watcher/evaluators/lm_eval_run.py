@@ -7,7 +7,8 @@ Besides lm-eval's own tasks and any user task directories (`include_path`), the 
 tasks of `watcher/data/tasks/` (`ckpt_watch_smoke_mc`, `ckpt_watch_smoke_ppl` and their group
 `ckpt_watch_smoke`) are always available. Their YAMLs are templates: `datasets` resolves relative
 `data_files` against the process's cwd, not against the YAML, so they are rendered with the absolute path of the
-installed data and a private `datasets` cache, once per process, into a folder of its own (removed at its exit).
+installed data and a private `datasets` cache, once, into a folder of the system's temporary directory that every
+later job and process reuses (bundled_tasks_dir).
 
 Per process too: lm-eval's task index. Building a TaskManager parses every task YAML under its paths (thousands
 for lm-eval's own tasks, seconds), so one is built per set of task folders and kept; a job gets it with its own
@@ -234,24 +235,38 @@ _bundled_tasks: Path | None = None  # this process's rendered bundled tasks (bun
 
 
 def bundled_tasks_dir() -> Path:
-    """The bundled tasks rendered for this process: once, into a temporary folder removed when the process ends
-    (with the `datasets` cache of their data, reused by every job of the process)."""
+    """The bundled tasks, rendered, with the `datasets` cache of their data beside them: in a folder of the system's
+    temporary directory named after this user and the templates, rendered by the first process that needs it and
+    reused by every job of every process after it (a worker stopped by SIGTERM leaves nothing to clean up)."""
     global _bundled_tasks
     if _bundled_tasks is None or not _bundled_tasks.is_dir():
-        import atexit
+        import hashlib
+        import os
         import shutil
         import tempfile
 
-        folder = Path(tempfile.mkdtemp(prefix="ckpt-watch-lm-eval-"))
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        _bundled_tasks = render_bundled_tasks(folder)
+        data_dir = bundled_data_dir()
+        templates = sorted(data_dir.joinpath("tasks").glob("*.yaml"))
+        key = hashlib.sha256(str(data_dir).encode() + b"".join(t.read_bytes() for t in templates)).hexdigest()[:16]
+        home = Path(tempfile.gettempdir()) / f"ckpt-watch-{os.getuid()}-lm-eval-tasks-{key}"
+        tasks = home / "lm_eval_tasks"
+        if not tasks.is_dir():
+            home.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=home))
+            render_bundled_tasks(home, tasks_dir=staging)
+            try:
+                os.rename(staging, tasks)  # whole or not at all; a process that renders at the same time loses
+            except OSError:
+                shutil.rmtree(staging, ignore_errors=True)
+        _bundled_tasks = tasks
     return _bundled_tasks
 
 
-def render_bundled_tasks(workdir: Path) -> Path:
-    """Write the bundled task YAMLs, with absolute data paths filled in, to `workdir/lm_eval_tasks`."""
+def render_bundled_tasks(workdir: Path, tasks_dir: Path | None = None) -> Path:
+    """Write the bundled task YAMLs, with absolute data paths filled in, to `tasks_dir` (default
+    `workdir/lm_eval_tasks`); their `datasets` cache is `workdir/hf_datasets_cache`."""
     data_dir = bundled_data_dir()
-    out = workdir / "lm_eval_tasks"
+    out = tasks_dir or workdir / "lm_eval_tasks"
     out.mkdir(parents=True, exist_ok=True)
     # A private cache: the bundled data is tiny, and a job must not leave arrow files in ~/.cache.
     cache_dir = workdir / "hf_datasets_cache"
