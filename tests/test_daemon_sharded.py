@@ -14,8 +14,10 @@ def test_the_daemon_merges_and_evaluates_regular_and_ema(tmp_path_factory, tiny_
     output.mkdir()
     shutil.copytree(folders["hf-fsdp"], output / "checkpoint-20")
     config = tmp_path / "c.toml"
-    # The hf-fsdp factory saves config.json but no tokenizer: lm-eval takes it from the base model.
-    config.write_text(f'base_model = "{tiny_model_dir}"\nkeep_merged = 1\n'
+    # The hf-fsdp factory saves config.json but no tokenizer: lm-eval takes it from the base model. One process per
+    # job (warm = false), so the prepare stage's peak memory is the merge's own (a warm worker's high-water mark
+    # includes the torch and transformers it imported before the job).
+    config.write_text(f'base_model = "{tiny_model_dir}"\nkeep_merged = 1\nwarm = false\n'
                       '[presets.quick]\n[[presets.quick.evaluators]]\nbackend = "probes"\n'
                       '[[presets.quick.evaluators]]\nbackend = "lm_eval"\ntasks = ["ckpt_watch_smoke_ppl"]\nlimit = 3\n')  # fmt: skip
     run = ckpt_watch(output, "--scan", "--config", config, "--preset", "quick")

@@ -124,7 +124,8 @@ def run_job(spec: JobSpec) -> Outcome:
 def _stage_usage(start: float) -> dict[str, float]:
     """Walltime of a stage and the memory it needed.
 
-    `peak_rss_mb` is this process's high-water mark so far (the kernel keeps only one), `children_peak_rss_mb`
+    `peak_rss_mb` is this process's high-water mark so far (the kernel keeps only one; in a warm worker that includes
+    its imports and earlier jobs), `children_peak_rss_mb`
     that of the largest finished subprocess (lm-eval ranks, a custom command); `gpu_peak_*_mb` are the peaks of
     this stage alone, when it used CUDA through torch in this process.
     """
