@@ -405,6 +405,8 @@ class Daemon:
         if self._next_pool is not None and not self.active:
             self.pool, self._next_pool = self._next_pool, None
             log.info("the pool is now %s", self.pool.describe())
+        if isinstance(self.executor, LocalExecutor):  # before any reading: an idle warm worker's memory is ours
+            self.pool.discount(self.executor.worker_pids())
         queues = []
         for run in self.runs:
             running = [job_id for (name, job_id) in self.active if name == run.name]
@@ -418,7 +420,7 @@ class Daemon:
             return
         pool = self.pool if self._next_pool is None else None  # a new pool waits for the old one's jobs
         if pool is not None and isinstance(self.executor, LocalExecutor):
-            # The memory an idle warm worker holds counts as "used by another process" on its GPU: let it go.
+            # Another process took an idle warm worker's GPU: the worker goes (its memory may be what is missing).
             self.executor.free_slots({slot.name: slot.busy for slot in pool.slots() if slot.busy})
         decided = plan(queues, self.setup.schedule, time.time(), pool.free() if pool else 0, self._slots_of,
                        self._last_run)  # fmt: skip

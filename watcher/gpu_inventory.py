@@ -6,7 +6,8 @@ initialise CUDA (it would hold a context, and memory, on a GPU that may be train
 measured on an H100 host), so `GpuInventory` keeps a reading for a second and a half: one loop tick that offers
 several slots forks it once.
 
-Test seam (the only one): the environment variable CKPT_WATCH_FAKE_GPUS, read by `query_gpus` and nowhere else,
+Test seam (the only one): the environment variable CKPT_WATCH_FAKE_GPUS, read by `query_gpus` (and `query_process_usage`,
+which then discounts nothing) and nowhere else,
 replaces nvidia-smi with fake GPUs, so CPU-only CI can exercise a pool of four "GPUs" (jobs then run on the CPU
 while pinned to the fake ids). Production never sets it.
 """
@@ -17,7 +18,7 @@ import os
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
 FAKE_GPUS_ENV = "CKPT_WATCH_FAKE_GPUS"
@@ -83,6 +84,24 @@ def _mib(cell: str) -> int | None:
     return int(cell) if cell.isdigit() else None
 
 
+def query_process_usage(timeout: float = 10.0) -> dict[tuple[str, int], int]:
+    """MiB of GPU memory each process uses, by (GPU UUID, pid), from `nvidia-smi --query-compute-apps`; {} when
+    it cannot say (no nvidia-smi, the fake GPUs of the test seam, a failure): nothing is then discounted."""
+    if os.environ.get(FAKE_GPUS_ENV) is not None or shutil.which("nvidia-smi") is None:
+        return {}
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=gpu_uuid,pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    usage = {}
+    for line in out.stdout.splitlines() if out.returncode == 0 else []:
+        cells = [cell.strip() for cell in line.split(",")]
+        if len(cells) == 3 and cells[1].isdigit() and _mib(cells[2]) is not None:
+            usage[(cells[0], int(cells[1]))] = _mib(cells[2]) or 0
+    return usage
+
+
 class GpuInventory:
     """The latest reading, taken again when older than `max_age` seconds or after `invalidate()` (the pool calls
     it when a job releases its GPUs, so the next offer sees the memory that job freed, not a reading from before)."""
@@ -93,12 +112,25 @@ class GpuInventory:
         self._reading: tuple[GpuReading, ...] | None = None
         self._taken_at: float | None = None
         self.queries = 0  # how many times nvidia-smi ran: tests check the cache holds
+        self._own: set[int] = set()  # our own processes (idle warm workers): their memory is not "another's"
+
+    def discount(self, pids: set[int]) -> None:
+        """Readings leave out what these processes of ours use (an idle warm worker's CUDA context and cache,
+        ~1.3 GiB on an H100 after a 1.1B job: over gpu_busy_mib, it would make its own GPU look taken)."""
+        if pids != self._own:
+            self._own = set(pids)
+            self._taken_at = None
 
     def readings(self) -> tuple[GpuReading, ...] | None:
         now = self._clock()
         if self._taken_at is None or now - self._taken_at >= self._max_age:
             self._reading, self._taken_at = self._query(), now
             self.queries += 1
+            if self._own and self._reading:
+                usage = query_process_usage()
+                self._reading = tuple(replace(r, used_mib=max(0, r.used_mib - sum(
+                    mib for (uuid, pid), mib in usage.items() if uuid == r.uuid and pid in self._own)))
+                    if r.used_mib is not None else r for r in self._reading)  # fmt: skip
         return self._reading
 
     def invalidate(self) -> None:

@@ -54,6 +54,10 @@ class LocalExecutor:
         may be what makes the GPU look busy, or another process needs that memory more."""
         self.workers.free_slots(busy)
 
+    def worker_pids(self) -> set[int]:
+        """The warm workers' processes (the pool does not count their GPU memory as another process's)."""
+        return {worker.proc.pid for worker in self.workers.workers.values()}
+
     def recycle(self, why: str) -> None:
         """SIGHUP: fresh workers (new code, new packages): idle ones stop now, busy ones after their job."""
         self.workers.recycle(why)

@@ -170,6 +170,11 @@ class Pool:
         self._held.append(allocation)
         return allocation
 
+    def discount(self, pids: set[int]) -> None:
+        """Memory these processes of ours hold (idle warm workers) does not make a GPU busy."""
+        if self._inventory is not None:
+            self._inventory.discount(pids)
+
     def hold_beyond(self) -> Allocation:
         """A slot past the pool's size, for a Slurm job adopted at start when `max_jobs` was lowered meanwhile:
         it is followed to its end, and no new job starts until the count is below `max_jobs` again."""
