@@ -1,3 +1,11 @@
+"""What a warm worker still holds on the GPU after a job (the memory warm_max_gpu_mb is compared with).
+
+    BIG=1 python tests/bench/gpu_memory_after_job.py     (needs a GPU; BIG=1: TinyLlama-1.1B's shape, else 2 layers)
+
+Runs `run_job` in this process on a fresh random Llama with the probes and lm-eval on the bundled task, then prints
+what `_memory_held()` reports and every live block over 1 MiB in torch's allocator with the frames that allocated
+it. It found the 1.8 GiB that `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` gives back (watcher/warm.py).
+"""
 import gc, sys, json, shutil
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
