@@ -1,14 +1,4 @@
 #!/bin/bash
-# Run preset_device.py on a GPU machine without network: wheels of lm-eval and its missing requirements (and
-# watchdog) go in .whl/ first and are installed into /tmp/site. Arguments are passed on, e.g.
+# preset_device.py on a GPU machine without network (see run_on_device.sh). Arguments are passed on, e.g.
 #   bash tests/bench/preset_device.sh --out /tmp/preset-bench --device cuda:1 --parallel cuda:0,1
-set -x
-cd "$(dirname "$0")/../.."
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
-nvidia-smi -L
-python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.device_count(), torch.cuda.get_device_name(0))'
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH=$PWD:/tmp/site
-time python3 tests/bench/preset_device.py "$@"
+exec bash "$(dirname "$0")/run_on_device.sh" tests/bench/preset_device.py "$@"

@@ -35,9 +35,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from preset_device import TINYLLAMA  # tests/bench is on sys.path: the script's own folder
+
 ROOT = Path(__file__).resolve().parents[2]
-TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                 num_key_value_heads=4, max_position_embeddings=2048, vocab_size=32000)  # fmt: skip
 PRESET = """[presets.bench]
 description = "probes + lm-eval on the bundled multiple-choice task"
 time_budget = 900
