@@ -13,7 +13,8 @@
    into it as `checkpoint-N` (it appears complete at one instant: that instant is the "save"), and the time until
    the job's result file appears is the latency. One checkpoint at a time: this measures latency, not throughput.
 3. GPU busy: nvidia-smi's utilization.gpu of the device sampled every 100 ms; the share of samples above 0 between
-   the save and the result (the job's time on the GPU as nvidia-smi sees it; a CPU run reports none).
+   the save and the result (`gpu_busy`), and within the job's own window, its started_at to finished_at
+   (`gpu_busy_job`: the job's time on the GPU as nvidia-smi sees it; a CPU run reports none).
 
 Prints one line per job and a summary per mode and layout (median of the jobs after the first, whose worker start
 a warm daemon pays once); `--json` writes every figure. Needs torch (CUDA for a GPU run), transformers, lm-eval,
@@ -144,7 +145,10 @@ def run_mode(root: Path, mode: str, layout: str, template: Path, device: str, sa
             record = json.loads(result.read_text())
             job = {"mode": mode, "layout": layout, "checkpoint": name, "latency_s": round(done - saved, 2),
                    "status": record["status"], "job_walltime_s": record.get("walltime_s"),
-                   "timings": record.get("timings"), "gpu_busy": gpu.busy_share(saved, done)}  # fmt: skip
+                   "timings": record.get("timings"), "gpu_busy": gpu.busy_share(saved, done),
+                   # the job's own window (the daemon's start of it to its outcome), without settle and detection
+                   "gpu_busy_job": gpu.busy_share(datetime.fromisoformat(record["started_at"]).timestamp(),
+                                                  datetime.fromisoformat(record["finished_at"]).timestamp())}  # fmt: skip
             jobs.append(job)
             print(json.dumps(job), flush=True)
             shutil.rmtree(output / name)  # as a trainer's rotation would; keeps the disk use to one copy
