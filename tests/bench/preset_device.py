@@ -31,16 +31,14 @@ TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                  num_key_value_heads=4, max_position_embeddings=2048, vocab_size=32000)  # fmt: skip
 
 
-def build_checkpoint(output_dir: Path, small: bool = False) -> Path:
+def tiny_llama(small: bool = False):
+    """(model, config, tokenizer): a TinyLlama-1.1B-shaped Llama, random weights (seed 0), bf16, on the CPU, with
+    the bundled byte-level tokenizer; `small`: 2 layers of 256, to try a script on a CPU."""
     import torch
-    import torch.distributed.checkpoint as dcp
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from watcher.tiny import build_tokenizer
 
-    folder = output_dir / f"checkpoint-{STEP}"
-    if (folder / "trainer_state.json").is_file():
-        return folder
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
     shape = dict(TINYLLAMA, hidden_size=256, intermediate_size=512, num_hidden_layers=2) if small else TINYLLAMA
@@ -49,6 +47,16 @@ def build_checkpoint(output_dir: Path, small: bool = False) -> Path:
     with torch.device("cpu"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters", flush=True)
+    return model, config, tokenizer
+
+
+def build_checkpoint(output_dir: Path, small: bool = False) -> Path:
+    import torch.distributed.checkpoint as dcp
+
+    folder = output_dir / f"checkpoint-{STEP}"
+    if (folder / "trainer_state.json").is_file():
+        return folder
+    model, config, tokenizer = tiny_llama(small)
     begin = time.time()
     # What accelerate's FSDP SHARDED_STATE_DICT save writes: DCP of {"model": state_dict}; one process here.
     dcp.save({"model": model.state_dict()}, checkpoint_id=str(folder / "pytorch_model_fsdp_0"))

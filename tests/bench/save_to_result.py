@@ -36,7 +36,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from preset_device import TINYLLAMA  # tests/bench is on sys.path: the script's own folder
+from preset_device import tiny_llama  # tests/bench is on sys.path: the script's own folder
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESET = """[presets.bench]
@@ -54,22 +54,12 @@ tasks = ["ckpt_watch_smoke_mc"]
 
 
 def build_templates(root: Path, small: bool) -> dict[str, Path]:
-    import torch
     import torch.distributed.checkpoint as dcp
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from watcher.tiny import build_tokenizer
 
     templates = {"trainer": root / "template-trainer", "sharded": root / "template-sharded"}
     if all((t / "trainer_state.json").is_file() for t in templates.values()):
         return templates
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    shape = dict(TINYLLAMA, hidden_size=256, intermediate_size=512, num_hidden_layers=2) if small else TINYLLAMA
-    config = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)  # fmt: skip
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters", flush=True)
+    model, config, tokenizer = tiny_llama(small)
     for layout, folder in templates.items():
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
