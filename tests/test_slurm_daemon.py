@@ -20,26 +20,19 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import ckpt_watch, read_journal, results, wait_for, with_steps
+from helpers import ckpt_watch, read_journal, results, sleep_preset_config, wait_for, with_steps
 
 from watcher.journal import JournalReader
 
 pytestmark = pytest.mark.slurm
 
-JOB = "import json, sys, time\ntime.sleep(float(sys.argv[1]))\nprint(json.dumps({'x': 1}))\n"
-
-
 def slurm_config(tmp_path: Path, slurm: str = "", top: str = "", seconds: float = 1.0, preset: str = "sleepy",
                  max_jobs: int = 2) -> Path:  # fmt: skip
-    """A config running `preset` (default `sleepy`: a command that sleeps `seconds`) through Slurm, at most
-    `max_jobs` at once, asking Slurm every second."""
-    script = tmp_path / "sleep_job.py"
-    script.write_text(JOB)
-    config = tmp_path / "slurm.toml"
-    config.write_text(f'wandb = "off"\ntensorboard = "off"\nsettle = 0\nexecutor = "slurm"\npreset = "{preset}"\n{top}'
-                      f'[slurm]\ngpus_per_job = 0\npoll = 1\nmax_jobs = {max_jobs}\n{slurm}'
-                      f'[presets.sleepy]\n[[presets.sleepy.evaluators]]\nbackend = "command"\n'
-                      f'command = ["{sys.executable}", "{script}", "{seconds}"]\n')  # fmt: skip
+    """A config running `preset` (default `sleepy`: helpers.sleep_preset_config's command that sleeps `seconds`)
+    through Slurm, at most `max_jobs` at once, asking Slurm every second."""
+    config = sleep_preset_config(tmp_path, "sleepy", seconds, top=f'settle = 0\nexecutor = "slurm"\n{top}[slurm]\n'
+                                 f"gpus_per_job = 0\npoll = 1\nmax_jobs = {max_jobs}\n{slurm}")  # fmt: skip
+    config.write_text(config.read_text().replace('preset = "sleepy"', f'preset = "{preset}"', 1))
     return config
 
 
