@@ -54,6 +54,13 @@ def higher_is_better(metric: str, raw: dict[str, Any] | None = None) -> bool | N
     return None
 
 
+def stderr_name(metric: str) -> str:
+    """The name of `metric`'s standard error as lm-eval reports it: `task/acc@filter` -> `task/acc_stderr@filter`."""
+    task, _, name = metric.rpartition("/")
+    base, at, filter_name = name.partition("@")
+    return f"{task}/{base}_stderr{at}{filter_name}" if task else f"{base}_stderr{at}{filter_name}"
+
+
 PREFERRED = ("acc", "exact_match", "f1", "perplexity", "word_perplexity")
 MAX_TASKS = 4
 EXTRA_HEADLINES = ("routing/cv", "params/active")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from watcher.config import ConfigError
-from watcher.metrics import GROUPS, group_of, higher_is_better
+from watcher.metrics import GROUPS, group_of, higher_is_better, stderr_name
 from watcher.records import Result
 from watcher.sinks import FileSink, read_results
 
@@ -45,10 +45,7 @@ def compare(a: Result, b: Result) -> list[dict[str, Any]]:
 
 def _noise(metric: str, a: Result, b: Result) -> float | None:
     """NOISE_STDERRS x the combined standard error of the difference, when both results have the stderr."""
-    task, _, name = metric.rpartition("/")
-    base, at, filter_name = name.partition("@")
-    key = f"{task}/{base}_stderr{at}{filter_name}" if task else f"{base}_stderr{at}{filter_name}"
-    errors = [result.metrics.get(key) for result in (a, b)]
+    errors = [result.metrics.get(stderr_name(metric)) for result in (a, b)]
     if any(not isinstance(e, (int, float)) for e in errors):
         return None
     return NOISE_STDERRS * (errors[0] ** 2 + errors[1] ** 2) ** 0.5
