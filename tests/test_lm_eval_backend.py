@@ -284,3 +284,33 @@ def test_a_user_task_through_the_config_file(copy_trainer_output, tmp_path):
     assert record["status"] == "ok" and set(record["metrics"]) == {"my_yes_no/acc", "my_yes_no/acc_stderr"}
     full = json.loads((output / "ckpt-watch" / "checkpoint-30" / "regular" / "mine.json").read_text())
     assert full["raw"]["lm_eval"]["n-samples"]["my_yes_no"]["effective"] == 2
+
+
+def test_what_cannot_change_within_a_process_is_done_once(monkeypatch):
+    """A warm worker runs many jobs in one process: lm-eval's machine description (torch's collect_env: `pip
+    list`, nvidia-smi in subprocesses) is collected once, and a task template compiled once per text."""
+    import lm_eval.evaluator
+    import lm_eval.utils
+    import torch.utils.collect_env
+
+    from watcher.evaluators.lm_eval_run import _per_process_caches
+
+    calls = []
+    monkeypatch.setattr(torch.utils.collect_env, "get_pretty_env_info", lambda: calls.append(1) or "the machine")
+    # lm-eval's own function (an earlier job of this test process may have wrapped it); undone after the test
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", getattr(lm_eval.evaluator.add_env_info, "__wrapped__",
+                                                                   lm_eval.evaluator.add_env_info))  # fmt: skip
+    if "from_string" in vars(lm_eval.utils.env):  # an earlier job of this test process memoised it
+        monkeypatch.delattr(lm_eval.utils.env, "from_string")
+    _per_process_caches()
+    _per_process_caches()  # a second job: wraps nothing twice
+    first, second = {}, {}
+    lm_eval.evaluator.add_env_info(first)
+    lm_eval.evaluator.add_env_info(second)
+    assert len(calls) == 1 and first == second and first["pretty_env_info"] == "the machine"
+
+    template = lm_eval.utils.env.from_string("Q: {{question}}")
+    assert lm_eval.utils.env.from_string("Q: {{question}}") is template
+    assert lm_eval.utils.apply_template("Q: {{question}}", {"question": "why?"}) == "Q: why?"
+    assert lm_eval.utils.apply_template("A: {{answer}}", {"answer": "42"}) == "A: 42"
+    assert lm_eval.utils.env.from_string("{{x}}", globals={"x": 1}).render() == "1"  # the other form still works
