@@ -171,14 +171,15 @@ def main() -> int:
                 everything += run_mode(args.out, mode, layout, templates[layout], args.device, args.saves, gpu)
     finally:
         gpu.stop()
-    print("\nmode  layout    latency s (jobs 2..N, median)  first job  GPU busy (median)")
+    print("\nmode  layout    latency s (jobs 2..N, median)  first job  GPU busy (median): of save->result, of the job")
     for layout in args.layouts.split(","):
         for mode in args.modes.split(","):
             jobs = [j for j in everything if j["mode"] == mode and j["layout"] == layout]
             later = jobs[1:] or jobs
-            busy = [j["gpu_busy"] for j in later if j["gpu_busy"] is not None]
+            busy = [statistics.median(values) if values else "-" for values in
+                    ([j[key] for j in later if j.get(key) is not None] for key in ("gpu_busy", "gpu_busy_job"))]
             print(f"{mode:<5} {layout:<9} {statistics.median(j['latency_s'] for j in later):>8.2f}"
-                  f"{jobs[0]['latency_s']:>28.2f}  {statistics.median(busy) if busy else '-'}")  # fmt: skip
+                  f"{jobs[0]['latency_s']:>28.2f}  {busy[0]}, {busy[1]}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(everything, indent=1))
     return 0
