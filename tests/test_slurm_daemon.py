@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -309,3 +310,22 @@ def test_status_shows_the_slurm_job_id_and_state(slurm_cluster, trainer_output, 
         subprocess.run(["scancel", queued["id"]], check=False)
     assert f"slurm {queued['id']}" in shown.stdout and "PENDING" in shown.stdout, shown.stdout
     assert as_json["pool"]["slurm"][0]["slurm_id"] == queued["id"], as_json
+
+
+def test_a_results_walltime_counts_from_when_slurm_started_it_and_the_queue_wait_is_timed(slurm_cluster,
+                                                                                         trainer_output, tmp_path):  # fmt: skip
+    output = run_folder(trainer_output, tmp_path, [10])
+    config = slurm_config(tmp_path, slurm='extra = ["--hold"]\n')
+    daemon = start(output, config, tmp_path / "daemon.log")
+    try:
+        queued = wait_for(lambda: held_job(output), 120, interval=0.2, what="a queued Slurm job")
+        time.sleep(4)
+        released = time.time()
+        subprocess.run(["scontrol", "release", queued["id"]], check=True)
+        (result,) = wait_for(lambda: results(output), 120, what="the result")
+    finally:
+        stop(daemon)
+    assert result["status"] == "ok", result
+    assert result["timings"]["queue_s"] >= 3, result["timings"]  # Slurm's start time is in whole seconds
+    started = datetime.fromisoformat(result["started_at"]).timestamp()
+    assert started >= released - 1.0, (result["started_at"], released)

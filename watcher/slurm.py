@@ -18,7 +18,8 @@ import shlex
 import shutil
 import subprocess
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from watcher.config import SlurmSettings
@@ -54,6 +55,8 @@ class SlurmJobState:
     """squeue's %T: PENDING, RUNNING, COMPLETED, FAILED, TIMEOUT, CANCELLED, OUT_OF_MEMORY, NODE_FAIL, ..."""
     reason: str
     """squeue's %r: Priority, Resources, JobHeldUser, None, NonZeroExitCode, TimeLimit, ..."""
+    start_time: float | None = field(default=None, compare=False)
+    """squeue's %S as a time.time() value, once the job runs or ran (while pending, %S is only Slurm's forecast)."""
 
     @property
     def finished(self) -> bool:
@@ -188,7 +191,7 @@ def states(slurm_ids: Iterable[str]) -> dict[str, SlurmJobState]:
     found: dict[str, SlurmJobState] = {}
     for start in range(0, len(ids), SQUEUE_CHUNK):
         chunk = ids[start : start + SQUEUE_CHUNK]
-        result = _squeue(["squeue", "-h", "--states=all", "-j", ",".join(chunk), "-o", "%i|%T|%r"])
+        result = _squeue(["squeue", "-h", "--states=all", "-j", ",".join(chunk), "-o", "%i|%T|%r|%S"])
         if result is None and len(chunk) > 1:
             # squeue 22.05 leaves unknown ids out of a list and fails only for a single unknown id; should another
             # version fail for the whole list, ask one by one rather than lose the known ones.
@@ -196,10 +199,21 @@ def states(slurm_ids: Iterable[str]) -> dict[str, SlurmJobState]:
                 found.update(states([slurm_id]))
             continue
         for line in result.stdout.splitlines() if result else []:
-            slurm_id, state, reason = (line.split("|", 2) + ["", ""])[:3]
+            slurm_id, state, reason, start = (line.split("|", 3) + ["", "", ""])[:4]
             if slurm_id.strip() in chunk:
-                found[slurm_id.strip()] = SlurmJobState(slurm_id.strip(), state.strip(), reason.strip())
+                state = state.strip()
+                found[slurm_id.strip()] = SlurmJobState(slurm_id.strip(), state, reason.strip(),
+                                                        None if state == "PENDING" else _slurm_time(start))  # fmt: skip
     return found
+
+
+def _slurm_time(text: str) -> float | None:
+    """squeue's %S (`2026-11-28T01:50:00`, the controller's local time, as this host's when they share a zone, the
+    usual case on one cluster) as time.time(); None for N/A, Unknown or anything else."""
+    try:
+        return datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        return None
 
 
 def find_by_name(name: str) -> list[str]:

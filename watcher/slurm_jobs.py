@@ -52,7 +52,8 @@ class SlurmJob:
         self.job = job
         self.paths = paths
         self.timeout = timeout
-        self.started = record.submitted_at
+        self.started = record.submitted_at  # until Slurm says when it started running (ran_from)
+        self.submitted_at = record.submitted_at
         self.name = record.name
         self.slurm_id = record.slurm_id or ""
         self.slurm_state: slurm.SlurmJobState | None = None  # as the last squeue said; None: not seen yet
@@ -83,6 +84,15 @@ class SlurmJob:
     def where(self) -> str:
         """How logs and results name it: "slurm 1234"."""
         return f"slurm {self.slurm_id}" if self.slurm_id else "slurm (not submitted)"
+
+    def ran_from(self, start_time: float) -> None:
+        """Slurm started it at `start_time`: its result's walltime counts from there (the wait in Slurm's queue
+        goes into the result's timings as queue_s)."""
+        self.started = max(start_time, self.submitted_at)
+
+    @property
+    def queue_s(self) -> float:
+        return round(self.started - self.submitted_at, 3)
 
     def new_stages(self) -> list[str]:
         """Stages the worker entered since the last call, read from its stage file (see jobs.StageReader)."""
@@ -120,7 +130,9 @@ class SlurmJob:
         if self.submit_error is not None:
             return Outcome.failure(self.submit_error)
         try:
-            return Outcome.read(self.paths.outcome)
+            outcome = Outcome.read(self.paths.outcome)
+            outcome.timings["queue_s"] = self.queue_s
+            return outcome
         except (OSError, ValueError, TypeError):
             pass
         state = self.slurm_state
@@ -267,6 +279,8 @@ class SlurmExecutor:
             state = states.get(handle.slurm_id)
             before = handle.slurm_state
             handle.slurm_state = state
+            if state is not None and state.start_time is not None:
+                handle.ran_from(state.start_time)
             if state is not None and (before is None or (before.state, before.reason) != (state.state, state.reason)):
                 try:
                     self._journals[key].slurm.set_state(handle.job.id, state.state, state.reason)

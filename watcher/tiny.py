@@ -175,10 +175,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save-steps", type=int, default=10)
     parser.add_argument("--step-delay", type=float, default=0.0, help="seconds to sleep after each step")
     parser.add_argument("--report-to", action="append", default=[], help="a Trainer integration, e.g. tensorboard")
+    parser.add_argument("--save-total-limit", type=int, help="the Trainer's checkpoint rotation (default: none)")
+    parser.add_argument("--ckpt-watch-callback", action="store_true",
+                        help="add CkptWatchCallback: sentinels, the run record, and stop requests honoured")  # fmt: skip
     args = parser.parse_args(argv)
     callbacks = [_slow_down(args.step_delay)] if args.step_delay > 0 else []
+    if args.ckpt_watch_callback:
+        from watcher.integrations.hf import CkptWatchCallback
+
+        callbacks.append(CkptWatchCallback())
     train_tiny(args.output_dir, max_steps=args.steps, save_steps=args.save_steps, callbacks=callbacks,
-               report_to=args.report_to)
+               report_to=args.report_to, save_total_limit=args.save_total_limit)
 
 
 if __name__ == "__main__":
