@@ -329,3 +329,16 @@ def test_a_results_walltime_counts_from_when_slurm_started_it_and_the_queue_wait
     assert result["timings"]["queue_s"] >= 3, result["timings"]  # Slurm's start time is in whole seconds
     started = datetime.fromisoformat(result["started_at"]).timestamp()
     assert started >= released - 1.0, (result["started_at"], released)
+
+
+def test_a_job_over_its_slurm_memory_fails_out_of_memory_and_is_not_retried(slurm_cluster, trainer_output, tmp_path):
+    output = run_folder(trainer_output, tmp_path, [10])
+    config = slurm_config(tmp_path, slurm='mem = "1500M"\n', seconds=60)
+    # The preset's command takes 2.5 GB (written, so resident) where the job may have 1.5 GB: slurmstepd kills it.
+    (tmp_path / "sleep_job.py").write_text("import time\nheld = b'x' * (2500 << 20)\ntime.sleep(60)\n")
+    scan = subprocess.run([sys.executable, "-m", "watcher", str(output), "--config", str(config), "--scan"],
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert scan.returncode == 1, scan.stderr[-3000:]  # a scan with a failed job
+    job = journal_job(output, 10)
+    assert job.state == "failed" and job.attempts == 1, job
+    assert "out of memory" in job.error and "raise [slurm] mem" in job.error, job.error
