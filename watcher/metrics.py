@@ -7,7 +7,8 @@ Headline metrics (`ckpt-watch status`, `plot`'s default, the daemon's done line 
 the metric names the results have:
   - per task of the accuracy and perplexity groups, one metric: the first present of acc, exact_match, f1,
     perplexity, word_perplexity (filter suffixes `@...` ignored), else the first, by name, whose better direction
-    is known (higher before lower); `_stderr` metrics never; at most 4 tasks, by name;
+    is known (higher before lower); `_stderr`, `_stdev` and `trials` metrics (`is_spread`) never; at most 4
+    tasks, by name;
   - then routing/cv (MoE load imbalance) and params/active, when present.
 
 A leaf: used by the daemon and the command line alike, it imports nothing from ckpt-watch.
@@ -45,7 +46,7 @@ def higher_is_better(metric: str, raw: dict[str, Any] | None = None) -> bool | N
     declared = ((raw or {}).get("lm_eval", {}).get("higher_is_better", {}) or {}).get(task, {})
     if name in declared:
         return bool(declared[name])
-    if group_of(metric) == "cost" or name.endswith("_stderr") or name == "tokens":
+    if group_of(metric) == "cost" or is_spread(metric) or name == "tokens":
         return None
     if any(key in name for key in _LOWER):
         return False
@@ -56,9 +57,35 @@ def higher_is_better(metric: str, raw: dict[str, Any] | None = None) -> bool | N
 
 def stderr_name(metric: str) -> str:
     """The name of `metric`'s standard error as lm-eval reports it: `task/acc@filter` -> `task/acc_stderr@filter`."""
+    return _suffixed(metric, "_stderr")
+
+
+def stdev_name(metric: str) -> str:
+    """The name of the standard deviation over the trials of a repeated measurement (the `inference` probe with
+    `trials = N`): `inference/latency_s` -> `inference/latency_s_stdev`."""
+    return _suffixed(metric, "_stdev")
+
+
+def trials_name(metric: str) -> str:
+    """How many trials a repeated measurement of `metric` took: `inference/latency_s` -> `inference/trials`."""
+    task = metric.rpartition("/")[0]
+    return f"{task}/trials" if task else "trials"
+
+
+def is_spread(metric: str) -> bool:
+    """A metric's standard error or standard deviation, or a count of trials: about another metric's noise, never
+    a headline, no better direction."""
+    name = metric.rpartition("/")[2].split("@", 1)[0]
+    return name.endswith(SPREAD_SUFFIXES) or name == "trials"
+
+
+SPREAD_SUFFIXES = ("_stderr", "_stdev")
+
+
+def _suffixed(metric: str, suffix: str) -> str:
     task, _, name = metric.rpartition("/")
     base, at, filter_name = name.partition("@")
-    return f"{task}/{base}_stderr{at}{filter_name}" if task else f"{base}_stderr{at}{filter_name}"
+    return f"{task}/{base}{suffix}{at}{filter_name}" if task else f"{base}{suffix}{at}{filter_name}"
 
 
 PREFERRED = ("acc", "exact_match", "f1", "perplexity", "word_perplexity")
@@ -72,7 +99,7 @@ def headline_metrics(names: Iterable[str], fallback: int = 0) -> list[str]:
     names = set(names)
     by_task: dict[str, list[str]] = {}
     for name in sorted(names):
-        if group_of(name) not in ("accuracy", "perplexity") or name.endswith("_stderr") or higher_is_better(name) is None:
+        if group_of(name) not in ("accuracy", "perplexity") or is_spread(name) or higher_is_better(name) is None:
             continue
         by_task.setdefault(name.rpartition("/")[0], []).append(name)
 
@@ -83,4 +110,4 @@ def headline_metrics(names: Iterable[str], fallback: int = 0) -> list[str]:
 
     chosen = [min(candidates, key=rank) for _, candidates in sorted(by_task.items())[:MAX_TASKS]]
     return (chosen + [name for name in EXTRA_HEADLINES if name in names]
-            or sorted(name for name in names if not name.endswith("_stderr"))[:fallback])
+            or sorted(name for name in names if not is_spread(name))[:fallback])

@@ -15,7 +15,7 @@ from typing import Callable
 
 from watcher import __version__
 from watcher.journal import Job
-from watcher.metrics import headline_metrics
+from watcher.metrics import headline_metrics, is_spread
 from watcher.records import Outcome, Result, iso_time
 
 log = logging.getLogger("ckpt-watch")
@@ -74,5 +74,5 @@ def keep_merged(job: Job, outcome: Outcome, keep: int, scratch_dir: Path, step_o
 def headline_text(metrics: dict[str, float]) -> str:
     """The "done" log line's metrics: the headline ones (watcher/metrics.py), else the first few by name."""
     shown = headline_metrics(metrics, fallback=5)
-    more = len([k for k in metrics if not k.endswith("_stderr")]) - len(shown)
+    more = len([k for k in metrics if not is_spread(k)]) - len(shown)
     return ", ".join(f"{k}={metrics[k]:.4g}" for k in shown) + (f" (+{more} more)" if more > 0 else "")

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from watcher.config import ConfigError
-from watcher.metrics import group_of, headline_metrics, higher_is_better
+from watcher.metrics import group_of, headline_metrics, higher_is_better, is_spread
 from watcher.records import Result
 
 FORMATS = (".png", ".svg", ".pdf")
@@ -113,7 +113,7 @@ def main(argv: list[str]) -> int:
     for metric in metrics:
         if metric not in known:
             close = difflib.get_close_matches(metric, known, n=5, cutoff=0.4)
-            shown = close or [m for m in known if not m.endswith("_stderr")][:8]
+            shown = close or [m for m in known if not is_spread(m)][:8]
             more = "" if close or len(known) <= len(shown) else f" and {len(known) - len(shown)} more"
             raise ConfigError(f"unknown metric {metric!r}; {'close' if close else 'known'}: "
                               f"{', '.join(shown)}{more}")  # fmt: skip
