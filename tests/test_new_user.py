@@ -295,7 +295,8 @@ def test_compare_usage_noise_groups_and_config(tmp_path):
                    status="ok", metrics={"t/acc": v, "t/acc_stderr": 0.03, "u/acc": v, "u/acc_stderr": 0.01})
             for s, v in ((10, 0.50), (20, 0.55)))  # fmt: skip
     rows = {r["metric"]: r for r in compare(a, b)}
-    assert rows["t/acc"]["better"] == "~" and rows["u/acc"]["better"] == "B"  # 0.05 < 2 x 0.042; 0.05 > 2 x 0.014
+    # z-test at 0.05: t: z = 0.05 / 0.042 = 1.18, p = 0.24 (noise); u: z = 0.05 / 0.014 = 3.54, p = 0.0004.
+    assert rows["t/acc"]["better"] == "~" and rows["u/acc"]["better"] == "B"
     assert group_of("ckpt_watch_smoke_ppl/word_perplexity") == "perplexity" and group_of("t/acc") == "accuracy"
     helps = _compare("--help").stdout
     for flag in ("--variant", "--preset", "--config"):

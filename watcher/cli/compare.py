@@ -1,54 +1,55 @@
-"""`ckpt-watch compare`: two results side by side, each metric's difference and which one is better.
+"""`ckpt-watch compare`: two results side by side, each metric's difference, whether it is noise, which is better.
 
-    ckpt-watch compare A.json B.json [--json]
+    ckpt-watch compare A.json B.json [--level 0.05] [--json]
     ckpt-watch compare OUTPUT_DIR STEP_A STEP_B [--variant regular] [--preset smoke] [--results-dir DIR] [--json]
 
 A and B are per-job result files (RESULTS_DIR/<checkpoint>/<variant>/<preset>.json, <preset>.gN.json for a
 re-save's generation N). Whether higher or lower is better comes from lm-eval's own `higher_is_better` in the raw
 output where it has one, else from the metric's name. Where both results carry the metric's standard error
-(`task/metric_stderr`), a difference within NOISE_STDERRS combined standard errors is not called better: the
-column says "~" (within noise). Metrics are grouped as accuracy, perplexity, routing, inference and cost.
+(lm-eval's `task/metric_stderr`; for a probe repeated in trials, stdev / sqrt(trials)), each difference gets the
+two-sided z-test of watcher/significance.py (its assumptions are there): z, p, and whether p < --level. A
+difference that is not significant is not called better: the column says "~" (within noise). Without a standard
+error on both sides the better one is decided by value alone, and the row says "no stderr". Metrics are grouped as
+accuracy, perplexity, routing, inference and cost.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from watcher.config import ConfigError
-from watcher.metrics import GROUPS, group_of, higher_is_better, stderr_name
+from watcher.metrics import GROUPS, group_of, higher_is_better, is_spread
 from watcher.records import Result
+from watcher.significance import DEFAULT_LEVEL, check_level, standard_error, z_test
 from watcher.sinks import FileSink, read_results
 
-NOISE_STDERRS = 2.0  # a difference within 2 combined standard errors (about 95%) is noise
 
-
-def compare(a: Result, b: Result) -> list[dict[str, Any]]:
+def compare(a: Result, b: Result, level: float = DEFAULT_LEVEL) -> list[dict[str, Any]]:
+    """One row per metric (standard errors, standard deviations and trial counts are not rows of their own: they
+    go into the rows of the metrics they are about)."""
     rows = []
     for metric in sorted(set(a.metrics) | set(b.metrics)):
-        if metric.endswith("_stderr"):
+        if is_spread(metric):
             continue
         va, vb = a.metrics.get(metric), b.metrics.get(metric)
+        se_a, se_b = standard_error(a.metrics, metric), standard_error(b.metrics, metric)
         direction = higher_is_better(metric, (a if metric in a.metrics else b).raw)
+        both = va is not None and vb is not None
+        test = z_test(va, se_a, vb, se_b) if both else None
+        significant = test.significant(level) if test is not None else None
         better = None
-        noise = _noise(metric, a, b)
-        if va is not None and vb is not None and direction is not None and va != vb:
-            better = "~" if noise is not None and abs(vb - va) <= noise else ("B" if (vb > va) == direction else "A")
+        if both and direction is not None and va != vb:
+            better = "~" if significant is False else ("B" if (vb > va) == direction else "A")
         rows.append({"group": group_of(metric), "metric": metric, "a": va, "b": vb,
-                     "difference": vb - va if va is not None and vb is not None else None,
-                     "noise": noise, "higher_is_better": direction, "better": better})  # fmt: skip
+                     "difference": vb - va if both else None, "stderr_a": se_a, "stderr_b": se_b,
+                     "z": test.z if test else None, "p": test.p if test else None, "significant": significant,
+                     "higher_is_better": direction, "better": better})  # fmt: skip
     rows.sort(key=lambda r: (GROUPS.index(r["group"]), r["metric"]))
     return rows
-
-
-def _noise(metric: str, a: Result, b: Result) -> float | None:
-    """NOISE_STDERRS x the combined standard error of the difference, when both results have the stderr."""
-    errors = [result.metrics.get(stderr_name(metric)) for result in (a, b)]
-    if any(not isinstance(e, (int, float)) for e in errors):
-        return None
-    return NOISE_STDERRS * (errors[0] ** 2 + errors[1] ** 2) ** 0.5
 
 
 def load_record(path: Path) -> Result:
@@ -94,7 +95,10 @@ def main(argv: list[str]) -> int:
                                          "config's preset, else smoke)")  # fmt: skip
     parser.add_argument("--config", type=Path, help="the daemon's config file (its results dir and preset)")
     parser.add_argument("--results-dir", type=Path, help="default: OUTPUT_DIR/ckpt-watch")
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--level", type=_level, default=DEFAULT_LEVEL,
+                        help="significance level of the z-test: a difference counts when p < LEVEL (default "
+                             f"{DEFAULT_LEVEL:g}; in (0, 0.5])")  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON (with the level)")
     args = parser.parse_args(argv)
     first_is_dir = Path(args.things[0]).is_dir()
     if len(args.things) == 2 and not first_is_dir:
@@ -113,11 +117,11 @@ def main(argv: list[str]) -> int:
                           f"`ckpt-watch compare {args.things[0]} 500 1000` (steps given: {given})")  # fmt: skip
     else:
         raise ConfigError("give two result files, or OUTPUT_DIR and two steps")
-    rows = compare(a, b)
+    rows = compare(a, b, args.level)
     if args.json:
-        print(json.dumps({"a": labels[0], "b": labels[1], "rows": rows}, indent=2))
+        print(json.dumps({"a": labels[0], "b": labels[1], "level": args.level, "rows": rows}, indent=2))
     else:
-        _print_table(rows, labels)
+        _print_table(rows, labels, args.level)
     sys.stdout.flush()
     return 0
 
@@ -132,18 +136,36 @@ def _results_dir_and_preset(output_dir: Path, args: Any) -> tuple[Path, str]:
     return config.resolved_results_dir(), config.preset
 
 
-def _print_table(rows: list[dict[str, Any]], labels: list[str]) -> None:
+def _level(text: str) -> float:
+    """--level: a number in (0, 0.5]; argparse turns the error into one line and exit 2."""
+    try:
+        return check_level(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc) if "level" in str(exc) else f"not a number: {text!r}") from None
+
+
+def _print_table(rows: list[dict[str, Any]], labels: list[str], level: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"A = {labels[0]}, B = {labels[1]}")
-    for column in ("group", "metric", "A", "B", "B - A", "better"):
-        table.add_column(column, justify="right" if column in ("A", "B", "B - A") else "left")
+    for column in ("group", "metric", "A", "B", "B - A", "z", "p", f"p < {level:g}", "better"):
+        table.add_column(column, justify="left" if column in ("group", "metric", "better") else "right")
     for row in rows:
-        cells = [f"{row[k]:.4g}" if row[k] is not None else "-" for k in ("a", "b", "difference")]
-        table.add_row(row["group"], row["metric"], *cells, row["better"] or "")
+        values = [_value(row["a"], row["stderr_a"]), _value(row["b"], row["stderr_b"]),
+                  f"{row['difference']:.4g}" if row["difference"] is not None else "-"]  # fmt: skip
+        if row["significant"] is None:
+            tested = ["", "", "no stderr" if row["difference"] is not None else "-"]
+        else:
+            tested = [f"{row['z']:+.2f}", f"{row['p']:.2g}", "yes" if row["significant"] else "no"]
+        table.add_row(row["group"], row["metric"], *values, *tested, row["better"] or "")
     console = Console(width=max(120, Console().width))
     console.print(table)
-    if any(row["better"] == "~" for row in rows):
-        console.print(f"~: the difference is within {NOISE_STDERRS:g} standard errors (the results' own *_stderr): "
-                      "no clear winner", highlight=False)  # fmt: skip
+    console.print(f"± standard error; z, p: two-sided z-test of B - A; p < {level:g}: significant (--level), else "
+                  "~ (noise, no winner); no stderr: better by value alone", highlight=False, soft_wrap=True)  # fmt: skip
+
+
+def _value(value: float | None, stderr: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g} ± {stderr:.2g}" if stderr is not None else f"{value:.4g}"
