@@ -210,6 +210,25 @@ def test_inference_reports_latency_and_throughput(tiny_model_dir, tmp_path):
     assert "inference/peak_allocated_mb" not in out.metrics  # GPU memory only on cuda
 
 
+def test_inference_trials_give_the_mean_stdev_and_stderr(tiny_model_dir, tmp_path):
+    options = {"probes": ["inference"], "iterations": 1, "new_tokens": 4, "batch_size": 2}
+    out = get_evaluator("probes").run(tiny_model_dir, ("cpu",), {**options, "trials": 3}, tmp_path)
+    trials = out.raw["inference"]["trials"]
+    assert out.metrics["inference/trials"] == 3 and len(trials) == 3
+    for name in ("inference/latency_s", "inference/tokens_per_s"):
+        values = [trial[name] for trial in trials]
+        mean, stdev = out.metrics[name], out.metrics[name + "_stdev"]
+        assert min(values) <= mean <= max(values) and mean == pytest.approx(sum(values) / 3)
+        assert stdev >= 0 and stdev == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in values) / 2))
+        assert out.metrics[name + "_stderr"] == pytest.approx(stdev / math.sqrt(3))
+    assert all(trial["inference/tokens_per_s"] == pytest.approx(2 * 4 / trial["inference/latency_s"]) for trial in trials)
+    # One trial (the default): exactly the metric names the probe always had, and no raw.
+    one = get_evaluator("probes").run(tiny_model_dir, ("cpu",), options, tmp_path)
+    assert sorted(one.metrics) == ["inference/latency_s", "inference/tokens_per_s"] and "inference" not in one.raw
+    assert sorted(get_evaluator("probes").run(tiny_model_dir, ("cpu",), {**options, "trials": 1}, tmp_path).metrics) == [
+        "inference/latency_s", "inference/tokens_per_s"]  # fmt: skip
+
+
 @pytest.mark.parametrize("options, message", [({"probes": ["nope"]}, "unknown probe"),
                                               ({"iterations": 0}, "positive integer"),
                                               ({"text": "/no/such/file"}, "file not found"),
@@ -217,7 +236,10 @@ def test_inference_reports_latency_and_throughput(tiny_model_dir, tmp_path):
                                               ({"probes": "routing"}, "list of probe names"),
                                               ({"routing_tokens": 0}, "'routing_tokens' must be a positive"),
                                               ({"flops_context": "2k"}, "'flops_context' must be a positive"),
-                                              ({"flops_context": True}, "positive integer")])  # fmt: skip
+                                              ({"flops_context": True}, "positive integer"),
+                                              ({"trials": 0}, "'trials' must be a positive integer"),
+                                              ({"trials": 2.5}, "'trials' must be a positive integer"),
+                                              ({"trials": "3"}, "'trials' must be a positive integer")])  # fmt: skip
 def test_bad_options(options, message):
     with pytest.raises(EvaluatorError, match=message):
         get_evaluator("probes").check_options(options)

@@ -21,6 +21,8 @@ Options (all optional):
     new_tokens      inference: tokens generated per call (default 32)
     batch_size      inference: prompts per call (default 1)
     prompt_tokens   inference: tokens per prompt (default 32)
+    trials          inference: how many times to make the whole measurement (default 1); with N >= 2 the
+                    metrics are the mean over the trials, with their stdev and stderr (see `inference`)
 
 The model is loaded once, on the job's pinned device, for the probes that need it (perplexity, inference,
 routing), through the job's watcher.model_input.ModelInput: the same loaded model serves lm-eval's `hf` steps of
@@ -50,6 +52,7 @@ Metrics:
     routing/{gini,cv,utilisation}  their unweighted mean over the MoE layers (not a statistic of pooled counts)
     routing/layers, routing/tokens  MoE layers seen, tokens run; raw["routing"]["layers"]["N"] holds the module
                       name and tokens_per_expert, the counts themselves (each token counts once per chosen expert)
+    inference/{latency_s,tokens_per_s}_{stdev,stderr}, inference/trials  with trials = N >= 2 only
     ppl/*, inference/*  see the probe functions
 """
 
@@ -57,6 +60,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 import time
 from importlib import resources
 from pathlib import Path
@@ -65,12 +69,13 @@ from typing import Any, Callable, Mapping, Sequence
 from merge import MergeError
 from merge.source import TensorSpec
 from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext, reject_unknown_options
+from watcher.metrics import stderr_name, stdev_name
 from watcher.model_input import ModelInput
 
 _OPTIONS = {"probes", "text", "max_length", "iterations", "new_tokens", "batch_size", "prompt_tokens",
-            "routing_tokens", "flops_context"}  # fmt: skip
+            "routing_tokens", "flops_context", "trials"}  # fmt: skip
 _POSITIVE_INTS = ("max_length", "iterations", "new_tokens", "batch_size", "prompt_tokens", "routing_tokens",
-                  "flops_context")  # fmt: skip
+                  "flops_context", "trials")  # fmt: skip
 DEFAULT_ROUTING_TOKENS = 512
 MAX_FLOPS_CONTEXT = 2048
 
@@ -223,35 +228,53 @@ def perplexity(source: ModelInput, options: dict[str, Any], model: Callable[[], 
 
 
 def inference(source: ModelInput, options: dict[str, Any], model: Callable[[], Any]) -> ProbeResult:
+    """Generation latency (the median of `iterations` timed generate() calls) and tokens/s; with `trials = N`
+    (N >= 2) that measurement N times: the mean of the N as inference/latency_s and inference/tokens_per_s, their
+    sample standard deviations (`_stdev`), standard errors of the mean (`_stderr` = stdev / sqrt(N), what
+    `ckpt-watch compare` tests differences with), inference/trials, and each trial's values in raw."""
     import torch
 
     lm, tokenizer, device = model()
     batch, prompt = options.get("batch_size", 1), options.get("prompt_tokens", 32)
     new, iterations = options.get("new_tokens", 32), options.get("iterations", 3)
+    trials = options.get("trials", 1)
     generator = torch.Generator().manual_seed(0)
     vocab = min(len(tokenizer), lm.config.vocab_size)
     inputs = torch.randint(0, vocab, (batch, prompt), generator=generator).to(device)
     settings = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False,
                 "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id or 0}  # fmt: skip
     cuda = device.startswith("cuda")
+    measured = []  # per trial: the median latency of its iterations
     with torch.no_grad():
         lm.generate(inputs, attention_mask=torch.ones_like(inputs), **settings)  # warm-up: kernels, caches
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        latencies = []
-        for _ in range(iterations):
-            begin = time.perf_counter()
-            lm.generate(inputs, attention_mask=torch.ones_like(inputs), **settings)
-            if cuda:
-                torch.cuda.synchronize()
-            latencies.append(time.perf_counter() - begin)
-    latency = sorted(latencies)[len(latencies) // 2]
-    metrics = {"inference/latency_s": latency, "inference/tokens_per_s": batch * new / latency}
+        for _ in range(trials):
+            latencies = []
+            for _ in range(iterations):
+                begin = time.perf_counter()
+                lm.generate(inputs, attention_mask=torch.ones_like(inputs), **settings)
+                if cuda:
+                    torch.cuda.synchronize()
+                latencies.append(time.perf_counter() - begin)
+            measured.append(sorted(latencies)[len(latencies) // 2])
+    per_trial = {"inference/latency_s": measured, "inference/tokens_per_s": [batch * new / t for t in measured]}
+    metrics: Metrics = {}
+    raw: dict = {}
+    if trials == 1:  # exactly the single measurement's metrics, as before trials existed
+        metrics = {name: values[0] for name, values in per_trial.items()}
+    else:
+        for name, values in per_trial.items():
+            stdev = statistics.stdev(values)  # the sample standard deviation (N - 1)
+            metrics.update({name: statistics.fmean(values), stdev_name(name): stdev,
+                            stderr_name(name): stdev / math.sqrt(trials)})  # fmt: skip
+        metrics["inference/trials"] = float(trials)
+        raw = {"trials": [{name: values[i] for name, values in per_trial.items()} for i in range(trials)]}
     if cuda:
         metrics["inference/peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
         metrics["inference/peak_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
-    return metrics, {}
+    return metrics, raw
 
 
 def routing(source: ModelInput, options: dict[str, Any], model: Callable[[], Any]) -> ProbeResult:
