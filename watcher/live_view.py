@@ -46,6 +46,9 @@ class ResultRow:
     metrics: dict[str, float] = field(default_factory=dict)  # the headline metrics only
     error: str | None = None
     run: str = ""  # the run it belongs to, when the daemon watches several
+    # Headline metrics significantly worse than the best earlier checkpoint: metric -> "▼ ... (p=...)" (see
+    # watcher/regressions.py); the cell gets a red ▼ and the row a "regression" note
+    regressions: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,16 @@ def _running_line(job: RunningView, now: float, with_slot: bool):
     return line
 
 
+def _metric_cell(row: ResultRow, name: str):
+    from rich.text import Text
+
+    if name not in row.metrics:
+        return ""
+    if name in row.regressions:
+        return Text.assemble(f"{row.metrics[name]:.4g} ", ("▼", "bold red"))
+    return f"{row.metrics[name]:.4g}"
+
+
 def render(snapshot: Snapshot | None, now: float | None = None):
     from rich.console import Group
     from rich.table import Table
@@ -174,14 +187,18 @@ def render(snapshot: Snapshot | None, now: float | None = None):
     for name in snapshot.headlines:
         results.add_column(name, justify="right")
     results.add_column("time (s)", justify="right")
+    regressed = any(r.regressions for r in snapshot.results)
+    if regressed:
+        results.add_column("vs best so far")
     several = len({r.preset for r in snapshot.results}) > 1
     for row in snapshot.results:
         status = Text(row.status, style="green" if row.status == "ok" else "red")
-        cells = [f"{row.metrics[n]:.4g}" if n in row.metrics else "" for n in snapshot.headlines]
+        cells = [_metric_cell(row, n) for n in snapshot.headlines]
         if row.status != "ok" and row.error and snapshot.headlines:
             cells[0] = Text(row.error[:60], style="red")
+        note = [Text("; ".join(row.regressions.values()), style="red")] if regressed else []
         results.add_row(*([row.run] if runs else []), str(row.step), row.variant, *([row.preset] if several else []), status, *cells,
-                        f"{row.walltime_s:.1f}")  # fmt: skip
+                        f"{row.walltime_s:.1f}", *note)  # fmt: skip
     if not snapshot.results:
         return Group(head, Text("no results yet", style="dim"))
     return Group(head, results)

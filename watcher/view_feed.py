@@ -17,6 +17,7 @@ from watcher.live_view import ResultRow, RunningView, Snapshot
 from watcher.metrics import headline_metrics
 from watcher.outbox import Outbox
 from watcher.records import Result
+from watcher.regressions import Regression, find_regressions
 
 RECENT_RESULTS = 8  # rows in the live view's results table
 
@@ -34,24 +35,32 @@ class ViewFeed:
     def __init__(self, journal: Journal):
         self._journal = journal
         self._recent: deque[Result] | None = None  # the latest results (read from the journal at the first snapshot)
+        # Every result of the run (the best so far of a metric may be far back), and the regressions found in
+        # them for the headline metrics: computed again only when a result has been added.
+        self._all: list[Result] = []
+        self._regressions: tuple[tuple[int, tuple[str, ...]], dict[str, list[Regression]]] | None = None
 
     def add(self, result: Result) -> None:
         """A result the daemon has just committed (the journal is not read again for it)."""
         if self._recent is not None:
             self._recent.append(result)
+            self._all.append(result)
 
     def snapshot(self, header: Snapshot, pending: list[Job], outbox: Outbox) -> Snapshot:
         """`header` (what is watched and how: the view's header) with this run's part filled in: its queue,
         latest results and deliveries. What runs share (the running jobs, slots, why jobs wait) is the
         daemon's to add."""
         if self._recent is None:
-            self._recent = deque(self._journal.results()[-RECENT_RESULTS:], maxlen=RECENT_RESULTS)
+            self._all = self._journal.results()
+            self._recent = deque(self._all[-RECENT_RESULTS:], maxlen=RECENT_RESULTS)
         recent = list(self._recent)
         names = {m for r in recent if r.ok for m in r.metrics}
         headlines = headline_metrics(names, fallback=4)
+        regressed = self._regressions_of(headlines)
         rows = [ResultRow(step=r.step, checkpoint=r.checkpoint, variant=r.variant, preset=r.preset, status=r.status,
                           walltime_s=float(r.walltime_s or 0.0),
-                          metrics={k: v for k, v in r.metrics.items() if k in headlines}, error=r.error)
+                          metrics={k: v for k, v in r.metrics.items() if k in headlines}, error=r.error,
+                          regressions={f.metric: f.text() for f in regressed.get(r.result_id, [])})
                 for r in recent]  # fmt: skip
         pending = sorted(pending, key=lambda j: (j.checkpoint.step, j.variant))
         return replace(
@@ -62,6 +71,15 @@ class ViewFeed:
             undelivered={sink.name: self._journal.undelivered_count(sink.name) for sink in outbox.sinks},
             undelivered_why={sink.name: outbox.waiting_reason(sink.name) for sink in outbox.sinks},
         )
+
+
+    def _regressions_of(self, headlines: list[str]) -> dict[str, list[Regression]]:
+        """find_regressions over every result of the run, reused until a result is added (snapshots come up to 4
+        times a second; results, minutes apart)."""
+        key = (len(self._all), tuple(headlines))
+        if self._regressions is None or self._regressions[0] != key:
+            self._regressions = (key, find_regressions(self._all, headlines))
+        return self._regressions[1]
 
 
 def running_views(active: Sequence[ActiveView], several: bool = False) -> list[RunningView]:

@@ -11,7 +11,12 @@ recorded it in the journal (meta "pool", see Daemon._note_waiting): each slot wi
 time so far, or why the slot is not offered; the pending jobs per preset; why the first few jobs wait.
 `--json` stays a list of rows; `--json --pool` prints {"jobs": rows, "pool": ...} instead.
 
-The headline metrics shown are chosen by watcher/metrics.py (`headline_metrics`).
+The headline metrics shown are chosen by watcher/metrics.py (`headline_metrics`). A headline value significantly
+worse than the best of the earlier checkpoints (same variant and preset; two-sided z-test at 0.05 on both results'
+standard errors, watcher/regressions.py) is marked "▼" in the table and explained below it; `--json` rows carry
+it as "regression" (the most significant one, or null: metric, best_step, best_value, value, z, p) and
+"regressions" (every one). A metric without a standard error (most probes, custom commands) is never flagged:
+without one a drop cannot be told from noise.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from watcher.config import ConfigError
 from watcher.journal import JobRow, JournalReader, SlurmRecord
 from watcher.metrics import headline_metrics
 from watcher.records import Result, iso_time
+from watcher.regressions import REGRESSION_LEVEL, Regression, find_regressions
 
 
 # --- reading the journal -------------------------------------------------------------------------------------
@@ -61,10 +67,12 @@ def read_status(journal_path: Path, expected_sinks: Iterable[str] | None = None,
             raise ConfigError(f"no jobs of preset {preset!r} in the journal (it has: {', '.join(known)})")
     shown = [latest[job.id] for job in jobs if job.id in latest]
     headlines = headline_metrics({m for r in shown if r.ok for m in r.metrics})
+    regressed = find_regressions(shown, headlines)
     rows = []
     for job in jobs:
         result = latest.get(job.id)
         metrics = result.metrics if result and job.state == "done" else {}
+        flags = regressed.get(result.result_id, []) if metrics else []
         rows.append({
             "checkpoint": job.checkpoint.name,
             "step": job.checkpoint.step,
@@ -83,13 +91,15 @@ def read_status(journal_path: Path, expected_sinks: Iterable[str] | None = None,
             "result_id": result.result_id if result else None,
             "pending_sinks": [s for s in sinks if s not in delivered.get(result.result_id, ())] if result else [],
             "metrics": {name: metrics.get(name) for name in headlines},
+            "regression": min(flags, key=lambda f: f.p).to_dict() if flags else None,
+            "regressions": [flag.to_dict() for flag in flags],
         })  # fmt: skip
     return rows
 
 
 ROW_KEYS = ("checkpoint", "step", "generation", "checkpoint_gone", "variant", "preset", "state", "attempts",
             "created_at", "started_at", "finished_at", "walltime_s", "next_attempt_at", "error", "result_id",
-            "pending_sinks", "metrics")  # fmt: skip
+            "pending_sinks", "metrics", "regression", "regressions")  # fmt: skip
 
 
 def _walltime(job: JobRow, result: Result | None, now: float) -> float | None:
@@ -349,7 +359,7 @@ def print_table(rows: list[dict[str, Any]], results_dir: Path, above: list[str] 
         name = row["checkpoint"] + (f" (gen {row['generation']})" if row["generation"] > 1 else "")
         cells = [name, row["variant"], row["preset"], _state_text(row), str(row["attempts"]),
                  _short_time(row["started_at"]), _duration(row),
-                 *(_number(row["metrics"][m]) for m in headlines),
+                 *(_number(row["metrics"][m]) + _mark(row, m) for m in headlines),
                  ", ".join(row["pending_sinks"])]  # fmt: skip
         table.add_row(*map(escape, cells))  # names are data, not rich markup
     console = Console()
@@ -365,6 +375,13 @@ def print_table(rows: list[dict[str, Any]], results_dir: Path, above: list[str] 
             what = "failed" if row["state"] == "failed" else "last attempt"
             console.print(f"{row['checkpoint']} {row['variant']} {row['preset']} {what}: {error}", highlight=False,
                           markup=False, soft_wrap=True)  # fmt: skip
+    for row in rows:
+        for flag in row["regressions"]:
+            console.print(f"{row['checkpoint']} {row['variant']} {row['preset']}: {Regression(**flag).text()}",
+                          highlight=False, markup=False, soft_wrap=True)  # fmt: skip
+    if any(row["regressions"] for row in rows):
+        console.print(f"▼: significantly worse than the best earlier checkpoint (two-sided z-test on the standard "
+                      f"errors, p < {REGRESSION_LEVEL:g})", highlight=False, markup=False, soft_wrap=True)  # fmt: skip
     states: dict[str, int] = {}
     for row in rows:
         states[row["state"]] = states.get(row["state"], 0) + 1
@@ -398,6 +415,10 @@ def _number(value: float | None) -> str:
         if abs(value) >= 10 * scale and float(value).is_integer():
             return f"{value / scale:.4g}{suffix}"
     return f"{value:.4g}"
+
+
+def _mark(row: dict[str, Any], metric: str) -> str:
+    return " ▼" if any(flag["metric"] == metric for flag in row["regressions"]) else ""
 
 
 def _state_text(row: dict[str, Any]) -> str:
