@@ -222,6 +222,13 @@ def test_inference_trials_give_the_mean_stdev_and_stderr(tiny_model_dir, tmp_pat
         assert stdev >= 0 and stdev == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in values) / 2))
         assert out.metrics[name + "_stderr"] == pytest.approx(stdev / math.sqrt(3))
     assert all(trial["inference/tokens_per_s"] == pytest.approx(2 * 4 / trial["inference/latency_s"]) for trial in trials)
+    # The sinks log them as they log any metric.
+    from watcher.records import Result
+    from watcher.sinks.naming import metric_row
+
+    logged = metric_row(Result(result_id="r", step=1, checkpoint="checkpoint-1", variant="regular", preset="p",
+                               status="ok", metrics=out.metrics))  # fmt: skip
+    assert logged == {f"eval/{name}": value for name, value in out.metrics.items()} and len(logged) == 7
     # One trial (the default): exactly the metric names the probe always had, and no raw.
     one = get_evaluator("probes").run(tiny_model_dir, ("cpu",), options, tmp_path)
     assert sorted(one.metrics) == ["inference/latency_s", "inference/tokens_per_s"] and "inference" not in one.raw
