@@ -146,11 +146,15 @@ def _level(text: str) -> float:
 
 def _print_table(rows: list[dict[str, Any]], labels: list[str], level: float) -> None:
     from rich.console import Console
+    from rich.measure import Measurement
     from rich.table import Table
 
     table = Table(title=f"A = {labels[0]}, B = {labels[1]}")
+    longest = max((len(row["metric"]) for row in rows), default=6)
     for column in ("group", "metric", "A", "B", "B - A", "z", "p", f"p < {level:g}", "better"):
-        table.add_column(column, justify="left" if column in ("group", "metric", "better") else "right")
+        # The metric's name whole (the other columns give way): two cut to "ckpt_watch_smoke_mc/…" look the same.
+        table.add_column(column, justify="left" if column in ("group", "metric", "better") else "right",
+                         min_width=longest if column == "metric" else None)  # fmt: skip
     for row in rows:
         values = [_value(row["a"], row["stderr_a"]), _value(row["b"], row["stderr_b"]),
                   f"{row['difference']:.4g}" if row["difference"] is not None else "-"]  # fmt: skip
@@ -159,7 +163,10 @@ def _print_table(rows: list[dict[str, Any]], labels: list[str], level: float) ->
         else:
             tested = [f"{row['z']:+.2f}", f"{row['p']:.2g}", "yes" if row["significant"] else "no"]
         table.add_row(row["group"], row["metric"], *values, *tested, row["better"] or "")
-    console = Console(width=max(120, Console().width))
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: as wide as the table needs, one line per metric
+        unbounded = Console(width=10_000)
+        console = Console(width=max(120, Measurement.get(unbounded, unbounded.options, table).maximum))
     console.print(table)
     console.print(f"± standard error; z, p: two-sided z-test of B - A; p < {level:g}: significant (--level), else "
                   "~ (noise, no winner); no stderr: better by value alone", highlight=False, soft_wrap=True)  # fmt: skip
