@@ -376,10 +376,10 @@ def print_table(rows: list[dict[str, Any]], results_dir: Path, above: list[str] 
             console.print(f"{row['checkpoint']} {row['variant']} {row['preset']} {what}: {error}", highlight=False,
                           markup=False, soft_wrap=True)  # fmt: skip
     for row in rows:
-        for flag in row["regressions"]:
+        for flag in row.get("regressions") or []:
             console.print(f"{row['checkpoint']} {row['variant']} {row['preset']}: {Regression(**flag).text()}",
                           highlight=False, markup=False, soft_wrap=True)  # fmt: skip
-    if any(row["regressions"] for row in rows):
+    if any(row.get("regressions") for row in rows):
         console.print(f"▼: significantly worse than the best earlier checkpoint (two-sided z-test on the standard "
                       f"errors, p < {REGRESSION_LEVEL:g})", highlight=False, markup=False, soft_wrap=True)  # fmt: skip
     states: dict[str, int] = {}
@@ -418,7 +418,7 @@ def _number(value: float | None) -> str:
 
 
 def _mark(row: dict[str, Any], metric: str) -> str:
-    return " ▼" if any(flag["metric"] == metric for flag in row["regressions"]) else ""
+    return " ▼" if any(flag["metric"] == metric for flag in row.get("regressions") or []) else ""
 
 
 def _state_text(row: dict[str, Any]) -> str:
