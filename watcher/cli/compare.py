@@ -139,9 +139,13 @@ def _results_dir_and_preset(output_dir: Path, args: Any) -> tuple[Path, str]:
 def _level(text: str) -> float:
     """--level: a number in (0, 0.5]; argparse turns the error into one line and exit 2."""
     try:
-        return check_level(float(text))
+        level = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    try:
+        return check_level(level)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc) if "level" in str(exc) else f"not a number: {text!r}") from None
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _print_table(rows: list[dict[str, Any]], labels: list[str], level: float) -> None:
