@@ -142,6 +142,67 @@ class SlurmSettings:
 SLURM_KEYS = tuple(f.name for f in dataclasses.fields(SlurmSettings))
 
 
+ALERT_CONDITIONS = ("drop_from_best", "below", "above", "nan")
+ALERT_MODES = ("auto", "max", "min")
+
+
+@dataclass(frozen=True)
+class AlertRule:
+    """One `[[alerts]]` rule (watcher/alerts.py evaluates it whenever a result is committed). Exactly one
+    condition (`drop_from_best`, `below`, `above` or `nan`) is set. A rule fires at most once per checkpoint
+    (generation), journaled; firing logs a warning, appends to RESULTS_DIR/alerts.jsonl, raises a W&B alert on
+    the training run when a W&B sink is configured, and with `stop_training` writes the stop request."""
+
+    name: str
+    """How logs, alerts.jsonl, W&B and the journal name the rule; unique. Default: derived from the rule, e.g.
+    `mmlu/acc drop_from_best 5%` (`mmlu/acc[ema] below 0.3` for the ema variant)."""
+
+    metric: str
+    """The metric, as results name it (`task/metric`, e.g. `ckpt_watch_smoke_mc/acc`)."""
+
+    variant: str = "regular"
+    """The weight variant whose results are watched (`regular` or `ema`)."""
+
+    mode: str = "auto"
+    """Which direction is better, for `drop_from_best`: `max`, `min`, or `auto` (lm-eval's own
+    higher_is_better, else the metric's name; see watcher/standings.py `resolve_mode`)."""
+
+    drop_from_best: float | str | None = None
+    """Fires when the checkpoint is worse than the best so far (the best of the earlier steps) by at least this
+    much: a number is an absolute drop, a string like `"5%"` a drop relative to the best so far's value."""
+
+    below: float | None = None
+    """Fires when the checkpoint's value is below this number."""
+
+    above: float | None = None
+    """Fires when the checkpoint's value is above this number."""
+
+    nan: bool = False
+    """`true`: fires when a successful result reports the metric as NaN or infinite (evaluators keep such values
+    out of the metrics, in the result's `nonfinite`). A metric missing from a result is not NaN, and a failed
+    job is not either (it has no metrics; a failure is logged as one already)."""
+
+    consecutive: int = 1
+    """Fires only when the condition holds at this many consecutive evaluated checkpoints (by step, those with
+    a value of the metric), ending at the checkpoint that fires."""
+
+    stop_training: bool = False
+    """When it fires, also write the stop request OUTPUT_DIR/ckpt-watch-stop.json, which the Hugging Face
+    callback answers at the next save by stopping training (watcher/integrations/sentinel.py)."""
+
+    @property
+    def condition(self) -> str:
+        """The condition as written, e.g. `drop_from_best 5%`, `below 0.3`, `nan`."""
+        for key in ("drop_from_best", "below", "above"):
+            value = getattr(self, key)
+            if value is not None:
+                return f"{key} {value:g}" if isinstance(value, (int, float)) else f"{key} {value}"
+        return "nan"
+
+
+ALERT_KEYS = tuple(f.name for f in dataclasses.fields(AlertRule))
+
+
 @dataclass
 class WatchConfig:
     output_dir: Path | list[Path] | None = None
@@ -292,6 +353,9 @@ class WatchConfig:
     """Settings for every evaluator of one backend, as `[backends.NAME]` tables, e.g. `[backends.lmms_eval]
     python = "/opt/lmms/bin/python"`: where a backend lives belongs to the machine, not to each preset. An
     evaluator entry's own option of the same name wins."""
+
+    alerts: list[AlertRule] = field(default_factory=list)
+    """`[[alerts]]` rules: what to do when a metric regresses (see `AlertRule` and watcher/alerts.py)."""
 
     # --- derived helpers -------------------------------------------------------------------------------------
 
@@ -521,6 +585,13 @@ def validate(config: WatchConfig) -> None:
     if config.executor not in EXECUTORS:
         raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, got {config.executor!r}")
     config.slurm = _slurm_settings(config.slurm)
+    if not isinstance(config.alerts, list):
+        raise ConfigError("alerts must be a list of [[alerts]] tables")
+    config.alerts = [_alert_rule(i, rule) for i, rule in enumerate(config.alerts, 1)]
+    names = [rule.name for rule in config.alerts]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigError(f"two alert rules are named {twice[0]!r}: give each a unique name")
 
 
 def _validate_runs(config: WatchConfig) -> None:
@@ -617,3 +688,70 @@ def _slurm_settings(table: Any) -> SlurmSettings:
             raise ConfigError(f"slurm.job_dir must be a folder, got {job_dir!r}")
         values["job_dir"] = Path(job_dir).expanduser()
     return SlurmSettings(**values)
+
+
+def _alert_rule(number: int, rule: Any) -> AlertRule:
+    """An `[[alerts]]` table (or a rule already checked, on a reload) as an AlertRule; a one-line ConfigError
+    naming the rule (its position, and its name or metric when it has one) otherwise."""
+    if isinstance(rule, AlertRule):
+        return rule
+    if not isinstance(rule, dict):
+        raise ConfigError(f"alert rule {number} must be a table, got {rule!r}")
+    label = rule.get("name") or rule.get("metric")
+    where = f"alert rule {number}" + (f" ({label!r})" if isinstance(label, str) and label else "")
+    for key in rule:
+        if key not in ALERT_KEYS:
+            raise ConfigError(f"unknown key '{key}' in {where}; known keys: {', '.join(ALERT_KEYS)}")
+    metric = rule.get("metric")
+    if not isinstance(metric, str) or not metric.strip():
+        raise ConfigError(f"{where} needs a metric name, got {metric!r}")
+    if rule.get("variant", "regular") not in VARIANTS:
+        raise ConfigError(f"{where}: variant must be one of {', '.join(VARIANTS)}, got {rule['variant']!r}")
+    if rule.get("mode", "auto") not in ALERT_MODES:
+        raise ConfigError(f"{where}: mode must be one of {', '.join(ALERT_MODES)}, got {rule['mode']!r}")
+    given = [key for key in ALERT_CONDITIONS if rule.get(key) not in (None, False)]
+    if len(given) != 1:
+        raise ConfigError(f"{where} needs exactly one condition of {', '.join(ALERT_CONDITIONS)}, got "
+                          f"{', '.join(given) or 'none'}")  # fmt: skip
+    for key in ("below", "above"):
+        value = rule.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):  # fmt: skip
+            raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
+    _drop_amount(where, rule.get("drop_from_best"))
+    if not isinstance(rule.get("nan", False), bool):
+        raise ConfigError(f"{where}: nan must be true or false, got {rule['nan']!r}")
+    consecutive = rule.get("consecutive", 1)
+    if isinstance(consecutive, bool) or not isinstance(consecutive, int) or consecutive < 1:
+        raise ConfigError(f"{where}: consecutive must be a positive integer, got {consecutive!r}")
+    if not isinstance(rule.get("stop_training", False), bool):
+        raise ConfigError(f"{where}: stop_training must be true or false, got {rule['stop_training']!r}")
+    values = {key: float(value) if key in ("below", "above") and value is not None else value
+              for key, value in rule.items()}  # fmt: skip
+    values.setdefault("name", "")
+    if not isinstance(values["name"], str) or "\n" in values["name"]:
+        raise ConfigError(f"{where}: name must be a one-line string, got {values['name']!r}")
+    checked = AlertRule(**values)
+    if not checked.name.strip():
+        variant = "" if checked.variant == "regular" else f"[{checked.variant}]"
+        checked = dataclasses.replace(checked, name=f"{checked.metric}{variant} {checked.condition}")
+    return checked
+
+
+def _drop_amount(where: str, value: Any) -> None:
+    """`drop_from_best`: a positive finite number, or a string of a positive percentage like "5%"."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        number = value.strip()[:-1] if value.strip().endswith("%") else None
+        try:
+            amount = float(number) if number else math.nan
+        except ValueError:
+            amount = math.nan
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        amount = float(value)
+    else:
+        amount = math.nan
+    if not math.isfinite(amount) or amount <= 0:
+        raise ConfigError(f"{where}: drop_from_best must be a positive number (an absolute drop) or a percentage "
+                          f"like \"5%\" (relative to the best so far), got {value!r}")

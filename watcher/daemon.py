@@ -547,6 +547,7 @@ class Daemon:
                               log_file=str(running.paths.log.relative_to(run.results_dir)))  # fmt: skip
         if not run.journal.finish(job.id, result):
             return
+        run.alerts.result_recorded(result)
         run.finished_this_session += 1
         run.view_feed.add(result)
         if result.ok:

@@ -104,6 +104,27 @@ CREATE TABLE IF NOT EXISTS slurm_jobs (
     reason       TEXT,
     cancelling   TEXT                     -- why ckpt-watch cancels it, written before scancel (Slurm never says who)
 );
+-- Alert rules that fired (watcher/alerts.py): a rule fires at most once for a checkpoint generation, across
+-- restarts and results that arrive again. RESULTS_DIR/alerts.jsonl is written from here.
+CREATE TABLE IF NOT EXISTS alerts (
+    id           INTEGER PRIMARY KEY,
+    rule         TEXT NOT NULL,           -- the rule's name
+    checkpoint   TEXT NOT NULL,
+    generation   INTEGER NOT NULL,
+    step         INTEGER NOT NULL,
+    record       TEXT NOT NULL,           -- the alert as alerts.jsonl and the sinks get it (JSON)
+    fired_at     REAL NOT NULL,
+    UNIQUE (rule, checkpoint, generation)
+);
+-- Alerts handed to a sink that takes them (`alerts` capability: W&B), like results' deliveries and in_flight:
+-- "in_flight" is noted before the sink sees the alert, "delivered" once it took it.
+CREATE TABLE IF NOT EXISTS alert_deliveries (
+    alert_id     INTEGER NOT NULL REFERENCES alerts(id),
+    sink         TEXT NOT NULL,
+    state        TEXT NOT NULL,           -- in_flight | delivered
+    at           REAL NOT NULL,
+    PRIMARY KEY (alert_id, sink)
+);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
 """
 
@@ -155,6 +176,7 @@ class Journal:
         _add_missing_columns(self._db)
         self.processes = ProcessLedger(path)
         self.slurm = SlurmLedger(self._db)
+        self.alerts = AlertLedger(self._db)
 
     def close(self) -> None:
         self._db.close()
@@ -510,6 +532,71 @@ class SlurmLedger:
         return [_slurm_record(row) for row in rows]
 
 
+@dataclass(frozen=True)
+class AlertRecord:
+    """A row of the `alerts` table: one firing of one rule for one checkpoint generation."""
+
+    id: int
+    rule: str
+    checkpoint: str
+    generation: int
+    step: int
+    record: dict[str, Any]  # what alerts.jsonl and the sinks get (watcher/alerts.py `Firing.record`)
+    fired_at: float
+
+
+class AlertLedger:
+    """The journal's `alerts` and `alert_deliveries` tables. Used from the main loop only (it shares the
+    journal's connection); every call is one committed write."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+
+    def fire(self, rule: str, checkpoint: str, generation: int, step: int, record: dict[str, Any]) -> AlertRecord | None:
+        """Journal a firing; None (nothing written) when this rule has fired for this checkpoint generation."""
+        now = time.time()
+        with _Transaction(self._db):
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO alerts (rule, checkpoint, generation, step, record, fired_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (rule, checkpoint, generation, step, json.dumps(record, sort_keys=True, allow_nan=False), now))  # fmt: skip
+        if cursor.rowcount == 0:
+            return None
+        return AlertRecord(cursor.lastrowid, rule, checkpoint, generation, step, record, now)
+
+    def all(self) -> list[AlertRecord]:
+        """Every firing, in the order they fired."""
+        return [_alert_record(row) for row in self._db.execute("SELECT * FROM alerts ORDER BY id")]
+
+    def undelivered(self, sink: str) -> list[AlertRecord]:
+        rows = self._db.execute("SELECT * FROM alerts WHERE id NOT IN (SELECT alert_id FROM alert_deliveries"
+                                " WHERE sink = ? AND state = 'delivered') ORDER BY id", (sink,))  # fmt: skip
+        return [_alert_record(row) for row in rows]
+
+    def in_flight(self, sink: str) -> set[int]:
+        rows = self._db.execute("SELECT alert_id FROM alert_deliveries WHERE sink = ? AND state = 'in_flight'", (sink,))
+        return {row["alert_id"] for row in rows}
+
+    def mark(self, alert_ids: Iterable[int], sink: str, state: str) -> None:
+        """Note alerts as `in_flight` (before the sink sees them) or `delivered` (once it took them)."""
+        assert state in ("in_flight", "delivered")
+        now = time.time()
+        with _Transaction(self._db):
+            self._db.executemany("INSERT OR REPLACE INTO alert_deliveries (alert_id, sink, state, at) VALUES (?, ?, ?, ?)",
+                                 [(alert_id, sink, state, now) for alert_id in alert_ids])  # fmt: skip
+
+    def clear_in_flight(self, alert_ids: Iterable[int], sink: str) -> None:
+        """An attempt that sent nothing: these alerts are not in flight after all."""
+        with _Transaction(self._db):
+            self._db.executemany("DELETE FROM alert_deliveries WHERE alert_id = ? AND sink = ? AND state = 'in_flight'",
+                                 [(alert_id, sink) for alert_id in alert_ids])  # fmt: skip
+
+
+def _alert_record(row: sqlite3.Row) -> AlertRecord:
+    return AlertRecord(row["id"], row["rule"], row["checkpoint"], row["generation"], row["step"],
+                       json.loads(row["record"]), row["fired_at"])  # fmt: skip
+
+
 def _slurm_record(row: sqlite3.Row) -> SlurmRecord:
     return SlurmRecord(row["job_id"], row["attempt"], row["name"], row["slurm_id"], Path(row["folder"]),
                        Path(row["log"]), row["submitted_at"], row["state"], row["reason"], row["cancelling"])  # fmt: skip
@@ -706,3 +793,14 @@ class JournalReader:
         """The Slurm jobs the daemon has handed out (empty for the local executor, or a journal of an older
         version)."""
         return [_slurm_record(row) for row in self._rows("SELECT * FROM slurm_jobs ORDER BY job_id")]
+
+    def alerts(self) -> list[AlertRecord]:
+        """The alert rules' firings, in the order they fired (empty for a journal of an older version)."""
+        return [_alert_record(row) for row in self._rows("SELECT * FROM alerts ORDER BY id")]
+
+    def alert_deliveries(self) -> dict[int, dict[str, str]]:
+        """alert id -> {sink: "in_flight" | "delivered"}."""
+        found: dict[int, dict[str, str]] = {}
+        for row in self._rows("SELECT alert_id, sink, state FROM alert_deliveries"):
+            found.setdefault(row["alert_id"], {})[row["sink"]] = row["state"]
+        return found

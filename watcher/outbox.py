@@ -19,6 +19,10 @@ other sinks go on. `ckpt-watch sync` runs one round at once and reports what is 
 A slow sink (`slow = True`: W&B, which resumes a run over the network) is delivered to in a background thread
 when the daemon asks for it, so that its main loop keeps watching, supervising and pinging systemd's watchdog;
 the journal is only ever touched from the main thread (`poll`).
+
+Alert firings (watcher/alerts.py) travel the same way to a sink that declares `alerts` (W&B): they go with its
+results (a firing with none), noted in flight first and delivered once; one still in flight from an attempt that
+never reported back is sent again only if `sink.holds_alerts` says the target lacks it.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from watcher.journal import Journal
+from watcher.journal import AlertRecord, Journal
 from watcher.records import Result
 from watcher.sinks import Sink, SinkUnavailable
 
@@ -54,6 +58,13 @@ class _Delivery:
     error: BaseException | None = None
     suspect: set[str] = field(default_factory=set)  # of `ids`, those in flight before (checked before sending)
     held: set[str] = field(default_factory=set)  # of `ids`, those the target already had (not sent again)
+    alerts: list[AlertRecord] = field(default_factory=list)  # alert firings it carries (a sink with `alerts`)
+    suspect_alerts: set[int] = field(default_factory=set)  # of their ids, those in flight before
+    held_alerts: set[int] = field(default_factory=set)  # of their ids, those the target already had
+
+    @property
+    def alert_ids(self) -> list[int]:
+        return [alert.id for alert in self.alerts]
 
 
 @dataclass
@@ -80,7 +91,8 @@ class Outbox:
         for sink in self.sinks:
             state = self._state.setdefault(sink.name, _SinkState())
             records = self.journal.undelivered(sink.name)
-            due = records and (force or now >= state.next_attempt) and sink.name not in self._running
+            alerts = self.journal.alerts.undelivered(sink.name) if sink.alerts else []
+            due = (records or alerts) and (force or now >= state.next_attempt) and sink.name not in self._running
             if due and sink.slow and not include_slow:
                 due = False
             if due and not idle and sink.wait_for_idle:
@@ -89,7 +101,9 @@ class Outbox:
                 ids = [r.result_id for r in records]
                 suspect = self.journal.in_flight(sink.name).intersection(ids)
                 self.journal.mark_in_flight(ids, sink.name)
-                delivery = _Delivery(ids, suspect=suspect)
+                suspect_alerts = self.journal.alerts.in_flight(sink.name) & {alert.id for alert in alerts}
+                self.journal.alerts.mark([alert.id for alert in alerts], sink.name, "in_flight")
+                delivery = _Delivery(ids, suspect=suspect, alerts=alerts, suspect_alerts=suspect_alerts)
                 if sink.slow and background:
                     delivery.thread = threading.Thread(target=_send, args=(sink, records, suspect, delivery),
                                                        name=f"deliver-{sink.name}", daemon=True)  # fmt: skip
@@ -125,8 +139,12 @@ class Outbox:
             self.journal.mark_delivered_many(sorted(delivery.held), name)
             log.info("%s: %d result(s) were already there (sent before ckpt-watch stopped); not sent again",
                      name, len(delivery.held))  # fmt: skip
+        if delivery.held_alerts:
+            self.journal.alerts.mark(sorted(delivery.held_alerts), name, "delivered")
         if isinstance(error, SinkUnavailable) and error.nothing_sent:  # what was not suspect before is not now
             self.journal.clear_in_flight(sorted(set(ids) - delivery.suspect - delivery.held), name)
+            self.journal.alerts.clear_in_flight(set(delivery.alert_ids) - delivery.suspect_alerts
+                                                - delivery.held_alerts, name)  # fmt: skip
         if isinstance(error, SinkUnavailable):
             self._failed(name, state, str(error), error.retry_after, logging.WARNING)
         elif isinstance(error, (KeyboardInterrupt, SystemExit)):
@@ -135,6 +153,7 @@ class Outbox:
             self._failed(name, state, f"{type(error).__name__}: {error}", None, logging.ERROR)
         else:
             self.journal.mark_delivered_many(ids, name)
+            self.journal.alerts.mark(delivery.alert_ids, name, "delivered")
             if state.failures:
                 log.info("%s: delivered %d pending result(s) again", name, len(ids))
             self._state[name] = _SinkState()
@@ -184,8 +203,14 @@ def _send(sink: Sink, records: list[Result], suspect: set[str], delivery: _Deliv
     try:
         if suspect and not sink.idempotent:
             delivery.held = set(sink.holds([r for r in records if r.result_id in suspect])) & suspect
+        if delivery.suspect_alerts:
+            again = [alert for alert in delivery.alerts if alert.id in delivery.suspect_alerts]
+            delivery.held_alerts = set(sink.holds_alerts(again)) & delivery.suspect_alerts
         rest = [r for r in records if r.result_id not in delivery.held]
-        if rest:
+        alerts = [alert for alert in delivery.alerts if alert.id not in delivery.held_alerts]
+        if alerts:
+            sink.deliver(rest, alerts)
+        elif rest:
             sink.deliver(rest)
     except BaseException as exc:  # noqa: BLE001 - a broken sink must not stop the daemon or lose results
         delivery.error = exc

@@ -39,6 +39,7 @@ def build_result(job: Job, outcome: Outcome, *, attempt: int, started: float, de
         status="ok" if outcome.ok else "failed",
         error=outcome.error,
         metrics=outcome.metrics,
+        nonfinite=outcome.nonfinite,
         raw=outcome.raw,
         versions={"ckpt_watch": __version__, **outcome.versions},
         device=device,

@@ -183,6 +183,7 @@ class Outcome:
     timings: dict[str, float] = field(default_factory=dict)  # prepare_s, evaluate_s
     stages: dict[str, dict[str, float]] = field(default_factory=dict)  # per stage: walltime, peak memory
     merged_model: str | None = None  # a merged folder in the job's scratch dir, which the daemon may keep
+    nonfinite: dict[str, str] = field(default_factory=dict)  # metrics reported as NaN/inf (EvalOutput.nonfinite)
 
     @property
     def ok(self) -> bool:
@@ -246,6 +247,7 @@ class Result:
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
     progress: dict[str, float] = field(default_factory=dict)  # train/epoch, train/tokens: read at detection
     log: str = ""  # the job's log, relative to the results dir
+    nonfinite: dict[str, str] = field(default_factory=dict)  # metrics reported as NaN/inf: name -> "nan"/"inf"
     extra: dict[str, Any] = field(default_factory=dict)  # fields this version does not know, kept as they were
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Iterable
 
+from watcher.alerts import Alerts
 from watcher.detect import Detector, Ready, read_progress
 from watcher.final import finished_step
 from watcher.journal import Checkpoint, Job
@@ -42,6 +43,8 @@ class WatchedRun:
                                  known_fingerprint=self._known_fingerprint, settle=place.settle,
                                  sentinel=place.config.sentinel, base_model=lambda: self.config.base_model)  # fmt: skip
         self.outbox = Outbox(self.journal, place.sinks)
+        self.alerts = Alerts(self.journal, self.output_dir, self.results_dir, lambda: self.config.alerts,
+                             f"[{self.name}] " if setup.config.several_runs else "")  # fmt: skip
         self.view_feed = ViewFeed(self.journal)
         self.feed: Feed | None = None
         self.finished_this_session = 0  # jobs that ended (ok or failed for good) since start: the scan summary
@@ -67,6 +70,7 @@ class WatchedRun:
         for checkpoint in self.journal.checkpoints_without_progress():  # admitted by an older version
             self.journal.set_progress(checkpoint.id, read_progress(checkpoint.path))
         self.journal.set_meta("sinks", [sink.name for sink in self.place.sinks])
+        self.alerts.write_file()  # alerts.jsonl as the journal has it (a crash or full disk may have cut it short)
         recovered = self.journal.recover_interrupted(adopted)
         if recovered:
             log.info("%s%d job(s) interrupted by the last stop are pending again", self.prefix, recovered)

@@ -96,6 +96,7 @@ def run_job(spec: JobSpec) -> Outcome:
             _report_stage("evaluating")
         context = JobContext(checkpoint=spec.checkpoint_name, step=spec.step, variant=spec.variant, model=model)
         metrics: dict[str, float] = {}
+        nonfinite: dict[str, str] = {}
         raw: dict[str, Any] = {}
         versions: dict[str, str] = {}
         evaluate_start = time.time()
@@ -109,6 +110,7 @@ def run_job(spec: JobSpec) -> Outcome:
             needs_folder = model.has_folder or not evaluator.takes_loaded_model(options, spec.devices)
             output = evaluator.run(model.folder() if needs_folder else None, spec.devices, options, step_dir, context)
             metrics.update(output.metrics)
+            nonfinite.update(output.nonfinite)
             # Keyed by backend (what `compare` looks up); a second step of the same backend gets its index.
             raw[step.backend if step.backend not in raw else f"{step.backend}#{index}"] = output.raw
             versions.update(output.versions)
@@ -117,7 +119,7 @@ def run_job(spec: JobSpec) -> Outcome:
     finally:
         model.close()
     merged = model.merged_folder
-    return Outcome(OutcomeKind.OK, metrics=metrics, raw=raw, versions=versions, timings=timings, stages=stages,
+    return Outcome(OutcomeKind.OK, metrics=metrics, nonfinite=nonfinite, raw=raw, versions=versions, timings=timings, stages=stages,
                    merged_model=str(merged) if merged else None)  # fmt: skip
 
 

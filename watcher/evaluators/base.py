@@ -7,7 +7,7 @@ imports: no torch, no lm_eval. Backends do their heavy importing inside `run()`.
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
 
@@ -22,6 +22,9 @@ class EvalOutput:
     metrics: dict[str, float]  # flat, "task/metric" -> finite float; never NaN/inf/"N/A"
     raw: dict  # JSON-serialisable raw backend output, without per-sample logs
     versions: dict[str, str]  # versions of the backend and what it ran on, e.g. {"lm_eval": "0.4.13"}
+    # Metrics the backend reported as NaN or infinite, kept out of `metrics` (nothing can plot or rank them):
+    # "task/metric" -> "nan" | "inf" | "-inf". The alert rules' `nan` condition reads them (watcher/alerts.py).
+    nonfinite: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

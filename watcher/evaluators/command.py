@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 from watcher import processes
 from watcher.evaluators.base import EvalOutput, EvaluatorError, JobContext, reject_unknown_options
+from watcher.evaluators.lm_eval_run import to_json_safe
 from watcher.records import device_text
 
 PLACEHOLDERS = ("model_dir", "step", "variant", "checkpoint", "device", "workdir")
@@ -138,7 +139,11 @@ class CommandBackend:
         declared = output.pop("versions", None)
         versions = {str(k): str(v) for k, v in declared.items()} if isinstance(declared, dict) else {}
         versions["command"] = shutil.which(argv[0]) or argv[0]  # which program ran, e.g. a venv's python
-        return EvalOutput(metrics=flatten(output), raw={"argv": argv, "output": output}, versions=versions)
+        nonfinite: dict[str, str] = {}
+        metrics = flatten(output, nonfinite=nonfinite)
+        # json.loads takes NaN and Infinity; the journal's JSON does not: they are kept as strings in the raw output
+        return EvalOutput(metrics=metrics, raw={"argv": argv, "output": to_json_safe(output)}, versions=versions,
+                          nonfinite=nonfinite)  # fmt: skip
 
 
 def _last_json_object(stdout: str) -> dict | None:
@@ -153,12 +158,16 @@ def _last_json_object(stdout: str) -> dict | None:
     return None
 
 
-def flatten(value: dict, prefix: str = "") -> dict[str, float]:
+def flatten(value: dict, prefix: str = "", nonfinite: dict[str, str] | None = None) -> dict[str, float]:
+    """Nested numbers as "a/b" metrics; NaN and infinite ones go to `nonfinite` (name -> "nan"/"inf"/"-inf")."""
     metrics: dict[str, float] = {}
     for key, item in value.items():
         name = f"{prefix}{key}"
         if isinstance(item, dict):
-            metrics.update(flatten(item, name + "/"))
-        elif isinstance(item, (int, float)) and not isinstance(item, bool) and math.isfinite(item):
-            metrics[name] = float(item)
+            metrics.update(flatten(item, name + "/", nonfinite))
+        elif isinstance(item, (int, float)) and not isinstance(item, bool):
+            if math.isfinite(item):
+                metrics[name] = float(item)
+            elif nonfinite is not None:
+                nonfinite[name] = str(float(item))
     return metrics

@@ -132,7 +132,9 @@ def evaluate(model: "Path | ModelInput", device: str, opts: LmEvalOptions) -> Ev
     if results is None:  # the non-zero ranks of a data-parallel run
         return None
     raw = {key: to_json_safe(results[key]) for key in _RAW_KEYS if key in results}
-    return EvalOutput(metrics=flatten_results(results["results"]), raw=raw, versions=_versions(opts.model))
+    nonfinite: dict[str, str] = {}
+    metrics = flatten_results(results["results"], nonfinite)
+    return EvalOutput(metrics=metrics, raw=raw, versions=_versions(opts.model), nonfinite=nonfinite)
 
 
 def _loaded_model(model: "ModelInput", device: str, opts: LmEvalOptions) -> tuple[Any, dict[str, Any]]:
@@ -337,7 +339,8 @@ def _is_task_file(task: str) -> bool:
     return task.endswith((".yaml", ".yml")) and Path(task).is_file()
 
 
-def flatten_results(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+def flatten_results(results: Mapping[str, Mapping[str, Any]], nonfinite: dict[str, str] | None = None
+                    ) -> dict[str, float]:  # fmt: skip
     """Turn lm-eval's `results` into flat "task/metric" names with finite float values.
 
     lm-eval keys are "metric,filter" ("acc,none", "acc_stderr,none", "exact_match,strict-match").
@@ -350,9 +353,13 @@ def flatten_results(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float
     for task, values in results.items():
         for key, value in values.items():
             metric, sep, filter_name = key.partition(",")
-            if not sep or not is_number(value) or not math.isfinite(value):
+            if not sep or not is_number(value):
                 continue
             suffix = "" if filter_name == "none" else f"@{filter_name}"
+            if not math.isfinite(value):
+                if nonfinite is not None:  # kept by name for the alert rules' `nan` condition
+                    nonfinite[f"{task}/{metric}{suffix}"] = str(float(value))
+                continue
             flat[f"{task}/{metric}{suffix}"] = float(value)
     return flat
 

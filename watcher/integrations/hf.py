@@ -14,10 +14,16 @@ On world process zero only, it writes:
   `auto` run discovery, the TensorBoard logging dir, the pid and host, and "state" ("running", then "finished"
   once training returns; the W&B `defer` mode waits for it).
 
+On every rank, at each save, it answers the daemon's stop request OUTPUT_DIR/ckpt-watch-stop.json (written when an
+alert rule with `stop_training = true` fires; format: watcher.integrations.sentinel) by setting
+`control.should_training_stop = True`: training ends right after the checkpoint just saved, and the callback logs
+one line saying so. A request written before this training began (`requested_at` before `on_train_begin`: it
+was meant for an earlier run, stopped and now resumed) is ignored, with one log line.
+
 Writes are atomic (temp file + fsync + rename + directory fsync). A failed write is logged and never stops
 training. This is the only ckpt-watch module that imports transformers; the daemon never imports it.
 
-When it runs, in transformers 5.23 (trainer.py):
+When it runs, in transformers 5.24 (trainer.py):
 
 * `Trainer._maybe_log_save_evaluate` calls `self._save_checkpoint(model, trial)` and only then
   `self.callback_handler.on_save(...)`. `_save_checkpoint` writes the weights (`save_model`), optimizer,
@@ -35,6 +41,17 @@ When it runs, in transformers 5.23 (trainer.py):
   `on_train_begin` (`TENSORBOARD_LOGGING_DIR`, else `OUTPUT_DIR/runs/<time>_<host>`). The record takes, in order:
   the `logging_dir` given to this callback, `args.logging_dir` (transformers 4.x), the `logging_dir` of the
   Trainer's `TensorBoardCallback`, `$TENSORBOARD_LOGGING_DIR`; else null.
+* Stopping: `Trainer._inner_training_loop` runs `on_step_end`, then `_maybe_log_save_evaluate` (which saves and
+  calls `on_save`, trainer.py 2284-2286), then checks `if self.control.should_epoch_stop or
+  self.control.should_training_stop: break` (trainer.py 1971-1974) before the next step; after the loop only
+  `on_epoch_end` and its `_maybe_log_save_evaluate`, which saves only for `save_strategy="epoch"` (or at
+  `max_steps`), and `_finalize_training` (no save) follow. So `should_training_stop = True` in `on_save` of step N
+  ends training at step N, with checkpoint-N the last checkpoint. `on_train_begin` resets the flag
+  (trainer_callback.py 491), so a resumed training starts afresh.
+* Every rank must stop at the same save, or the others wait in the next collective forever. Only world process
+  zero reads the request and its answer is broadcast to every rank (torch.distributed, when initialised with
+  more than one process): reading the file on every rank is not enough even on a shared filesystem, as the
+  daemon may write it between two ranks' reads of the same save.
 """
 
 from __future__ import annotations
@@ -43,6 +60,7 @@ import logging
 import os
 import socket
 import sys
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -51,7 +69,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
 from watcher.integrations.run_record import current_wandb_run, now_iso, write_run_record
-from watcher.integrations.sentinel import write_sentinel
+from watcher.integrations.sentinel import is_stale, read_stop_request, write_sentinel
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +98,14 @@ class CkptWatchCallback(TrainerCallback):
         self._handler: weakref.ref[CallbackHandler] | None = None
         self._wandb: dict[str, Any] | None = None
         self._started_at: str | None = None
+        self._began: float | None = None  # time.time() at on_train_begin: older stop requests are stale
+        self._said_stale: str | None = None  # the stale request's requested_at, logged once
 
     # -- Trainer events --------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._find_handler()
+        self._began = time.time()
         if not state.is_world_process_zero:
             return
         self._started_at = now_iso()
@@ -97,11 +118,42 @@ class CkptWatchCallback(TrainerCallback):
             from accelerate import PartialState
 
             PartialState().wait_for_everyone()
-        if not state.is_world_process_zero:
-            return
-        if self.sentinel:
-            self._write_sentinel(args, state)
-        self._write_record(args, state, "running")
+        if state.is_world_process_zero:
+            if self.sentinel:
+                self._write_sentinel(args, state)
+            self._write_record(args, state, "running")
+        if self._agreed(self._stop_request(args, state) if state.is_world_process_zero else None, args):
+            control.should_training_stop = True
+
+    # -- the daemon's stop request --------------------------------------------------------------------------
+
+    def _stop_request(self, args, state) -> str | None:
+        """Why to stop now (the request's reason, logged here), or None: no request, or a stale one."""
+        request = read_stop_request(args.output_dir)
+        if request is None:
+            return None
+        if is_stale(request, self._began):
+            if self._said_stale != request.get("requested_at"):
+                log.info("ckpt-watch: ignoring the stop request in %s: written at %s, before this training began",
+                         args.output_dir, request.get("requested_at"))  # fmt: skip
+                self._said_stale = request.get("requested_at")
+            return None
+        reason = str(request.get("reason") or request.get("rule") or "no reason given")
+        log.warning("ckpt-watch: stopping training after step %d (checkpoint saved), as the daemon asks: %s",
+                    state.global_step, reason)  # fmt: skip
+        return reason
+
+    @staticmethod
+    def _agreed(reason: str | None, args) -> bool:
+        """World process zero's answer on every rank (see the module docstring)."""
+        if getattr(args, "world_size", 1) > 1:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                answer = [reason]
+                dist.broadcast_object_list(answer, src=0)
+                reason = answer[0]
+        return reason is not None
 
     def on_train_end(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:

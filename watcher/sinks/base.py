@@ -12,6 +12,9 @@ The capabilities, declared by every sink (`SinkBase` gives the defaults, so a si
     slow           deliver in a background thread, so the daemon's loop goes on (W&B resumes a run over the net)
     wait_for_idle  hand results over only once the daemon has no job left (W&B `defer`: one resume per session)
     idempotent     a repeated batch leaves the target as one delivery does; when False, `holds` must answer
+    alerts         takes the alert rules' firings too (watcher/alerts.py): `deliver(results, alerts)` is handed
+                   the journal's `AlertRecord`s it has not taken, with its results (either list may be empty),
+                   tracked per sink like results; after a crash `holds_alerts` says which it already has
 
 `SinkUnavailable` says "not now": W&B unreachable, or a training run still being written in `defer` mode. The
 outbox keeps the results pending and retries with backoff (`retry_after`, when the sink knows better).
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence
 
+from watcher.journal import AlertRecord
 from watcher.records import Result
 
 
@@ -41,9 +45,17 @@ class Sink(Protocol):
     slow: bool
     wait_for_idle: bool
     idempotent: bool
+    alerts: bool
 
-    def deliver(self, results: Sequence[Result]) -> None:
-        """Deliver all of `results` or raise (SinkUnavailable for "later", anything else is logged as an error)."""
+    def deliver(self, results: Sequence[Result], alerts: Sequence[AlertRecord] = ()) -> None:
+        """Deliver all of `results` (and `alerts`, to a sink that declares `alerts`) or raise (SinkUnavailable
+        for "later", anything else is logged as an error)."""
+        ...
+
+    def holds_alerts(self, alerts: Sequence[AlertRecord]) -> set[int]:
+        """The alert ids among `alerts` (handed over before, by an attempt that never reported back) that the
+        target already has; asked of a sink that declares `alerts`. One it cannot tell about counts as held:
+        an alert is delivered at most once."""
         ...
 
     def holds(self, results: Sequence[Result]) -> set[str]:
@@ -73,9 +85,13 @@ class SinkBase:
     slow: bool = False
     wait_for_idle: bool = False
     idempotent: bool = True
+    alerts: bool = False
 
-    def deliver(self, results: Sequence[Result]) -> None:
+    def deliver(self, results: Sequence[Result], alerts: Sequence[AlertRecord] = ()) -> None:
         raise NotImplementedError
+
+    def holds_alerts(self, alerts: Sequence[AlertRecord]) -> set[int]:
+        return {alert.id for alert in alerts}
 
     def holds(self, results: Sequence[Result]) -> set[str]:
         """An idempotent sink is never asked; this answer ("nothing known to be there") resends the batch."""

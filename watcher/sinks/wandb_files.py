@@ -123,6 +123,18 @@ def history_rows(log: Path) -> Iterator[dict[str, object]]:
             yield row
 
 
+def alert_records(log: Path) -> Iterator[dict[str, object]]:
+    """The alerts of a `.wandb` log (what `run.alert` wrote): title, text, level, as far as the file is whole."""
+    records = read_records(log)
+    while True:
+        try:
+            record = next(records)
+        except (StopIteration, WandbLogError):
+            return
+        if record.WhichOneof("record_type") == "alert":
+            yield {"title": record.alert.title, "text": record.alert.text, "level": record.alert.level}
+
+
 def find_local_runs(wandb_dir: Path) -> list[LocalRun]:
     """The runs under a `wandb/` folder, newest first (by the log's modification time)."""
     logs = [p for p in Path(wandb_dir).glob("*run-*/run-*.wandb") if not p.parent.is_symlink()]

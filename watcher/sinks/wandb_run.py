@@ -34,6 +34,13 @@ At most once: after a crash, `holds` tells the outbox which results the run alre
 offline `.wandb` logs, or the W&B public API's history of the online run), matched by `train/global_step` and
 the values, never by `_step` (which wandb/wandb#12474 may drop from offline logs).
 
+Alert firings (watcher/alerts.py; this sink declares `alerts`) become W&B alerts on the training run,
+`run.alert(title, text, level)` in the same child, after the rows: W&B sends them on (e-mail, Slack) as the
+run's alerts; in an offline run they are records of the `.wandb` log that `wandb sync` uploads. They wait as
+results do: in `defer` mode until training has ended (a `stop_training` rule ends it at the next save). After a
+crash, one in flight is sent again only if our offline logs lack it; for an online run W&B cannot be asked, so
+it is not sent again (at most once).
+
 Each delivery runs in a child process (`python -m watcher.sinks.wandb_run SPEC PARENT_PID`) with a hard time
 limit: wandb starts a service process, threads and exit hooks, and a hung network call must not wedge the
 daemon's loop. The child guards its tree (watcher/processes.py): it and the `wandb-core` service it starts go
@@ -56,6 +63,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from watcher import processes
+from watcher.journal import AlertRecord
 from watcher.integrations.run_record import RUN_RECORD, process_alive, read_run_record
 from watcher.records import Result
 from watcher.sinks.base import SinkBase, SinkSettings, SinkUnavailable
@@ -169,6 +177,7 @@ class WandbSink(SinkBase):
     name = "wandb"
     slow = True  # the daemon delivers in the background (watcher/outbox.py): a resume can take minutes
     idempotent = False  # a repeated row is a second point: `holds` asks the run's history instead
+    alerts = True  # the alert rules' firings become W&B alerts on the training run (`run.alert`)
 
     def __init__(self, setting: str, live_mode: str, output_dir: Path, results_dir: Path, force: bool = False,
                  ledger: processes.Ledger | None = None):  # fmt: skip
@@ -186,9 +195,9 @@ class WandbSink(SinkBase):
                         "overwrite a run's earliest history rows (wandb/wandb#12269). Prefer \"defer\" (the default) "
                         "unless you need the curves during training.")  # fmt: skip
 
-    def deliver(self, results: Sequence[Result]) -> None:
+    def deliver(self, results: Sequence[Result], alerts: Sequence[AlertRecord] = ()) -> None:
         rows = [row for result in sorted(results, key=lambda r: (r.step, r.variant)) if (row := wandb_row(result))]
-        if not rows:
+        if not rows and not alerts:
             return  # only failed results: nothing to draw
         target = find_target(self.setting, self.output_dir)
         if target is None:
@@ -213,8 +222,25 @@ class WandbSink(SinkBase):
                 raise SinkUnavailable(f"training run {target.path} may still be written ({why}); results wait to be "
                                       f"written{then} once it has ended, or by `ckpt-watch sync` (wandb_live = \"defer\")",
                                       retry_after=WAIT, nothing_sent=True)  # fmt: skip
-        self._run_child({"target": asdict(target), "rows": rows, "shared": shared,
-                         "dir": str(self.results_dir), "definitions": metric_definitions()})  # fmt: skip
+        self._run_child({"target": asdict(target), "rows": rows, "shared": shared, "dir": str(self.results_dir),
+                         "definitions": metric_definitions(), "alerts": [wandb_alert(a) for a in alerts]})  # fmt: skip
+
+    def holds_alerts(self, alerts: Sequence[AlertRecord]) -> set[int]:
+        """Of alerts handed to a delivery that never reported back: those our offline logs of the run have; for
+        an online run, all of them (W&B cannot be asked which alerts a run has: at most once, never twice)."""
+        target = find_target(self.setting, self.output_dir)
+        if target is None or target.project is None:
+            return set()
+        if not target.offline:
+            log.warning("W&B: %d alert(s) may or may not have reached run %s before ckpt-watch stopped; not sent "
+                        "again (they are in alerts.jsonl)", len(alerts), target.path)  # fmt: skip
+            return {alert.id for alert in alerts}
+        from watcher.sinks.wandb_files import alert_records
+
+        sent = set()
+        for log_file in (self.results_dir / "wandb").glob(f"offline-run-*/run-{target.id}.wandb"):
+            sent |= {(record["title"], record["text"]) for record in alert_records(log_file)}
+        return {alert.id for alert in alerts if (wandb_alert(alert)["title"], wandb_alert(alert)["text"]) in sent}
 
     def holds(self, results: Sequence[Result]) -> set[str]:
         """The results whose row the training run already has (see `RunHistory`); raises SinkUnavailable when
@@ -337,6 +363,15 @@ def wandb_row(result: Result) -> dict[str, float | int]:
     return {STEP_KEY: result.step, **result.progress, **metrics} if metrics else {}
 
 
+def wandb_alert(alert: AlertRecord) -> dict[str, str]:
+    """`run.alert`'s arguments for a firing: the title names the checkpoint and the rule (W&B wants under 64
+    characters and holds back a second alert of one title within `wait_duration`), the text is the message."""
+    record = alert.record
+    title = f"ckpt-watch: {record['checkpoint']}: {record['rule']}"
+    return {"title": title if len(title) < 64 else title[:62] + "…", "text": record["message"],
+            "level": "ERROR" if record.get("stop_training") else "WARN"}  # fmt: skip
+
+
 def metric_definitions() -> list[dict[str, Any]]:
     """The complete set, declared at every delivery: the trainer's (as transformers' WandbCallback declares
     them) and ours. W&B keeps the definitions of the last writer only."""
@@ -407,6 +442,8 @@ def _deliver(spec: dict[str, Any]) -> None:
         run.define_metric(**definition)
     for row in spec["rows"]:
         run.log(row)  # never step=: train/global_step in the row is the x-axis
+    for alert in spec.get("alerts", []):
+        run.alert(**alert, wait_duration=1)  # 0 would mean W&B's default, one minute between equal titles
     run.finish()
     wandb.teardown()  # ends the wandb-core service now, not at interpreter exit
 
