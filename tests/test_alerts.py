@@ -249,3 +249,26 @@ def test_the_daemon_fires_a_rule_into_wandb_alerts_jsonl_journal_and_the_stop_fi
     assert read_journal(output, JournalReader.alert_deliveries, {}) == {1: {"wandb": "delivered"}}
     again = ckpt_watch("sync", output, "--config", config, env=env)  # nothing is sent twice
     assert again.returncode == 0 and len(find_local_runs(output / "ckpt-watch" / "wandb")) == 1
+
+
+def test_an_alert_in_flight_at_a_crash_is_not_sent_twice(tmp_path, monkeypatch):
+    """The delivery child wrote the alert into the offline run, then the daemon died before noting it: the
+    next delivery finds it there and sends only what is new."""
+    from watcher.outbox import Outbox
+    from watcher.sinks.wandb_run import WandbSink
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = Run(tmp_path, rule(below=0.5))
+    result = run.commit(10, 0.4)
+    sink = WandbSink("proj/run42", "defer", run.output, run.results, force=True)  # as `ckpt-watch sync` has it
+    [alert] = run.journal.alerts.undelivered("wandb")
+    run.journal.mark_in_flight([result.result_id], "wandb")  # what the outbox notes before the child runs
+    run.journal.alerts.mark([alert.id], "wandb", "in_flight")
+    sink.deliver([result], [alert])  # the child's work; the daemon is killed before it notes the delivery
+    run.commit(20, 0.3)
+    Outbox(run.journal, [sink]).deliver_pending()
+    titles = [a["title"] for r in find_local_runs(run.results / "wandb") for a in alert_records(r.log)]
+    assert sorted(titles) == ["ckpt-watch: checkpoint-10: smoke_mc/acc below 0.5",
+                              "ckpt-watch: checkpoint-20: smoke_mc/acc below 0.5"]  # fmt: skip
+    assert run.journal.alerts.undelivered("wandb") == [] and run.journal.undelivered("wandb") == []
