@@ -36,6 +36,17 @@ def test_placeholders_are_filled_and_json_metrics_flattened(tiny_model_dir, tmp_
     assert out.versions == {"my_eval": "2", "command": sys.executable}  # declared versions are not metrics
 
 
+def test_nan_and_infinite_values_are_kept_apart_and_the_raw_output_stays_json(tiny_model_dir, tmp_path):
+    """Python's json prints NaN and Infinity; they are no metrics, but the alert rules' `nan` reads them, and the
+    job's outcome (strict JSON) must still be written."""
+    printed = "import json; print(json.dumps(dict(acc=0.5, loss=float('nan'), sub=dict(ppl=float('-inf')))))"
+    out = get_evaluator("command").run(tiny_model_dir, ("cpu",), {"command": [sys.executable, "-c", printed]},
+                                       tmp_path)  # fmt: skip
+    assert out.metrics == {"acc": 0.5} and out.nonfinite == {"loss": "nan", "sub/ppl": "-inf"}
+    assert json.loads(json.dumps(out.raw, allow_nan=False))["output"] == {"acc": 0.5, "loss": "nan",
+                                                                          "sub": {"ppl": "-inf"}}  # fmt: skip
+
+
 @pytest.mark.parametrize("options, message", [
     ({"command": "python eval.py {model_dir}"}, "not a shell string"),
     ({"command": []}, "non-empty list"),

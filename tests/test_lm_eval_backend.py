@@ -146,6 +146,9 @@ def test_flatten_results():
         "mmlu/acc_stderr": 0.004,
     }
     assert all(type(v) is float for v in flatten_results(results).values())
+    nonfinite: dict[str, str] = {}
+    flatten_results(results, nonfinite)
+    assert nonfinite == {"wikitext/bits_per_byte": "nan", "wikitext/byte_perplexity": "inf"}  # for the `nan` alerts
 
 
 def test_unknown_task_is_named(tiny_model_dir, tmp_path):
