@@ -54,7 +54,8 @@ class Run:
                  and j.variant == variant]  # fmt: skip
         job = self.journal.start(job)
         result = Result(result_id=uuid.uuid4().hex, step=step, checkpoint=name, variant=variant, preset=preset,
-                        status="ok" if ok else "failed", metrics={self.metric: value} if value is not None else {"x": 1.0},
+                        status="ok" if ok else "failed",
+                        metrics={self.metric: value} if value is not None else {"x": 1.0},
                         nonfinite={self.metric: nonfinite} if nonfinite else {}, generation=checkpoint.generation,
                         finished_at=iso_time(time.time()))  # fmt: skip
         assert self.journal.finish(job.id, result)

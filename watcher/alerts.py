@@ -76,7 +76,8 @@ def findings(rule: AlertRule, results: Sequence[Result], from_step: int) -> list
         if all(reason is not None for reason in reasons):
             message, standing = reasons[-1]  # type: ignore[misc]
             if rule.consecutive > 1:
-                message += f", for {rule.consecutive} consecutive checkpoints ({', '.join(p.checkpoint for p in window)})"
+                names = ", ".join(p.checkpoint for p in window)
+                message += f", for {rule.consecutive} consecutive checkpoints ({names})"
             found.append(Finding(point, f"{message} [{rule.name}]", standing))
     return found
 

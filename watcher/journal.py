@@ -552,14 +552,16 @@ class AlertLedger:
     def __init__(self, db: sqlite3.Connection):
         self._db = db
 
-    def fire(self, rule: str, checkpoint: str, generation: int, step: int, record: dict[str, Any]) -> AlertRecord | None:
+    def fire(self, rule: str, checkpoint: str, generation: int, step: int, record: dict[str, Any]
+             ) -> AlertRecord | None:  # fmt: skip
         """Journal a firing; None (nothing written) when this rule has fired for this checkpoint generation."""
         now = time.time()
         with _Transaction(self._db):
             cursor = self._db.execute(
                 "INSERT OR IGNORE INTO alerts (rule, checkpoint, generation, step, record, fired_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (rule, checkpoint, generation, step, json.dumps(record, sort_keys=True, allow_nan=False), now))  # fmt: skip
+                (rule, checkpoint, generation, step, json.dumps(record, sort_keys=True, allow_nan=False),
+                 now))  # fmt: skip
         if cursor.rowcount == 0:
             return None
         return AlertRecord(cursor.lastrowid, rule, checkpoint, generation, step, record, now)
@@ -582,8 +584,8 @@ class AlertLedger:
         assert state in ("in_flight", "delivered")
         now = time.time()
         with _Transaction(self._db):
-            self._db.executemany("INSERT OR REPLACE INTO alert_deliveries (alert_id, sink, state, at) VALUES (?, ?, ?, ?)",
-                                 [(alert_id, sink, state, now) for alert_id in alert_ids])  # fmt: skip
+            self._db.executemany("INSERT OR REPLACE INTO alert_deliveries (alert_id, sink, state, at)"
+                                 " VALUES (?, ?, ?, ?)", [(alert_id, sink, state, now) for alert_id in alert_ids])  # fmt: skip
 
     def clear_in_flight(self, alert_ids: Iterable[int], sink: str) -> None:
         """An attempt that sent nothing: these alerts are not in flight after all."""

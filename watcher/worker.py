@@ -119,8 +119,8 @@ def run_job(spec: JobSpec) -> Outcome:
     finally:
         model.close()
     merged = model.merged_folder
-    return Outcome(OutcomeKind.OK, metrics=metrics, nonfinite=nonfinite, raw=raw, versions=versions, timings=timings, stages=stages,
-                   merged_model=str(merged) if merged else None)  # fmt: skip
+    return Outcome(OutcomeKind.OK, metrics=metrics, nonfinite=nonfinite, raw=raw, versions=versions, timings=timings,
+                   stages=stages, merged_model=str(merged) if merged else None)  # fmt: skip
 
 
 def _stage_usage(start: float) -> dict[str, float]:
