@@ -222,32 +222,38 @@ def test_a_stale_stop_request_does_not_stop_a_resumed_training(tmp_path, caplog)
 def test_the_daemon_fires_a_rule_into_wandb_alerts_jsonl_journal_and_the_stop_file(trainer_output, tmp_path):
     output = with_steps(trainer_output, tmp_path / "output", [10, 20, 30])
     script = tmp_path / "acc.py"
-    script.write_text("import json, sys\nprint(json.dumps({'smoke_mc': {'acc': {'10': 0.6, '20': 0.3, '30': 0.55}"
+    script.write_text("import json, sys\nprint(json.dumps({'smoke_mc': {'acc': {'10': 0.6, '20': 0.3, "
+                      "'30': float('nan')}"
                       "[sys.argv[1]]}}))\n")  # fmt: skip
     config = tmp_path / "c.toml"
     config.write_text(f'wandb = "ckpt-watch-test/run42"\ntensorboard = "off"\npreset = "acc"\n'
                       f'[presets.acc]\n[[presets.acc.evaluators]]\nbackend = "command"\n'
                       f'command = ["{sys.executable}", "{script}", "{{step}}"]\n'
                       f'[[alerts]]\nname = "acc regressed"\nmetric = "{ACC}"\ndrop_from_best = "20%"\n'
-                      f'stop_training = true\n')  # fmt: skip
+                      f'stop_training = true\n'
+                      f'[[alerts]]\nname = "diverged"\nmetric = "{ACC}"\nnan = true\n')  # fmt: skip
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     scan = ckpt_watch(output, "--scan", "--config", config, env=env)
     assert scan.returncode == 0, scan.stderr
     message = (f"{ACC} at checkpoint-20 is 0.3, down 0.3 (50.0%) from the best so far, 0.6 at checkpoint-10 "
                "[acc regressed]")  # fmt: skip
     assert f"alert: {message} (asking training to stop)" in scan.stderr
-    [alert] = read_alerts(output / "ckpt-watch")
+    # The NaN goes through the job's outcome file and the journal (strict JSON) as a non-finite report.
+    [alert, nan] = read_alerts(output / "ckpt-watch")
     assert alert["message"] == message and alert["step"] == 20 and alert["best"]["checkpoint"] == "checkpoint-10"
+    assert nan["message"] == f"{ACC} at checkpoint-30 is nan [diverged]" and nan["value"] is None
     assert read_stop_request(output)["reason"] == message
     assert read_journal(output, lambda r: [(a.rule, a.checkpoint) for a in r.alerts()], []) == \
-        [("acc regressed", "checkpoint-20")]  # fmt: skip
+        [("acc regressed", "checkpoint-20"), ("diverged", "checkpoint-30")]  # fmt: skip
     # W&B waits for training to end (defer); `sync` is a person saying it has: results and the alert go together.
     sync = ckpt_watch("sync", output, "--config", config, env=env)
     assert sync.returncode == 0, sync.stderr
     [run] = find_local_runs(output / "ckpt-watch" / "wandb")
     assert list(alert_records(run.log)) == [
-        {"title": "ckpt-watch: checkpoint-20: acc regressed", "text": message, "level": "ERROR"}]
-    assert read_journal(output, JournalReader.alert_deliveries, {}) == {1: {"wandb": "delivered"}}
+        {"title": "ckpt-watch: checkpoint-20: acc regressed", "text": message, "level": "ERROR"},
+        {"title": "ckpt-watch: checkpoint-30: diverged", "text": nan["message"], "level": "WARN"}]
+    assert read_journal(output, JournalReader.alert_deliveries, {}) == {1: {"wandb": "delivered"},
+                                                                        2: {"wandb": "delivered"}}  # fmt: skip
     again = ckpt_watch("sync", output, "--config", config, env=env)  # nothing is sent twice
     assert again.returncode == 0 and len(find_local_runs(output / "ckpt-watch" / "wandb")) == 1
 
