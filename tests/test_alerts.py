@@ -279,3 +279,41 @@ def test_an_alert_in_flight_at_a_crash_is_not_sent_twice(tmp_path, monkeypatch):
     assert sorted(titles) == ["ckpt-watch: checkpoint-10: smoke_mc/acc below 0.5",
                               "ckpt-watch: checkpoint-20: smoke_mc/acc below 0.5"]  # fmt: skip
     assert run.journal.alerts.undelivered("wandb") == [] and run.journal.undelivered("wandb") == []
+
+
+TWO_RANKS = """
+import os
+from transformers import TrainerCallback
+from watcher.integrations.hf import CkptWatchCallback
+from watcher.integrations.sentinel import write_stop_request
+from watcher.tiny import train_tiny
+
+class RequestAfterSave5(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == 5 and state.is_world_process_zero:
+            write_stop_request(args.output_dir, rule="r", metric="m", variant="regular", step=5, value=0.1,
+                               reason="test")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        print(f"RANK {{os.environ['RANK']}} ENDED AT {{state.global_step}}", flush=True)  # one write: no interleaving
+
+train_tiny({out!r}, max_steps=40, save_steps=5, callbacks=[CkptWatchCallback(), RequestAfterSave5()])
+"""
+
+
+def test_every_rank_stops_at_the_same_save(tmp_path):
+    """torchrun, 2 CPU ranks: rank 0 reads the request and broadcasts its answer; both end after save 10 (a rank
+    that went on would wait in the next step's all-reduce forever)."""
+    import re
+    import subprocess
+
+    output = tmp_path / "output"
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS.format(out=str(output)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert sorted(re.findall(r"RANK (\d) ENDED AT (\d+)", done.stdout)) == [("0", "10"), ("1", "10")], done.stdout
+    assert _steps(output) == [5, 10]
