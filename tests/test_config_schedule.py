@@ -1,4 +1,5 @@
-"""`[[schedule]]` entries, `cpu_jobs` and `gpu_busy_mib` in the config file: parsing, defaults, one-line errors."""
+"""`[[schedule]]` entries, `keep_best` rules, `cpu_jobs` and `gpu_busy_mib` in the config file: parsing, defaults,
+one-line errors."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 
 import pytest
 
-from watcher.config import ConfigError, ScheduleEntry, build_config, load_toml
+from watcher.config import ConfigError, KeepBestRule, ScheduleEntry, build_config, load_toml
 
 
 def _config(tmp_path, text: str, **flags):
@@ -90,3 +91,47 @@ def test_the_cli_reports_a_bad_entry_in_one_line_with_status_2(tmp_path):
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().endswith("schedule entry 1 (preset '30s'): every must be a positive integer, got -3")
     assert out.stderr.count("\n") == 1
+
+
+# --- keep_best ----------------------------------------------------------------------------------------------------
+
+
+def test_keep_best_rules_inline_or_as_tables(tmp_path):
+    inline = _config(tmp_path, 'keep_best = [{ metric = "ckpt_watch_smoke_mc/acc", mode = "max", k = 2 }]\n')
+    assert inline.keep_best == [KeepBestRule("ckpt_watch_smoke_mc/acc", mode="max", k=2, variant="regular")]
+    assert (inline.keep_best_copy, inline.keep_merged_best) == (True, False)
+    tables = _config(tmp_path, '[[keep_best]]\nmetric = "perplexity"\n[[keep_best]]\nmetric = "perplexity"\n'
+                               'variant = "ema"\nk = 1\n')  # fmt: skip
+    assert tables.keep_best == [KeepBestRule("perplexity"), KeepBestRule("perplexity", k=1, variant="ema")]
+    assert build_config({"keep_best": tables.keep_best}, {}).keep_best == tables.keep_best  # a reload keeps them
+
+
+@pytest.mark.parametrize("rules, message", [
+    ('{ metric = "acc", kk = 1 }', "unknown key 'kk' in keep_best rule 1 (metric 'acc'); known keys: metric, mode, k,"),
+    ('{ k = 2 }', "keep_best rule 1 needs a metric name, got None"),
+    ('{ metric = "" }', "keep_best rule 1 needs a metric name, got ''"),
+    ('{ metric = "acc", k = 0 }', "keep_best rule 1 (metric 'acc'): k must be a positive integer, got 0"),
+    ('{ metric = "acc", mode = "up" }', "mode must be one of max, min, auto, got 'up'"),
+    ('{ metric = "acc", variant = "swa" }', "variant must be one of regular, ema, got 'swa'"),
+    ('{ metric = "a/../b" }', "the metric must be a path of plain names"),
+    ('{ metric = "./acc" }', "the metric must be a path of plain names"),
+    ('{ metric = "a//b" }', "the metric must be a path of plain names"),
+    ('{ metric = "ema/acc" }', "a regular metric cannot start with 'ema/'"),
+    ('{ metric = "acc" }, { metric = "acc", k = 1 }', "two keep_best rules for metric 'acc' (regular)"),
+    ("1", "keep_best rule 1 must be a table, got 1"),
+])  # fmt: skip
+def test_a_bad_keep_best_rule_is_one_line_naming_it(tmp_path, rules, message):
+    with pytest.raises(ConfigError) as caught:
+        _config(tmp_path, f"keep_best = [{rules}]\n")
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('keep_best = "acc"', "keep_best must be a list of rules"),
+    ('keep_best_copy = "no"', "keep_best_copy must be true or false, got 'no'"),
+    ("keep_merged_best = 1", "keep_merged_best must be true or false, got 1"),
+])  # fmt: skip
+def test_bad_keep_best_options(tmp_path, text, message):
+    with pytest.raises(ConfigError) as caught:
+        _config(tmp_path, text + "\n")
+    assert message in str(caught.value)

@@ -72,6 +72,27 @@ class ScheduleEntry:
 
 
 SCHEDULE_KEYS = tuple(f.name for f in dataclasses.fields(ScheduleEntry))
+
+
+@dataclass(frozen=True)
+class KeepBestRule:
+    """One `keep_best` rule: keep the best `k` checkpoints by one metric under RESULTS_DIR/best/ (watcher/retention.py
+    keeps that folder equal to the ranking of watcher/standings.py)."""
+
+    metric: str
+    """The metric as results name it, e.g. `ckpt_watch_smoke_mc/acc`; its "/" become subfolders of best/."""
+
+    mode: str = "auto"
+    """`max` (higher is better), `min`, or `auto`: lm-eval's own `higher_is_better`, else the metric's name."""
+
+    k: int = 3
+    """How many checkpoints are kept: the best k (ties: the earlier step)."""
+
+    variant: str = "regular"
+    """Whose results rank the checkpoints: `regular` or `ema` (kept under best/ema/<metric>/)."""
+
+
+KEEP_BEST_KEYS = tuple(f.name for f in dataclasses.fields(KeepBestRule))
 EXECUTORS = ("local", "slurm")
 
 
@@ -280,6 +301,21 @@ class WatchConfig:
     keep_merged: int = 0
     """Keep the merged models of the newest K checkpoints (per variant) under SCRATCH_DIR/merged/; 0 deletes each
     merged copy once it is evaluated."""
+
+    keep_best: list[KeepBestRule] = field(default_factory=list)
+    """Rules that keep the best checkpoints by an eval metric, safe from the trainer's rotation (see `KeepBestRule`
+    and watcher/retention.py): `keep_best = [{ metric = "ckpt_watch_smoke_mc/acc", mode = "max", k = 3 }]`, or
+    `[[keep_best]]` tables. Kept by hard links under RESULTS_DIR/best/<metric>/checkpoint-N/ (no extra space
+    while the original exists); every complete checkpoint is held (hard links under best/.held/) until its results
+    decide, and evaluated from there if the trainer deletes it first."""
+
+    keep_best_copy: bool = True
+    """When RESULTS_DIR is on another filesystem than the checkpoints (no hard links across them): copy the best
+    checkpoints into best/ (a warning once; nothing is held early). `false`: a warning, and nothing is kept."""
+
+    keep_merged_best: bool = False
+    """Also keep the merged model of each kept checkpoint that needed merging (sharded ones), as
+    best/<metric>/checkpoint-N/merged/."""
 
     base_model: Path | None = None
     """A Hugging Face model folder whose config and tokenizer files are used when a checkpoint lacks them
@@ -582,6 +618,16 @@ def validate(config: WatchConfig) -> None:
     if not isinstance(config.schedule, list):
         raise ConfigError("schedule must be a list of [[schedule]] tables")
     config.schedule = [_schedule_entry(i, entry) for i, entry in enumerate(config.schedule, 1)]
+    if not isinstance(config.keep_best, list):
+        raise ConfigError("keep_best must be a list of rules: keep_best = [{ metric = \"...\", k = 3 }] or [[keep_best]]")
+    config.keep_best = [_keep_best_rule(i, rule) for i, rule in enumerate(config.keep_best, 1)]
+    kept = [(rule.metric, rule.variant) for rule in config.keep_best]
+    twice = next((pair for i, pair in enumerate(kept) if pair in kept[:i]), None)
+    if twice is not None:
+        raise ConfigError(f"two keep_best rules for metric {twice[0]!r} ({twice[1]}): give one, with the k you want")
+    for name in ("keep_best_copy", "keep_merged_best"):
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigError(f"{name} must be true or false, got {getattr(config, name)!r}")
     if config.executor not in EXECUTORS:
         raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, got {config.executor!r}")
     config.slurm = _slurm_settings(config.slurm)
@@ -644,6 +690,38 @@ def _schedule_entry(number: int, entry: Any) -> ScheduleEntry:
                                  or any(v not in VARIANTS for v in variants)):  # fmt: skip
         raise ConfigError(f"{where}: variants must be a non-empty list of {', '.join(VARIANTS)}, got {variants!r}")
     return ScheduleEntry(**{**entry, "variants": tuple(variants) if variants else None})
+
+
+def _keep_best_rule(number: int, rule: Any) -> KeepBestRule:
+    """A `keep_best` rule (or a rule already checked, on a reload) as a KeepBestRule; a one-line ConfigError
+    naming the rule (its position, and its metric when it has one) otherwise."""
+    if isinstance(rule, KeepBestRule):
+        return rule
+    if not isinstance(rule, dict):
+        raise ConfigError(f"keep_best rule {number} must be a table, got {rule!r}")
+    metric = rule.get("metric")
+    where = f"keep_best rule {number}" + (f" (metric {metric!r})" if isinstance(metric, str) and metric else "")
+    for key in rule:
+        if key not in KEEP_BEST_KEYS:
+            raise ConfigError(f"unknown key '{key}' in {where}; known keys: {', '.join(KEEP_BEST_KEYS)}")
+    if not isinstance(metric, str) or not metric.strip():
+        raise ConfigError(f"{where} needs a metric name, got {metric!r}")
+    # The metric names a folder under best/: every part a plain name (no "..", no hidden folder like .held).
+    if any(not part or part.startswith(".") or "\\" in part for part in metric.split("/")):
+        raise ConfigError(f"{where}: the metric must be a path of plain names (its parts become folders of best/; "
+                          f"no empty part, none starting with '.'), got {metric!r}")  # fmt: skip
+    mode = rule.get("mode", "auto")
+    if mode not in ("max", "min", "auto"):
+        raise ConfigError(f"{where}: mode must be one of max, min, auto, got {mode!r}")
+    k = rule.get("k", 3)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"{where}: k must be a positive integer, got {k!r}")
+    variant = rule.get("variant", "regular")
+    if variant not in VARIANTS:
+        raise ConfigError(f"{where}: variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    if variant == "regular" and metric.split("/")[0] == "ema":
+        raise ConfigError(f"{where}: a regular metric cannot start with 'ema/' (best/ema/ holds the ema rules)")
+    return KeepBestRule(metric=metric, mode=mode, k=k, variant=variant)
 
 
 def _slurm_settings(table: Any) -> SlurmSettings:
