@@ -83,9 +83,9 @@ class Daemon:
         self.notifier = Notifier()
         self.runs = [WatchedRun(place, setup, self.notifier) for place in setup.runs]
         self.pool = _build_pool(setup)
-        self.executor = SlurmExecutor(setup.config.slurm, keep_merged=setup.config.keep_merged > 0) \
+        self.executor = SlurmExecutor(setup.config.slurm, keep_merged=_merges_kept(setup.config)) \
             if setup.config.executor == "slurm" \
-            else LocalExecutor(WarmSettings.of(setup.config), keep_merged=setup.config.keep_merged > 0)  # fmt: skip
+            else LocalExecutor(WarmSettings.of(setup.config), keep_merged=_merges_kept(setup.config))  # fmt: skip
         self._next_pool: Pool | None = None  # a reload's new pool, waiting for the old one's jobs to end
         self.active: dict[tuple[str, int], ActiveJob] = {}
         self._uncommitted: list[tuple[ActiveJob, Outcome]] = []  # outcomes the journal did not take yet
@@ -375,7 +375,7 @@ class Daemon:
             self.executor.settings = new.config.slurm  # from the next submission on
         else:
             self.executor.configure(WarmSettings.of(new.config))
-            self.executor.keep_merged = new.config.keep_merged > 0  # from the next job on
+            self.executor.keep_merged = _merges_kept(new.config)  # from the next job on
         places = {place.name: place for place in new.runs}
         for run in self.runs:
             run.replace_setup(places.get(run.name) or resolve_run(new.config, run.output_dir), new)
@@ -467,8 +467,8 @@ class Daemon:
         base_model = Path(self.config.base_model) if self.config.base_model else None
         try:
             running = self.executor.launch(run.name, run.journal, run.results_dir, run.config.resolved_scratch_dir(),
-                                           job, self.setup.presets[job.preset], allocation, base_model,
-                                           self._timeout_of(job.preset))  # fmt: skip
+                                           run.retention.evaluable(job), self.setup.presets[job.preset], allocation,
+                                           base_model, self._timeout_of(job.preset))  # fmt: skip
         except BaseException:
             pool.release(allocation)  # the job stays "preparing" in the journal: the next round puts it back
             raise
@@ -503,6 +503,7 @@ class Daemon:
                     self._commit(active, Outcome.failure(why))
                 continue
             outcome = running.outcome()
+            run.retention.take_merged(job, outcome)  # before keep_merged moves it, or the job's folder goes
             keep_merged(job, outcome, self.config.keep_merged, run.config.resolved_scratch_dir(), self.config.step_of)
             self._end(active, stop=False)
             if not outcome.ok and run.gone(job.checkpoint):
@@ -548,6 +549,7 @@ class Daemon:
         if not run.journal.finish(job.id, result):
             return
         run.alerts.result_recorded(result)
+        run.retention.result_recorded(result)
         run.finished_this_session += 1
         run.view_feed.add(result)
         if result.ok:
@@ -661,6 +663,12 @@ def _setting(config: Any, name: str) -> Any:
     for part in name.split("."):
         config = getattr(config, part)
     return config
+
+
+def _merges_kept(config: Any) -> bool:
+    """Whether jobs must leave their merged model (keep_merged, keep_merged_best): a sharded checkpoint evaluated
+    in-process is then merged all the same."""
+    return config.keep_merged > 0 or bool(config.keep_best and config.keep_merged_best)
 
 
 def _build_pool(setup: Setup) -> Pool:

@@ -18,7 +18,8 @@ from watcher.final import finished_step
 from watcher.journal import Checkpoint, Job
 from watcher.notify import Notifier
 from watcher.outbox import Outbox
-from watcher.records import JobState
+from watcher.records import ACTIVE_STATES, JobState
+from watcher.retention import Retention
 from watcher.schedules import final_checkpoint
 from watcher.scheduler import RunQueue, wanted_jobs
 from watcher.setup import RunSetup, Setup, create_dir, lock_path, take_lock
@@ -51,6 +52,9 @@ class WatchedRun:
         self.final_step: int | None = None  # its final checkpoint's step, once the run is known finished
         # Log lines about this run's checkpoints name it when the daemon watches several.
         self.prefix = f"[{self.name}] " if setup.config.several_runs else ""
+        # keep_best: the best checkpoints under RESULTS_DIR/best; every complete one held there until decided.
+        self.retention = Retention(self.results_dir, self.journal, place.config,
+                                   lambda: self.pending() + self.journal.jobs(states=ACTIVE_STATES), self.prefix)  # fmt: skip
 
     @property
     def config(self):
@@ -61,6 +65,7 @@ class WatchedRun:
         """A reload: the new configuration from the next job on (what is watched stays: see Daemon.reload)."""
         self.place, self.setup = place, setup
         self.outbox.replace_sinks(place.sinks)
+        self.retention.configure(place.config)
         self.journal.set_meta("sinks", [sink.name for sink in place.sinks])
 
     def start_up(self, scan: bool, retry_failed: bool, adopted: Iterable[int] = ()) -> None:
@@ -96,6 +101,7 @@ class WatchedRun:
             self.gone(checkpoint, listed)
         self.admit(self.detector.check(names, thorough))
         self.ensure_jobs()
+        self.retention.reconcile()
 
     def detect(self, changed: set[str]) -> None:
         names = {n for n in changed if self.config.step_of(n) is not None} | set(self.detector.due())
@@ -112,6 +118,7 @@ class WatchedRun:
                 found.name, found.step, found.path, found.fingerprint, found.verdict.layout,
                 found.verdict.variants or ("regular",), found.progress,
             )  # fmt: skip
+            self.retention.hold(checkpoint)
             generation = f" (generation {checkpoint.generation})" if checkpoint.generation > 1 else ""
             log.info("%s%s complete%s: layout %s, variants %s", self.prefix, found.name, generation,
                      found.verdict.layout, ", ".join(checkpoint.variants))  # fmt: skip
@@ -138,6 +145,8 @@ class WatchedRun:
         if self.journal.checkpoint_gone(checkpoint.id):
             return True
         if checkpoint.name in listed if listed is not None else checkpoint.path.is_dir():
+            return False
+        if self.retention.holds(checkpoint):  # deleted, but held for keep_best: evaluated from the hold
             return False
         self.journal.mark_gone(checkpoint.id)
         log.info("%s%s was deleted (checkpoint rotation?); its unfinished jobs are recorded as gone", self.prefix,

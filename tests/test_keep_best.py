@@ -1,0 +1,214 @@
+"""keep_best: the best checkpoints kept under RESULTS_DIR/best by hard links, held from detection so that the
+trainer's rotation cannot take them first (watcher/retention.py), and `ckpt-watch best`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from helpers import ckpt_watch, start_daemon, wait_for
+
+from watcher.config import build_config
+from watcher.journal import Journal
+from watcher.records import ACTIVE_STATES, JobState, Result
+from watcher.retention import Retention, read_index
+
+METRIC = "smoke_mc/acc"
+
+
+# --- a run of crafted results over real folders ---------------------------------------------------------------
+
+
+class Run:
+    """A journal, real checkpoint folders and a Retention over them; results are committed as the daemon does."""
+
+    def __init__(self, output: Path, results_dir: Path, steps: list[int], **options):
+        self.output, self.results_dir = output, results_dir
+        for step in steps:
+            folder = output / f"checkpoint-{step}"
+            (folder / "shards").mkdir(parents=True)
+            (folder / "model.safetensors").write_bytes(bytes([step % 256]) * 4096)
+            (folder / "shards" / "part-0").write_text(f"step {step}")
+        self.config = build_config({"keep_best": [{"metric": METRIC, "mode": "max", "k": 2}], **options},
+                                   {"output_dir": output, "results_dir": results_dir})  # fmt: skip
+        self.journal = Journal(results_dir / "journal.sqlite")
+        self.retention = self.open_retention()
+        for step in steps:
+            checkpoint = self.journal.add_checkpoint(f"checkpoint-{step}", step, output / f"checkpoint-{step}",
+                                                     "fp", "hf", ["regular"])  # fmt: skip
+            self.retention.hold(checkpoint)  # as WatchedRun.admit does
+        self.journal.ensure_jobs([(c, "regular", "smoke") for c in self.journal.all_checkpoints()])
+
+    def open_retention(self) -> Retention:
+        active = lambda: self.journal.jobs(states=[JobState.PENDING, *ACTIVE_STATES])  # noqa: E731
+        return Retention(self.results_dir, self.journal, self.config, active)
+
+    def finish(self, step: int, value: float | None, record: bool = True) -> Result:
+        [job] = [j for j in self.journal.jobs() if j.checkpoint.step == step]
+        job = self.journal.start(job)
+        result = Result(result_id=f"r{step}", step=step, checkpoint=f"checkpoint-{step}", variant="regular",
+                        preset="smoke", status="ok" if value is not None else "failed",
+                        metrics={METRIC: value} if value is not None else {}, error=None if value else "boom",
+                        checkpoint_path=str(job.checkpoint.path), finished_at=f"2026-01-01T00:00:{step:02d}")  # fmt: skip
+        assert self.journal.finish(job.id, result)
+        if record:
+            self.retention.result_recorded(result)
+        return result
+
+    @property
+    def best(self) -> Path:
+        return self.results_dir / "best"
+
+    def kept(self) -> list[str]:
+        """best/<metric>/ as it is on disk, and best.json's ranking (they must agree)."""
+        folder = self.best / METRIC
+        on_disk = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+        [rule] = read_index(self.best)["rules"]
+        assert sorted(entry["checkpoint"] for entry in rule["kept"] if entry["path"]) == on_disk
+        return [entry["checkpoint"] for entry in rule["kept"]]
+
+    def held(self) -> list[str]:
+        return sorted(p.name for p in (self.best / ".held").iterdir())
+
+
+def test_the_best_k_follow_results_arriving_out_of_order(tmp_path):
+    run = Run(tmp_path / "out", tmp_path / "results", [10, 20, 30, 40])
+    assert run.held() == ["checkpoint-10-g1", "checkpoint-20-g1", "checkpoint-30-g1", "checkpoint-40-g1"]
+    run.finish(30, 0.3)
+    assert run.kept() == ["checkpoint-30"]
+    assert run.held() == ["checkpoint-10-g1", "checkpoint-20-g1", "checkpoint-40-g1"]  # 30 is decided
+    run.finish(10, 0.9)
+    assert run.kept() == ["checkpoint-10", "checkpoint-30"]
+    shutil.rmtree(run.output / "checkpoint-20")  # the trainer's rotation, before checkpoint-20's result
+    run.finish(20, 0.5)
+    assert run.kept() == ["checkpoint-10", "checkpoint-20"]  # 30 left the best 2; 20 came from its hold
+    assert not (run.best / METRIC / "checkpoint-30").exists()
+    assert (run.best / METRIC / "checkpoint-20" / "model.safetensors").read_bytes() == bytes([20]) * 4096
+    assert (run.best / METRIC / "checkpoint-20" / "shards" / "part-0").read_text() == "step 20"
+    run.finish(40, 0.95)
+    assert run.kept() == ["checkpoint-40", "checkpoint-10"]
+    assert run.held() == []
+    for step in (10, 40):  # hard links: the same files as the originals, no copy
+        kept, original = (run.best / METRIC / f"checkpoint-{step}" / "model.safetensors",
+                          run.output / f"checkpoint-{step}" / "model.safetensors")  # fmt: skip
+        assert os.stat(kept).st_ino == os.stat(original).st_ino
+    [rule] = read_index(run.best)["rules"]
+    assert [(e["rank"], e["step"], e["value"], e["result_id"]) for e in rule["kept"]] == [(1, 40, 0.95, "r40"),
+                                                                                           (2, 10, 0.9, "r10")]  # fmt: skip
+    assert rule["kept"][0]["original"] == str(run.output / "checkpoint-40")
+
+
+def test_a_failed_job_releases_its_hold_and_keeps_nothing(tmp_path):
+    run = Run(tmp_path / "out", tmp_path / "results", [10, 20])
+    run.finish(10, None)
+    assert run.held() == ["checkpoint-20-g1"] and run.kept() == []
+    run.finish(20, 0.4)
+    assert run.kept() == ["checkpoint-20"] and run.held() == []
+
+
+def test_a_retention_failure_is_one_line_and_the_next_result_mends_it(tmp_path, caplog):
+    run = Run(tmp_path / "out", tmp_path / "results", [10, 20])
+    shutil.rmtree(run.best)
+    run.best.write_text("not a folder")  # best/ cannot be written (as a full disk or a permission would do)
+    with caplog.at_level(logging.ERROR, logger="ckpt-watch"):
+        run.finish(10, 0.5)
+        run.finish(20, 0.6)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "keep_best: cannot update the best checkpoints" in errors[0], errors
+    assert len(run.journal.results()) == 2  # the results are safe
+    run.best.unlink()
+    run.retention.reconcile()  # the next look at the output dir
+    assert run.kept() == ["checkpoint-20", "checkpoint-10"]
+
+
+CRASH = """
+import os, signal, sys
+sys.path[:0] = [{tests!r}]
+from test_keep_best import Run
+run = Run.__new__(Run)
+from pathlib import Path
+from watcher.config import build_config
+from watcher.journal import Journal
+run.output, run.results_dir = Path({output!r}), Path({results!r})
+run.config = build_config({{"keep_best": [{{"metric": "smoke_mc/acc", "mode": "max", "k": 2}}]}},
+                          {{"output_dir": run.output, "results_dir": run.results_dir}})
+run.journal = Journal(run.results_dir / "journal.sqlite")
+run.retention = run.open_retention()
+real_rename = os.rename
+def rename(source, destination):  # SIGKILL in the middle of a promotion: the folder is built, not yet in place
+    if ".tmp-checkpoint-20" in str(source):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_rename(source, destination)
+os.rename = rename
+run.finish(20, 0.7)
+"""
+
+
+def test_a_kill_between_hold_and_promotion_is_mended_at_the_next_start(tmp_path):
+    run = Run(tmp_path / "out", tmp_path / "results", [10, 20, 30])
+    run.finish(10, 0.5)
+    script = CRASH.format(tests=str(Path(__file__).parent), output=str(run.output), results=str(run.results_dir))
+    killed = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (run.best / METRIC / ".tmp-checkpoint-20").is_dir()  # half-way: built, not in place, best.json stale
+    assert run.kept() == ["checkpoint-10"] and "checkpoint-20-g1" in run.held()
+    shutil.rmtree(run.output / "checkpoint-20")  # and the trainer deleted it meanwhile: the hold has it
+    restarted = run.open_retention()
+    restarted.reconcile()  # the daemon's first look at the output dir after a start
+    assert run.kept() == ["checkpoint-20", "checkpoint-10"]
+    assert not (run.best / METRIC / ".tmp-checkpoint-20").exists()
+    assert run.held() == ["checkpoint-30-g1"]  # still waiting for its result
+    assert (run.best / METRIC / "checkpoint-20" / "shards" / "part-0").read_text() == "step 20"
+
+
+# --- across filesystems ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def other_filesystem(tmp_path):
+    """A results dir on another filesystem than tmp_path: /dev/shm (a tmpfs) where it is one."""
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm")
+    folder = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="ckpt-watch-test-"))
+    if os.stat(folder).st_dev == os.stat(tmp_path).st_dev:
+        shutil.rmtree(folder)
+        pytest.skip("/dev/shm is on the same filesystem as the tests' temporary folder")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_across_filesystems_the_best_are_copied_with_one_warning(tmp_path, other_filesystem, caplog):
+    with caplog.at_level(logging.WARNING, logger="ckpt-watch"):
+        run = Run(tmp_path / "out", other_filesystem / "results", [10, 20, 30])
+        assert not (run.best / ".held").exists() or run.held() == []  # no early hold: it would be a copy
+        run.finish(10, 0.5)
+        run.finish(20, 0.6)
+        run.finish(30, 0.1)
+    assert run.kept() == ["checkpoint-20", "checkpoint-10"]
+    kept, original = run.best / METRIC / "checkpoint-20" / "model.safetensors", run.output / "checkpoint-20" / "model.safetensors"
+    assert kept.read_bytes() == original.read_bytes() and os.stat(kept).st_ino != os.stat(original).st_ino
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "copied there instead" in warnings[0], warnings
+
+
+def test_across_filesystems_without_copies_nothing_is_kept(tmp_path, other_filesystem, caplog):
+    with caplog.at_level(logging.WARNING, logger="ckpt-watch"):
+        run = Run(tmp_path / "out", other_filesystem / "results", [10, 20], keep_best_copy=False)
+        run.finish(10, 0.5)
+        run.finish(20, 0.6)
+    assert not (run.best / METRIC).exists()
+    [rule] = read_index(run.best)["rules"]
+    assert [(e["checkpoint"], e["path"], e["note"]) for e in rule["kept"]] == [
+        ("checkpoint-20", None, "another filesystem and keep_best_copy = false"),
+        ("checkpoint-10", None, "another filesystem and keep_best_copy = false")]  # fmt: skip
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "keep_best_copy = false: nothing is kept" in warnings[0], warnings
