@@ -212,3 +212,135 @@ def test_across_filesystems_without_copies_nothing_is_kept(tmp_path, other_files
         ("checkpoint-10", None, "another filesystem and keep_best_copy = false")]  # fmt: skip
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "keep_best_copy = false: nothing is kept" in warnings[0], warnings
+
+
+# --- a real Trainer rotating its checkpoints away, the daemon keeping the best ---------------------------------------
+
+PERPLEXITY = "ppl/perplexity"
+
+
+def _config(folder: Path, keep_best: str) -> Path:
+    config = folder / "watch.toml"
+    config.write_text(f'wandb = "off"\ntensorboard = "off"\nsettle = 0\nretry_backoff = 0\npreset = "ppl"\n{keep_best}\n'
+                      '[presets.ppl]\n[[presets.ppl.evaluators]]\nbackend = "probes"\nprobes = ["perplexity"]\n')  # fmt: skip
+    return config
+
+
+@pytest.fixture(scope="module")
+def rotated_run(tmp_path_factory):
+    """A real Trainer run with save_total_limit=1 (checkpoint-10 .. -40; each one deleted by the next save) while the
+    daemon runs with keep_best k=2 by held-out perplexity. Each save waits until the daemon holds the checkpoint (a
+    trainer slower than detection), so the rotation always deletes a held checkpoint, mostly before its result.
+    Returns the output dir, the config and the inode of each checkpoint's model.safetensors as saved."""
+    from transformers import TrainerCallback
+
+    from watcher.integrations.hf import CkptWatchCallback
+    from watcher.tiny import train_tiny
+
+    folder = tmp_path_factory.mktemp("rotated")
+    output = folder / "output"
+    output.mkdir()
+    config = _config(folder, f'keep_best = [{{ metric = "{PERPLEXITY}", k = 2 }}]')
+    inodes: dict[int, int] = {}
+
+    class WaitForTheHold(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            step = state.global_step
+            inodes[step] = os.stat(output / f"checkpoint-{step}" / "model.safetensors").st_ino
+            held = output / "ckpt-watch" / "best" / ".held" / f"checkpoint-{step}-g1"
+            wait_for(held.is_dir, 120, what=f"the daemon to hold checkpoint-{step}")
+
+    daemon = start_daemon(folder / "daemon.log", output, "--config", config, "--log-format", "plain")
+    try:
+        train_tiny(output, max_steps=40, save_steps=10, save_total_limit=1,
+                   callbacks=[CkptWatchCallback(), WaitForTheHold()])  # fmt: skip
+        best_json = output / "ckpt-watch" / "best" / "best.json"
+
+        def settled() -> bool:
+            index = read_index(best_json.parent)
+            done = len([line for line in (output / "ckpt-watch" / "results.jsonl").read_text().splitlines() if line]) \
+                if (output / "ckpt-watch" / "results.jsonl").is_file() else 0  # fmt: skip
+            return done == 4 and bool(index) and not any((best_json.parent / ".held").iterdir())
+
+        wait_for(settled, 240, interval=0.5, what="4 results and no hold left")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=60)
+    return output, config, inodes, (folder / "daemon.log").read_text()
+
+
+def test_hard_links_survive_the_trainers_rotation(rotated_run):
+    output, _config_file, inodes, log = rotated_run
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-40"]  # save_total_limit = 1
+    results = [json.loads(line) for line in (output / "ckpt-watch" / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["step"], r["status"]) for r in results) == [(10, "ok"), (20, "ok"), (30, "ok"), (40, "ok")], log
+    values = {r["step"]: r["metrics"][PERPLEXITY] for r in results}
+    expected = sorted(values, key=lambda step: (values[step], step))[:2]  # lower perplexity is better
+    [rule] = read_index(output / "ckpt-watch" / "best")["rules"]
+    assert rule["mode"] == "min" and [e["step"] for e in rule["kept"]] == expected
+    for step in expected:  # the very files the trainer wrote (same inode), though it deleted their folder
+        kept = Path(rule["kept"][expected.index(step)]["path"])
+        assert kept == output / "ckpt-watch" / "best" / "ppl" / "perplexity" / f"checkpoint-{step}"
+        assert os.stat(kept / "model.safetensors").st_ino == inodes[step]
+        assert (kept / "trainer_state.json").is_file() and (kept / "config.json").is_file()
+    assert "evaluating the copy held in" in log  # a rotated checkpoint was evaluated from its hold
+
+
+def test_best_prints_the_kept_checkpoints(rotated_run):
+    output, _config_file, _inodes, _log = rotated_run
+    [rule] = read_index(output / "ckpt-watch" / "best")["rules"]
+    first = rule["kept"][0]
+    text = ckpt_watch("best", output)
+    assert text.returncode == 0, text.stderr
+    assert f"{PERPLEXITY} (regular, lower is better): kept in" in text.stdout
+    assert first["checkpoint"] in text.stdout and f"{first['value']:.4g}" in text.stdout
+    as_json = ckpt_watch("best", output, "--json")
+    [ranking] = json.loads(as_json.stdout)["rankings"]
+    assert ranking["source"] == "best.json" and [e["step"] for e in ranking["checkpoints"]] == [e["step"] for e in rule["kept"]]
+    assert ranking["checkpoints"][0]["path_exists"] is True
+    path_only = ckpt_watch("best", output, "--path-only")
+    assert path_only.stdout == first["path"] + "\n" and path_only.returncode == 0
+
+
+def test_best_ranks_results_jsonl_without_keep_best(rotated_run, tmp_path):
+    output, _config_file, _inodes, _log = rotated_run
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    shutil.copy(output / "ckpt-watch" / "results.jsonl", results_dir)
+    out = ckpt_watch("best", output, "--results-dir", results_dir, "--metric", PERPLEXITY, "--json")
+    assert out.returncode == 0, out.stderr
+    [ranking] = json.loads(out.stdout)["rankings"]
+    assert ranking["source"] == "results.jsonl" and ranking["mode"] == "min" and len(ranking["checkpoints"]) == 4
+    # Only checkpoint-40 is still where the trainer saved it: the others are marked deleted.
+    assert [(e["step"] == 40) == e["original_exists"] for e in ranking["checkpoints"]] == [True] * 4
+    text = ckpt_watch("best", output, "--results-dir", results_dir, "--metric", PERPLEXITY)
+    assert "ranked from results.jsonl, not kept" in text.stdout and "(deleted)" in text.stdout
+    maximum = ckpt_watch("best", output, "--results-dir", results_dir, "--metric", PERPLEXITY, "--mode", "max",
+                         "--path-only")  # fmt: skip
+    best_by_max = max(ranking["checkpoints"], key=lambda e: (e["value"], -e["step"]))
+    if best_by_max["step"] == 40:
+        assert maximum.stdout.strip() == str(output / "checkpoint-40")
+    else:  # deleted by the rotation and not kept: one line, status 1
+        assert maximum.returncode == 1 and "is no longer on disk" in maximum.stderr
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--metric", "nope/acc"], "has the metric 'nope/acc'; metrics: ppl/nll_per_token, ppl/perplexity"),
+    ([], "no keep_best rules in"),
+    (["--top", "0", "--metric", PERPLEXITY], "--top must be a positive integer, got 0"),
+])  # fmt: skip
+def test_best_bad_input_is_one_line_and_status_2(rotated_run, tmp_path, arguments, message):
+    output, _config_file, _inodes, _log = rotated_run
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    shutil.copy(output / "ckpt-watch" / "results.jsonl", results_dir)
+    out = ckpt_watch("best", output, "--results-dir", results_dir, *arguments)
+    assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_best_without_results_is_one_line_and_status_2(tmp_path):
+    out = ckpt_watch("best", tmp_path, "--metric", METRIC)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "no results in" in out.stderr
+    missing = ckpt_watch("best", tmp_path / "nowhere")
+    assert missing.returncode == 2 and "output dir not found" in missing.stderr

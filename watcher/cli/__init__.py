@@ -8,6 +8,7 @@ Every usage or configuration problem is one line on stderr, never a traceback.
     compare.py   ckpt-watch compare       merge.py     ckpt-watch merge
     sync.py      ckpt-watch sync          presets.py   ckpt-watch presets
     demo.py      ckpt-watch demo          finalize.py  ckpt-watch finalize
+    best.py      ckpt-watch best
     common.py    what they share (exit statuses, the parser, load_config, logging set-up): a leaf
 
 Nothing outside this package imports from it (an import-linter contract in pyproject.toml says so).
@@ -30,6 +31,7 @@ SUBCOMMANDS = {  # name -> module with main(argv); imported only when used, so `
     "status": "watcher.cli.status",
     "plot": "watcher.cli.plot",
     "finalize": "watcher.cli.finalize",
+    "best": "watcher.cli.best",
 }
 
 

@@ -26,7 +26,7 @@ def watch_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ckpt-watch",
         description="Evaluate every checkpoint of a training run as soon as it is completely written, on a "
-        "device of its own. Other commands: demo, merge, presets, compare, sync, status, plot, finalize "
+        "device of its own. Other commands: demo, merge, presets, compare, sync, status, plot, finalize, best "
         "(`ckpt-watch COMMAND --help`).",
     )
     parser.add_argument("output_dir", nargs="*", type=Path,
