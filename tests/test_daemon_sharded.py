@@ -1,4 +1,5 @@
-"""The daemon on sharded FSDP2 checkpoints with EMA: both variants merged, evaluated, labelled, cleaned up."""
+"""The daemon on sharded FSDP2 checkpoints with EMA: both variants merged, evaluated, labelled, cleaned up; their
+merged models kept with the best checkpoints (keep_merged_best)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import shutil
 
 from factories import session_distributed_checkpoints
 from helpers import ckpt_watch, results
+
+from watcher.retention import read_index
+
+PPL = "ckpt_watch_smoke_ppl/word_perplexity"
 
 
 def test_the_daemon_merges_and_evaluates_regular_and_ema(tmp_path_factory, tiny_model_dir, tmp_path):
@@ -17,7 +22,10 @@ def test_the_daemon_merges_and_evaluates_regular_and_ema(tmp_path_factory, tiny_
     # The hf-fsdp factory saves config.json but no tokenizer: lm-eval takes it from the base model. One process per
     # job (warm = false), so the prepare stage's peak memory is the merge's own (a warm worker's high-water mark
     # includes the torch and transformers it imported before the job).
-    config.write_text(f'base_model = "{tiny_model_dir}"\nkeep_merged = 1\nwarm = false\n'
+    # keep_best with keep_merged_best: the merged models are kept with the best checkpoint too (hard links, beside
+    # keep_merged's copies).
+    config.write_text(f'base_model = "{tiny_model_dir}"\nkeep_merged = 1\nwarm = false\nkeep_merged_best = true\n'
+                      f'keep_best = [{{ metric = "{PPL}", k = 1 }}, {{ metric = "{PPL}", k = 1, variant = "ema" }}]\n'
                       '[presets.quick]\n[[presets.quick.evaluators]]\nbackend = "probes"\n'
                       '[[presets.quick.evaluators]]\nbackend = "lm_eval"\ntasks = ["ckpt_watch_smoke_ppl"]\nlimit = 3\n')  # fmt: skip
     run = ckpt_watch(output, "--scan", "--config", config, "--preset", "quick")
@@ -31,8 +39,7 @@ def test_the_daemon_merges_and_evaluates_regular_and_ema(tmp_path_factory, tiny_
     assert all(s["walltime_s"] >= 0 and s["peak_rss_mb"] > 0 for s in stages.values())
     # The merge streams without torch (tens of MB); lm-eval loads torch and the model.
     assert stages["prepare"]["peak_rss_mb"] < 200 < stages["1-lm_eval"]["peak_rss_mb"]
-    ppl = "ckpt_watch_smoke_ppl/word_perplexity"
-    assert records["regular"]["metrics"][ppl] != records["ema"]["metrics"][ppl]  # EMA = weights * 0.5 here
+    assert records["regular"]["metrics"][PPL] != records["ema"]["metrics"][PPL]  # EMA = weights * 0.5 here
     assert records["regular"]["metrics"]["params/total"] == records["ema"]["metrics"]["params/total"] > 0
     for record in records.values():  # lm-eval took the model the job loaded once (the probes here read headers)
         assert (output / "ckpt-watch" / record["log"]).read_text().count("[ckpt-watch] model loaded on") == 1
@@ -40,3 +47,14 @@ def test_the_daemon_merges_and_evaluates_regular_and_ema(tmp_path_factory, tiny_
     assert not list(scratch.glob("job-*"))  # each job's scratch copy is gone ...
     kept = sorted(p.relative_to(scratch).as_posix() for p in scratch.glob("merged/*/*"))
     assert kept == ["merged/ema/checkpoint-20", "merged/regular/checkpoint-20"]  # ... except the newest K=1
+    best = output / "ckpt-watch" / "best"
+    kept_in = [best / "ckpt_watch_smoke_ppl" / "word_perplexity", best / "ema" / "ckpt_watch_smoke_ppl" / "word_perplexity"]
+    for folder, variant in zip(kept_in, ("regular", "ema")):
+        merged = folder / "checkpoint-20" / "merged"
+        assert any((folder / "checkpoint-20").rglob("*.distcp"))  # the shards as saved ...
+        assert (merged / "config.json").is_file()  # ... and the merged model, the same files as keep_merged's
+        [weights] = merged.glob("*.safetensors")
+        assert weights.stat().st_ino == (scratch / "merged" / variant / "checkpoint-20" / weights.name).stat().st_ino
+    assert [rule["kept"][0]["merged"] for rule in read_index(best)["rules"]] == [str(f / "checkpoint-20" / "merged")
+                                                                                for f in kept_in]  # fmt: skip
+    assert not any((best / ".held").iterdir())

@@ -344,3 +344,4 @@ def test_best_without_results_is_one_line_and_status_2(tmp_path):
     assert "no results in" in out.stderr
     missing = ckpt_watch("best", tmp_path / "nowhere")
     assert missing.returncode == 2 and "output dir not found" in missing.stderr
+

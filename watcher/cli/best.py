@@ -152,7 +152,8 @@ def _print_tables(rankings: list[Ranking]) -> None:
     for ranking in rankings:
         how = "higher is better" if ranking.mode == "max" else "lower is better"
         where = f"kept in {ranking.folder}" if ranking.source == "best.json" else "ranked from results.jsonl, not kept"
-        table = Table(title=escape(f"{ranking.metric} ({ranking.variant}, {how}): {where}"), title_justify="left")
+        console.print(escape(f"{ranking.metric} ({ranking.variant}, {how}): {where}"), highlight=False)
+        table = Table()
         for column in ("#", "step", "checkpoint", "value", "folder"):
             table.add_column(column, justify="right" if column in ("#", "step", "value") else "left")
         for entry in ranking.entries:
