@@ -48,7 +48,8 @@ def test_the_daemon_merges_and_evaluates_regular_and_ema(tmp_path_factory, tiny_
     kept = sorted(p.relative_to(scratch).as_posix() for p in scratch.glob("merged/*/*"))
     assert kept == ["merged/ema/checkpoint-20", "merged/regular/checkpoint-20"]  # ... except the newest K=1
     best = output / "ckpt-watch" / "best"
-    kept_in = [best / "ckpt_watch_smoke_ppl" / "word_perplexity", best / "ema" / "ckpt_watch_smoke_ppl" / "word_perplexity"]
+    kept_in = [best / "ckpt_watch_smoke_ppl" / "word_perplexity", best / "ema" / "ckpt_watch_smoke_ppl" /
+               "word_perplexity"]  # fmt: skip
     for folder, variant in zip(kept_in, ("regular", "ema")):
         merged = folder / "checkpoint-20" / "merged"
         assert any((folder / "checkpoint-20").rglob("*.distcp"))  # the shards as saved ...

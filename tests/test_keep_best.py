@@ -57,7 +57,8 @@ class Run:
         result = Result(result_id=f"r{step}", step=step, checkpoint=f"checkpoint-{step}", variant="regular",
                         preset="smoke", status="ok" if value is not None else "failed",
                         metrics={METRIC: value} if value is not None else {}, error=None if value else "boom",
-                        checkpoint_path=str(job.checkpoint.path), finished_at=f"2026-01-01T00:00:{step:02d}")  # fmt: skip
+                        checkpoint_path=str(job.checkpoint.path),
+                        finished_at=f"2026-01-01T00:00:{step:02d}")  # fmt: skip
         assert self.journal.finish(job.id, result)
         if record:
             self.retention.result_recorded(result)
@@ -101,8 +102,8 @@ def test_the_best_k_follow_results_arriving_out_of_order(tmp_path):
                           run.output / f"checkpoint-{step}" / "model.safetensors")  # fmt: skip
         assert os.stat(kept).st_ino == os.stat(original).st_ino
     [rule] = read_index(run.best)["rules"]
-    assert [(e["rank"], e["step"], e["value"], e["result_id"]) for e in rule["kept"]] == [(1, 40, 0.95, "r40"),
-                                                                                           (2, 10, 0.9, "r10")]  # fmt: skip
+    ranking = [(e["rank"], e["step"], e["value"], e["result_id"]) for e in rule["kept"]]
+    assert ranking == [(1, 40, 0.95, "r40"), (2, 10, 0.9, "r10")]
     assert rule["kept"][0]["original"] == str(run.output / "checkpoint-40")
 
 
@@ -194,7 +195,8 @@ def test_across_filesystems_the_best_are_copied_with_one_warning(tmp_path, other
         run.finish(20, 0.6)
         run.finish(30, 0.1)
     assert run.kept() == ["checkpoint-20", "checkpoint-10"]
-    kept, original = run.best / METRIC / "checkpoint-20" / "model.safetensors", run.output / "checkpoint-20" / "model.safetensors"
+    kept = run.best / METRIC / "checkpoint-20" / "model.safetensors"
+    original = run.output / "checkpoint-20" / "model.safetensors"
     assert kept.read_bytes() == original.read_bytes() and os.stat(kept).st_ino != os.stat(original).st_ino
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "copied there instead" in warnings[0], warnings
@@ -221,7 +223,8 @@ PERPLEXITY = "ppl/perplexity"
 
 def _config(folder: Path, keep_best: str) -> Path:
     config = folder / "watch.toml"
-    config.write_text(f'wandb = "off"\ntensorboard = "off"\nsettle = 0\nretry_backoff = 0\npreset = "ppl"\n{keep_best}\n'
+    config.write_text(f'wandb = "off"\ntensorboard = "off"\nsettle = 0\nretry_backoff = 0\npreset = "ppl"\n'
+                      f'{keep_best}\n'
                       '[presets.ppl]\n[[presets.ppl.evaluators]]\nbackend = "probes"\nprobes = ["perplexity"]\n')  # fmt: skip
     return config
 
@@ -296,7 +299,8 @@ def test_best_prints_the_kept_checkpoints(rotated_run):
     assert first["checkpoint"] in text.stdout and f"{first['value']:.4g}" in text.stdout
     as_json = ckpt_watch("best", output, "--json")
     [ranking] = json.loads(as_json.stdout)["rankings"]
-    assert ranking["source"] == "best.json" and [e["step"] for e in ranking["checkpoints"]] == [e["step"] for e in rule["kept"]]
+    assert ranking["source"] == "best.json"
+    assert [e["step"] for e in ranking["checkpoints"]] == [e["step"] for e in rule["kept"]]
     assert ranking["checkpoints"][0]["path_exists"] is True
     path_only = ckpt_watch("best", output, "--path-only")
     assert path_only.stdout == first["path"] + "\n" and path_only.returncode == 0

@@ -230,10 +230,11 @@ class Retention:
         """Where the checkpoint's files can be had, best first: its hold, another rule's kept copy (best/'s own
         filesystem), the original (while the journal has it as present: a re-saved folder is another generation)."""
         found = [self._held_path(standing.checkpoint, standing.generation)]
-        found += [Path(other) / standing.checkpoint for (other, name), generation in self._kept.items()
-                  if name == standing.checkpoint and generation == standing.generation and other != str(folder)]  # fmt: skip
+        key = (standing.checkpoint, standing.generation)
+        found += [Path(other) / name for (other, name), generation in self._kept.items()
+                  if (name, generation) == key and other != str(folder)]  # fmt: skip
         found += [c.path for c in checkpoints
-                  if (c.name, c.generation) == (standing.checkpoint, standing.generation) and not c.gone]  # fmt: skip
+                  if (c.name, c.generation) == key and not c.gone]  # fmt: skip
         return [path for path in found if path.is_dir()]
 
     # --- holds and folders ---------------------------------------------------------------------------------------
@@ -271,7 +272,8 @@ class Retention:
                 return False
             self._warn_once("copy", f"{self.prefix}keep_best: cannot hard-link {source} into {self.best_dir} "
                             f"({self._unlinkable[device]}): the best checkpoints are copied there instead, and "
-                            "nothing is held before its results are in (keep_best_copy = false: nothing is kept)")  # fmt: skip
+                            "nothing is held before its results are in (keep_best_copy = false: nothing is "
+                            "kept)")  # fmt: skip
             _link_tree(source, building, copy_instead=True)
         if publish:
             shutil.rmtree(destination, ignore_errors=True)

@@ -53,8 +53,7 @@ class WatchedRun:
         # Log lines about this run's checkpoints name it when the daemon watches several.
         self.prefix = f"[{self.name}] " if setup.config.several_runs else ""
         # keep_best: the best checkpoints under RESULTS_DIR/best; every complete one held there until decided.
-        self.retention = Retention(self.results_dir, self.journal, place.config,
-                                   lambda: self.pending() + self.journal.jobs(states=ACTIVE_STATES), self.prefix)  # fmt: skip
+        self.retention = Retention(self.results_dir, self.journal, place.config, self.unfinished, self.prefix)
 
     @property
     def config(self):
@@ -163,6 +162,10 @@ class WatchedRun:
         """`queued`: this run's jobs handed out but not begun (Slurm jobs still in Slurm's queue)."""
         return RunQueue(self.name, self.journal.all_checkpoints(), self.pending(), self.final_step,
                         tuple(self.detector.settling_steps()), tuple(queued))  # fmt: skip
+
+    def unfinished(self) -> list[Job]:
+        """Jobs still to run or running: a checkpoint with one is not decided yet (keep_best holds it)."""
+        return self.pending() + self.journal.jobs(states=ACTIVE_STATES)
 
     def idle(self) -> bool:
         """Nothing settling, nothing pending (jobs running are the daemon's to know)."""

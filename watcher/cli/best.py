@@ -83,7 +83,7 @@ def main(argv: list[str]) -> int:
 def find_rankings(results_dir: Path, metric: str | None, variant: str | None, mode: str, top: int) -> list[Ranking]:
     """The rankings asked for: the keep_best rules' (best.json) that match, else `metric` from results.jsonl."""
     rules = [rule for rule in read_index(results_dir / BEST_DIR).get("rules", [])
-             if (metric is None or rule.get("metric") == metric) and (variant is None or rule.get("variant") == variant)]  # fmt: skip
+             if metric in (None, rule.get("metric")) and variant in (None, rule.get("variant"))]  # fmt: skip
     if rules:
         return [_kept_ranking(rule) for rule in rules]
     if metric is None:
