@@ -76,6 +76,9 @@ def test_a_bad_entry_is_one_line_naming_it(tmp_path, entry, message):
     ("gpu_busy_mib = -1", "gpu_busy_mib must be a non-negative integer (MiB), got -1"),
     ('schedule = "full"', "schedule must be a list of [[schedule]] tables"),
     ("schedule = [1]", "schedule entry 1 must be a table, got 1"),
+    ('keep_best = "acc"', 'keep_best must be a list of rules: keep_best = [{ metric = "...", k = 3 }] or [[keep_best]]'),
+    ('keep_best_copy = "no"', "keep_best_copy must be true or false, got 'no'"),
+    ("keep_merged_best = 1", "keep_merged_best must be true or false, got 1"),
 ])  # fmt: skip
 def test_bad_pool_and_schedule_options(tmp_path, text, message):
     with pytest.raises(ConfigError) as caught:
@@ -125,13 +128,3 @@ def test_a_bad_keep_best_rule_is_one_line_naming_it(tmp_path, rules, message):
         _config(tmp_path, f"keep_best = [{rules}]\n")
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
-
-@pytest.mark.parametrize("text, message", [
-    ('keep_best = "acc"', "keep_best must be a list of rules"),
-    ('keep_best_copy = "no"', "keep_best_copy must be true or false, got 'no'"),
-    ("keep_merged_best = 1", "keep_merged_best must be true or false, got 1"),
-])  # fmt: skip
-def test_bad_keep_best_options(tmp_path, text, message):
-    with pytest.raises(ConfigError) as caught:
-        _config(tmp_path, text + "\n")
-    assert message in str(caught.value)

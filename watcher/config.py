@@ -660,18 +660,26 @@ def _validate_runs(config: WatchConfig) -> None:
                           "auto (each run's own) or off")  # fmt: skip
 
 
+def _table_named(what: str, table: Any, keys: tuple[str, ...], name_key: str) -> str:
+    """How errors name one table of a list (`what`, and its `name_key` value when it has one), once it is known to be
+    a table with only `keys`; a one-line ConfigError otherwise."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{what} must be a table, got {table!r}")
+    name = table.get(name_key)
+    where = what + (f" ({name_key} {name!r})" if isinstance(name, str) and name else "")
+    for key in table:
+        if key not in keys:
+            raise ConfigError(f"unknown key '{key}' in {where}; known keys: {', '.join(keys)}")
+    return where
+
+
 def _schedule_entry(number: int, entry: Any) -> ScheduleEntry:
     """A `[[schedule]]` table (or an entry already checked, on a reload) as a ScheduleEntry; a one-line
     ConfigError naming the entry (its position, and its preset when it has one) otherwise."""
     if isinstance(entry, ScheduleEntry):
         return entry
-    if not isinstance(entry, dict):
-        raise ConfigError(f"schedule entry {number} must be a table, got {entry!r}")
+    where = _table_named(f"schedule entry {number}", entry, SCHEDULE_KEYS, "preset")
     preset = entry.get("preset")
-    where = f"schedule entry {number}" + (f" (preset {preset!r})" if isinstance(preset, str) and preset else "")
-    for key in entry:
-        if key not in SCHEDULE_KEYS:
-            raise ConfigError(f"unknown key '{key}' in {where}; known keys: {', '.join(SCHEDULE_KEYS)}")
     if not isinstance(preset, str) or not preset:
         raise ConfigError(f"{where} needs a preset name, got {preset!r}")
     for name in ("every", "every_steps"):
@@ -697,13 +705,8 @@ def _keep_best_rule(number: int, rule: Any) -> KeepBestRule:
     naming the rule (its position, and its metric when it has one) otherwise."""
     if isinstance(rule, KeepBestRule):
         return rule
-    if not isinstance(rule, dict):
-        raise ConfigError(f"keep_best rule {number} must be a table, got {rule!r}")
+    where = _table_named(f"keep_best rule {number}", rule, KEEP_BEST_KEYS, "metric")
     metric = rule.get("metric")
-    where = f"keep_best rule {number}" + (f" (metric {metric!r})" if isinstance(metric, str) and metric else "")
-    for key in rule:
-        if key not in KEEP_BEST_KEYS:
-            raise ConfigError(f"unknown key '{key}' in {where}; known keys: {', '.join(KEEP_BEST_KEYS)}")
     if not isinstance(metric, str) or not metric.strip():
         raise ConfigError(f"{where} needs a metric name, got {metric!r}")
     # The metric names a folder under best/: every part a plain name (no "..", no hidden folder like .held).
