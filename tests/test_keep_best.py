@@ -18,7 +18,7 @@ from helpers import ckpt_watch, start_daemon, wait_for
 
 from watcher.config import build_config
 from watcher.journal import Journal
-from watcher.records import ACTIVE_STATES, JobState, Result
+from watcher.records import ACTIVE_STATES, JobState, Outcome, OutcomeKind, Result
 from watcher.retention import Retention, read_index
 
 METRIC = "smoke_mc/acc"
@@ -51,9 +51,12 @@ class Run:
         active = lambda: self.journal.jobs(states=[JobState.PENDING, *ACTIVE_STATES])  # noqa: E731
         return Retention(self.results_dir, self.journal, self.config, active)
 
-    def finish(self, step: int, value: float | None, record: bool = True) -> Result:
+    def finish(self, step: int, value: float | None, record: bool = True, merged: Path | None = None) -> Result:
+        """`merged`: the merged model the job left in its scratch folder (as the daemon hands it over)."""
         [job] = [j for j in self.journal.jobs() if j.checkpoint.step == step]
         job = self.journal.start(job)
+        if merged is not None:
+            self.retention.take_merged(job, Outcome(OutcomeKind.OK, metrics={METRIC: value}, merged_model=str(merged)))
         result = Result(result_id=f"r{step}", step=step, checkpoint=f"checkpoint-{step}", variant="regular",
                         preset="smoke", status="ok" if value is not None else "failed",
                         metrics={METRIC: value} if value is not None else {}, error=None if value else "boom",
@@ -128,6 +131,25 @@ def test_a_retention_failure_is_one_line_and_the_next_result_mends_it(tmp_path, 
     run.best.unlink()
     run.retention.reconcile()  # the next look at the output dir
     assert run.kept() == ["checkpoint-20", "checkpoint-10"]
+
+
+def test_keep_merged_best_holds_a_merged_model_only_while_it_could_rank(tmp_path):
+    run = Run(tmp_path / "out", tmp_path / "results", [10, 20, 30], keep_merged_best=True)
+    scratch = tmp_path / "scratch"
+    for step in (10, 20, 30):
+        (scratch / str(step)).mkdir(parents=True)
+        (scratch / str(step) / "model.safetensors").write_text(f"merged {step}")
+    run.finish(10, 0.5, merged=scratch / "10")
+    run.finish(20, 0.6, merged=scratch / "20")
+    assert (run.best / METRIC / "checkpoint-20" / "merged" / "model.safetensors").read_text() == "merged 20"
+    held = run.best / ".held" / "checkpoint-30-g1.merged-regular"
+    run.retention.take_merged(run.journal.jobs()[-1], Outcome(OutcomeKind.OK, metrics={METRIC: 0.1},
+                                                              merged_model=str(scratch / "30")))  # fmt: skip
+    assert not held.exists()  # 0.1 would not be among the best 2: not worth holding
+    run.finish(30, 0.7, merged=scratch / "30")
+    assert run.kept() == ["checkpoint-30", "checkpoint-20"] and run.held() == []
+    [rule] = read_index(run.best)["rules"]
+    assert [e["merged"] for e in rule["kept"]] == [str(run.best / METRIC / f"checkpoint-{s}" / "merged") for s in (30, 20)]
 
 
 CRASH = """

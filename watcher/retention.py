@@ -40,7 +40,7 @@ from watcher.atomic import write_json_atomic
 from watcher.config import KeepBestRule, WatchConfig
 from watcher.journal import Checkpoint, Job, Journal
 from watcher.records import Outcome, Result, iso_time
-from watcher.standings import Standing, ranked, resolve_mode
+from watcher.standings import Standing, better, ranked, resolve_mode
 
 log = logging.getLogger("ckpt-watch")
 
@@ -130,9 +130,9 @@ class Retention:
         merged = outcome.merged_model
         if not (self.enabled and self.keep_merged and outcome.ok and merged and Path(merged).is_dir()):
             return
-        if job.variant not in {rule.variant for rule in self.rules}:
-            return
         with self._guard(f"hold the merged model of {job.label}"):
+            if not self._might_rank(job, outcome):
+                return
             name = f"{job.checkpoint.name}-g{job.checkpoint.generation}.{MERGED}-{job.variant}"
             self._clone_into(Path(merged), self.best_dir / HELD_DIR / name, copy=self.copy)
 
@@ -154,6 +154,23 @@ class Retention:
                 log.info("%skeep_best: the best checkpoints are up to date again", self.prefix)
                 self._said = {key for key in self._said if not key.startswith("failed ")}  # said again if it recurs
 
+    def _might_rank(self, job: Job, outcome: Outcome) -> bool:
+        """Whether the job's own values would put its checkpoint among some rule's best k now: only then is its
+        merged model worth holding (a copy of a whole model, where scratch is on another filesystem)."""
+        results = self.journal.results()
+        for rule in self.rules:
+            value = outcome.metrics.get(rule.metric)
+            if rule.variant != job.variant or not isinstance(value, (int, float)):
+                continue
+            try:
+                mode = resolve_mode(rule.mode, rule.metric, results)
+            except ValueError:  # nothing says yet which way is better: keep it, to be sure
+                return True
+            others = [s for s in ranked(results, rule.metric, mode, rule.variant) if s.checkpoint != job.checkpoint.name]
+            if len(others) < rule.k or better(value, others[rule.k - 1].value, mode):
+                return True
+        return False
+
     # --- the sync ------------------------------------------------------------------------------------------------
 
     def _sync(self) -> None:
@@ -164,7 +181,7 @@ class Retention:
         held = self.best_dir / HELD_DIR
         _remove_temporary(held)
         for checkpoint in checkpoints:  # e.g. a crash between journaling a checkpoint and holding it
-            if checkpoint.id in undecided and not checkpoint.gone and not self.holds(checkpoint):
+            if checkpoint.id in undecided and not self.holds(checkpoint) and checkpoint.path.is_dir():
                 self._hold(checkpoint)
         index = [self._sync_rule(rule, results, checkpoints) for rule in self.rules]
         write_json_atomic(self.best_dir / INDEX, {"updated_at": iso_time(time.time()), "rules": index})
