@@ -273,7 +273,10 @@ def rotated_run(tmp_path_factory):
             step = state.global_step
             inodes[step] = os.stat(output / f"checkpoint-{step}" / "model.safetensors").st_ino
             held = output / "ckpt-watch" / "best" / ".held" / f"checkpoint-{step}-g1"
-            wait_for(held.is_dir, 120, what=f"the daemon to hold checkpoint-{step}")
+            try:
+                wait_for(held.is_dir, 300, what=f"the daemon to hold checkpoint-{step}")
+            except AssertionError as exc:  # with what the daemon said
+                raise AssertionError(f"{exc}; daemon: {(folder / 'daemon.log').read_text()[-3000:]}") from None
 
     daemon = start_daemon(folder / "daemon.log", output, "--config", config, "--log-format", "plain")
     try:
@@ -287,7 +290,10 @@ def rotated_run(tmp_path_factory):
                 if (output / "ckpt-watch" / "results.jsonl").is_file() else 0  # fmt: skip
             return done == 4 and bool(index) and not any((best_json.parent / ".held").iterdir())
 
-        wait_for(settled, 240, interval=0.5, what="4 results and no hold left")
+        try:
+            wait_for(settled, 300, interval=0.5, what="4 results and no hold left")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; daemon: {(folder / 'daemon.log').read_text()[-3000:]}") from None
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=60)
