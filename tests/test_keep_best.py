@@ -251,6 +251,14 @@ def _config(folder: Path, keep_best: str) -> Path:
     return config
 
 
+def _wait_for_daemon(predicate, what: str, log: Path) -> None:
+    """wait_for, generously (other tests load the machine); a timeout says what the daemon logged."""
+    try:
+        wait_for(predicate, 300, interval=0.2, what=what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the daemon's log ends: {log.read_text()[-3000:]}") from None
+
+
 @pytest.fixture(scope="module")
 def rotated_run(tmp_path_factory):
     """A real Trainer run with save_total_limit=1 (checkpoint-10 .. -40; each one deleted by the next save) while the
@@ -273,10 +281,7 @@ def rotated_run(tmp_path_factory):
             step = state.global_step
             inodes[step] = os.stat(output / f"checkpoint-{step}" / "model.safetensors").st_ino
             held = output / "ckpt-watch" / "best" / ".held" / f"checkpoint-{step}-g1"
-            try:
-                wait_for(held.is_dir, 300, what=f"the daemon to hold checkpoint-{step}")
-            except AssertionError as exc:  # with what the daemon said
-                raise AssertionError(f"{exc}; daemon: {(folder / 'daemon.log').read_text()[-3000:]}") from None
+            _wait_for_daemon(held.is_dir, f"the daemon to hold checkpoint-{step}", folder / "daemon.log")
 
     daemon = start_daemon(folder / "daemon.log", output, "--config", config, "--log-format", "plain")
     try:
@@ -290,10 +295,7 @@ def rotated_run(tmp_path_factory):
                 if (output / "ckpt-watch" / "results.jsonl").is_file() else 0  # fmt: skip
             return done == 4 and bool(index) and not any((best_json.parent / ".held").iterdir())
 
-        try:
-            wait_for(settled, 300, interval=0.5, what="4 results and no hold left")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; daemon: {(folder / 'daemon.log').read_text()[-3000:]}") from None
+        _wait_for_daemon(settled, "4 results and no hold left", folder / "daemon.log")
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=60)
