@@ -78,13 +78,13 @@ def rule_folder(best_dir: Path, rule: KeepBestRule) -> Path:
 
 
 class Retention:
-    """One watched run's best/ folder. `active_jobs`: the run's jobs still to run or running (what keeps a
+    """One watched run's best/ folder. `unfinished`: the run's jobs still to run or running (what keeps a
     checkpoint undecided); `prefix`: how this run's log lines begin."""
 
     def __init__(self, results_dir: Path, journal: Journal, config: WatchConfig,
-                 active_jobs: Callable[[], list[Job]], prefix: str = ""):  # fmt: skip
+                 unfinished: Callable[[], list[Job]], prefix: str = ""):  # fmt: skip
         self.best_dir = results_dir / BEST_DIR
-        self.journal, self.active_jobs, self.prefix = journal, active_jobs, prefix
+        self.journal, self.unfinished, self.prefix = journal, unfinished, prefix
         self.configure(config)
         self._synced = False  # a sync went through since start (else the next look at the output dir tries)
         # Filesystems (st_dev) of sources that os.link refused (another filesystem than best/), and why: nothing
@@ -177,7 +177,7 @@ class Retention:
         results = self.journal.results()
         checkpoints = self.journal.all_checkpoints()
         variants = {rule.variant for rule in self.rules}
-        undecided = {job.checkpoint.id for job in self.active_jobs() if job.variant in variants}
+        undecided = {job.checkpoint.id for job in self.unfinished() if job.variant in variants}
         held = self.best_dir / HELD_DIR
         _remove_temporary(held)
         for checkpoint in checkpoints:  # e.g. a crash between journaling a checkpoint and holding it
