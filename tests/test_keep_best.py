@@ -110,6 +110,18 @@ def test_the_best_k_follow_results_arriving_out_of_order(tmp_path):
     assert rule["kept"][0]["original"] == str(run.output / "checkpoint-40")
 
 
+def test_a_reload_with_another_k_applies_at_the_next_look(tmp_path):
+    run = Run(tmp_path / "out", tmp_path / "results", [10, 20, 30])
+    for step, value in ((10, 0.5), (20, 0.6), (30, 0.4)):
+        run.finish(step, value)
+    assert run.kept() == ["checkpoint-20", "checkpoint-10"]
+    reloaded = build_config({"keep_best": [{"metric": METRIC, "mode": "max", "k": 1}]},
+                            {"output_dir": run.output, "results_dir": run.results_dir})  # fmt: skip
+    run.retention.configure(reloaded)  # as WatchedRun.replace_setup does on SIGHUP
+    run.retention.reconcile()
+    assert run.kept() == ["checkpoint-20"]
+
+
 def test_a_failed_job_releases_its_hold_and_keeps_nothing(tmp_path):
     run = Run(tmp_path / "out", tmp_path / "results", [10, 20])
     run.finish(10, None)
