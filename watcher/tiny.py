@@ -174,7 +174,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--save-steps", type=int, default=10)
     parser.add_argument("--step-delay", type=float, default=0.0, help="seconds to sleep after each step")
-    parser.add_argument("--save-total-limit", type=int, help="the Trainer's save_total_limit: keep only the newest N")
     parser.add_argument("--report-to", action="append", default=[], help="a Trainer integration, e.g. tensorboard")
     parser.add_argument("--save-total-limit", type=int, help="the Trainer's checkpoint rotation (default: none)")
     parser.add_argument("--ckpt-watch-callback", action="store_true",
