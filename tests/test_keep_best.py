@@ -257,7 +257,9 @@ PERPLEXITY = "ppl/perplexity"
 
 def _config(folder: Path, keep_best: str) -> Path:
     config = folder / "watch.toml"
-    config.write_text(f'wandb = "off"\ntensorboard = "off"\nsettle = 0\nretry_backoff = 0\npreset = "ppl"\n'
+    # One attempt per job: a job whose checkpoint the trainer deletes under it must start again from the hold, not
+    # fail (a failure would leave that checkpoint without a result).
+    config.write_text(f'wandb = "off"\ntensorboard = "off"\nsettle = 0\nmax_attempts = 1\npreset = "ppl"\n'
                       f'{keep_best}\n'
                       '[presets.ppl]\n[[presets.ppl.evaluators]]\nbackend = "probes"\nprobes = ["perplexity"]\n')  # fmt: skip
     return config
@@ -318,7 +320,8 @@ def test_hard_links_survive_the_trainers_rotation(rotated_run):
     output, _config_file, inodes, log = rotated_run
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-40"]  # save_total_limit = 1
     results = [json.loads(line) for line in (output / "ckpt-watch" / "results.jsonl").read_text().splitlines()]
-    assert sorted((r["step"], r["status"]) for r in results) == [(10, "ok"), (20, "ok"), (30, "ok"), (40, "ok")], log
+    assert sorted((r["step"], r["status"], r["attempt"]) for r in results) == [(10, "ok", 1), (20, "ok", 1),
+                                                                                (30, "ok", 1), (40, "ok", 1)], log  # fmt: skip
     values = {r["step"]: r["metrics"][PERPLEXITY] for r in results}
     expected = sorted(values, key=lambda step: (values[step], step))[:2]  # lower perplexity is better
     [rule] = read_index(output / "ckpt-watch" / "best")["rules"]

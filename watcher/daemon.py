@@ -495,6 +495,10 @@ class Daemon:
                 self._end(active, stop=True, why="checkpoint deleted")
                 continue
             if running.poll() is None:
+                if run.retention.lost_original(job):
+                    self._end(active, stop=True, why="checkpoint deleted: starting again from the copy keep_best holds")
+                    self._again_from_hold(active)
+                    continue
                 if running.timed_out:
                     log.warning("%s%s: timed out after %.0f s; stopping it", run.prefix, job.label,
                                 running.timeout)  # fmt: skip
@@ -508,7 +512,17 @@ class Daemon:
             self._end(active, stop=False)
             if not outcome.ok and run.gone(job.checkpoint):
                 continue
+            if not outcome.ok and run.retention.lost_original(job):
+                self._again_from_hold(active)
+                continue
             self._commit(active, outcome)
+
+    def _again_from_hold(self, active: ActiveJob) -> None:
+        """The trainer deleted a checkpoint that keep_best holds while its job ran: the job is pending again at
+        once, the attempt not counted, and starts from the hold (Retention.evaluable)."""
+        log.info("%s%s: the trainer deleted the checkpoint during the job; it starts again from the copy keep_best "
+                 "holds", active.run.prefix, active.job.label)  # fmt: skip
+        active.run.journal.put_back(active.job.id, "checkpoint deleted during the job: again from its hold")
 
     def _commit(self, active: ActiveJob, outcome: Outcome) -> None:
         """Record a job's outcome; kept in memory until the journal can take it (a full disk), so that nothing

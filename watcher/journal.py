@@ -288,6 +288,15 @@ class Journal:
             )
         return cursor.rowcount
 
+    def put_back(self, job_id: int, reason: str) -> None:
+        """One running job is pending again at once, its attempt not counted (as `recover_interrupted` does)."""
+        with self._tx():
+            self._db.execute(
+                "UPDATE jobs SET state = ?, attempts = max(attempts - 1, 0), next_attempt_at = 0, error = ?"
+                f" WHERE id = ? AND state IN {_ACTIVE}",
+                (JobState.PENDING, reason, job_id, *ACTIVE_STATES),
+            )
+
     def start(self, job: Job) -> Job | None:
         """A pending job begins an attempt. Returns the job as it now is in the journal (the write's own result,
         not read back), or None when it was not pending."""

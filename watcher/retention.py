@@ -92,6 +92,7 @@ class Retention:
         self._unlinkable: dict[int, str] = {}
         self._said: set[str] = set()  # warnings given once per run
         self._kept = self._read_index()  # (folder, checkpoint) -> generation, as best.json last said
+        self._from_hold: set[int] = set()  # jobs started from a hold (`evaluable`)
 
     def configure(self, config: WatchConfig) -> None:
         """The rules and options (at start, and on a reload: folders of dropped rules are left as they are)."""
@@ -123,7 +124,13 @@ class Retention:
         if not self.enabled or job.checkpoint.path.is_dir() or not held.is_dir():
             return job
         log.info("%s%s: the trainer deleted it; evaluating the copy held in %s", self.prefix, job.label, held)
+        self._from_hold.add(job.id)
         return replace(job, checkpoint=replace(job.checkpoint, path=held))
+
+    def lost_original(self, job: Job) -> bool:
+        """Whether the trainer deleted a running job's checkpoint under it while a hold has its files: the job
+        need not fail, it can start again from the hold (one started from the hold never loses it)."""
+        return job.id not in self._from_hold and self.holds(job.checkpoint) and not job.checkpoint.path.is_dir()
 
     def take_merged(self, job: Job, outcome: Outcome) -> None:
         """keep_merged_best: hold the merged model a job made (in its scratch folder, deleted next)."""
