@@ -255,13 +255,25 @@ def test_across_filesystems_without_copies_nothing_is_kept(tmp_path, other_files
 PERPLEXITY = "ppl/perplexity"
 
 
+# The first step of each job: wait until the test opens the gate (so that the trainer's rotation comes first, however
+# loaded the machine), then read the weights the job was given.
+GATE = """import json, os, sys, time
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.1)
+print(json.dumps({"gate/bytes": os.path.getsize(os.path.join(sys.argv[2], "model.safetensors"))}))
+"""
+
+
 def _config(folder: Path, keep_best: str) -> Path:
     config = folder / "watch.toml"
+    gate, opened = folder / "gate.py", folder / "open"
+    gate.write_text(GATE)
     # One attempt per job: a job whose checkpoint the trainer deletes under it must start again from the hold, not
     # fail (a failure would leave that checkpoint without a result).
     config.write_text(f'wandb = "off"\ntensorboard = "off"\nsettle = 0\nmax_attempts = 1\npreset = "ppl"\n'
-                      f'{keep_best}\n'
-                      '[presets.ppl]\n[[presets.ppl.evaluators]]\nbackend = "probes"\nprobes = ["perplexity"]\n')  # fmt: skip
+                      f'{keep_best}\n[presets.ppl]\n[[presets.ppl.evaluators]]\nbackend = "command"\n'
+                      f'command = ["{sys.executable}", "{gate}", "{opened}", "{{model_dir}}"]\n'
+                      '[[presets.ppl.evaluators]]\nbackend = "probes"\nprobes = ["perplexity"]\n')  # fmt: skip
     return config
 
 
@@ -277,7 +289,8 @@ def _wait_for_daemon(predicate, what: str, log: Path) -> None:
 def rotated_run(tmp_path_factory):
     """A real Trainer run with save_total_limit=1 (checkpoint-10 .. -40; each one deleted by the next save) while the
     daemon runs with keep_best k=2 by held-out perplexity. Each save waits until the daemon holds the checkpoint (a
-    trainer slower than detection), so the rotation always deletes a held checkpoint, mostly before its result.
+    trainer slower than detection), and jobs wait at a gate until training ends: the rotation deletes checkpoint-10,
+    -20 and -30 before their results, -10 while its job runs.
     Returns the output dir, the config and the inode of each checkpoint's model.safetensors as saved."""
     from transformers import TrainerCallback
 
@@ -301,6 +314,7 @@ def rotated_run(tmp_path_factory):
     try:
         train_tiny(output, max_steps=40, save_steps=10, save_total_limit=1,
                    callbacks=[CkptWatchCallback(), WaitForTheHold()])  # fmt: skip
+        (folder / "open").touch()  # the gate: evaluations may go on
         best_json = output / "ckpt-watch" / "best" / "best.json"
 
         def settled() -> bool:
@@ -331,7 +345,10 @@ def test_hard_links_survive_the_trainers_rotation(rotated_run):
         assert kept == output / "ckpt-watch" / "best" / "ppl" / "perplexity" / f"checkpoint-{step}"
         assert os.stat(kept / "model.safetensors").st_ino == inodes[step]
         assert (kept / "trainer_state.json").is_file() and (kept / "config.json").is_file()
-    assert "evaluating the copy held in" in log  # a rotated checkpoint was evaluated from its hold
+    assert all(r["metrics"]["gate/bytes"] > 0 for r in results)  # every job read the weights ...
+    for step in (20, 30):  # ... of rotated checkpoints from their holds
+        assert f"checkpoint-{step}/regular/ppl: the trainer deleted it; evaluating the copy held in" in log
+    assert "checkpoint-10/regular/ppl: the trainer deleted the checkpoint during the job; it starts again" in log
 
 
 def test_best_prints_the_kept_checkpoints(rotated_run):
@@ -394,3 +411,24 @@ def test_best_without_results_is_one_line_and_status_2(tmp_path):
     missing = ckpt_watch("best", tmp_path / "nowhere")
     assert missing.returncode == 2 and "output dir not found" in missing.stderr
 
+
+
+def test_a_hold_follows_a_marker_renamed_into_place_while_it_is_linked(tmp_path, monkeypatch):
+    """The Trainer callback writes its sentinel as a temporary file renamed into place, possibly while the daemon
+    (settle = 0) already links the folder: the hold has the sentinel, not the temporary file, and is not dropped."""
+    from watcher import retention
+
+    source = tmp_path / "checkpoint-10"
+    source.mkdir()
+    (source / "model.safetensors").write_bytes(b"w" * 100)
+    (source / ".sentinel.tmp").write_text("{}")
+    link = os.link
+
+    def link_then_rename(src, dst, **kwargs):  # the rename lands between the walk's listing and this link
+        if Path(src).name == ".sentinel.tmp" and Path(src).exists():
+            os.rename(src, source / "ckpt-watch-complete.json")
+        return link(src, dst, **kwargs)
+
+    monkeypatch.setattr(retention.os, "link", link_then_rename)
+    retention._link_tree(source, tmp_path / "held", copy_instead=False)
+    assert sorted(p.name for p in (tmp_path / "held").iterdir()) == ["ckpt-watch-complete.json", "model.safetensors"]

@@ -337,23 +337,56 @@ def read_index(best_dir: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+MAX_PASSES = 5  # walks of a folder whose files keep coming and going before it counts as being deleted
+
+
 def _link_tree(source: Path, destination: Path, copy_instead: bool) -> None:
     """Recreate `source`'s folders at `destination` and hard-link (or stream-copy: shutil.copy2 copies in bounded
-    memory) its files one by one. FileNotFoundError when something vanished mid-walk (os.walk would skip it)."""
+    memory) its files one by one. A file that comes or goes meanwhile (a marker written as a temporary file renamed
+    into place, like the Trainer callback's sentinel) is followed by walking again until a walk finds the folder as
+    the last one left it. FileNotFoundError when the folder went away (the trainer deleting it), or never held still
+    (files vanishing walk after walk: the trainer's rmtree under way)."""
+    for _ in range(MAX_PASSES):
+        if not _link_pass(source, destination, copy_instead):
+            return
+    raise FileNotFoundError(errno.ENOENT, "checkpoint folder kept changing while it was linked", str(source))
+
+
+def _link_pass(source: Path, destination: Path, copy_instead: bool) -> bool:
+    """One walk: link what `destination` lacks, drop what `source` no longer has. Whether anything changed."""
 
     def fail(exc: OSError) -> None:
-        raise exc
+        if not source.is_dir():
+            raise exc
+        # A subfolder that went away while the folder stays: its files are missing from this walk, which the
+        # next one sees.
 
+    seen: set[Path] = set()
+    changed = False
     for root, _folders, files in os.walk(source, onerror=fail):
-        target = destination / Path(root).relative_to(source)
-        target.mkdir(parents=True, exist_ok=True)
+        relative = Path(root).relative_to(source)
+        (destination / relative).mkdir(parents=True, exist_ok=True)
         for name in files:
-            if copy_instead:
-                shutil.copy2(Path(root) / name, target / name)
-            else:
-                os.link(Path(root) / name, target / name)
+            seen.add(relative / name)
+            if os.path.lexists(destination / relative / name):
+                continue
+            changed = True
+            try:
+                if copy_instead:
+                    shutil.copy2(Path(root) / name, destination / relative / name)
+                else:
+                    os.link(Path(root) / name, destination / relative / name)
+            except FileNotFoundError:
+                if not source.is_dir():
+                    raise
     if not destination.is_dir():  # the source was gone before the walk began (os.walk raised nothing)
         raise FileNotFoundError(errno.ENOENT, "checkpoint folder vanished", str(source))
+    for root, _folders, files in os.walk(destination):
+        for name in files:
+            if (Path(root) / name).relative_to(destination) not in seen:
+                (Path(root) / name).unlink()
+                changed = True
+    return changed
 
 
 def _remove_temporary(folder: Path) -> None:
