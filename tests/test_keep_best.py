@@ -391,7 +391,7 @@ def test_best_ranks_results_jsonl_without_keep_best(rotated_run, tmp_path):
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--metric", "nope/acc"], "has the metric 'nope/acc'; metrics: ppl/nll_per_token, ppl/perplexity"),
+    (["--metric", "nope/acc"], "has the metric 'nope/acc'; metrics: gate/bytes, ppl/nll_per_token, ppl/perplexity"),
     ([], "no keep_best rules in"),
     (["--top", "0", "--metric", PERPLEXITY], "--top must be a positive integer, got 0"),
 ])  # fmt: skip
