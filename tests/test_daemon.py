@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
-from helpers import ckpt_watch, job_states, journal_checkpoints, results, start_daemon, wait_for, worker_processes
+from helpers import ckpt_watch, job_states, journal_checkpoints, results, sleep_preset_config, start_daemon, wait_for, worker_processes
 
 # A probe reads only safetensors headers: for tests of the daemon's mechanics, where lm-eval is not what is
 # being checked. The lm_eval presets make the real evaluator run where it is.
@@ -123,9 +123,11 @@ def test_an_evaluator_error_fails_the_job_with_its_message(copy_trainer_output, 
 # --- crash safety ---------------------------------------------------------------------------------------------
 
 
-def test_sigkill_mid_job_loses_nothing_and_redoes_only_the_interrupted_job(copy_trainer_output, config_file, tmp_path):
+def test_sigkill_mid_job_loses_nothing_and_redoes_only_the_interrupted_job(copy_trainer_output, tmp_path):
     output = copy_trainer_output()
-    daemon = start_daemon(tmp_path / "first.log", output, "--scan", "--config", config_file, "--preset", "quick")
+    # Jobs of a known length (a command that sleeps 3 s): a warm lm-eval job is over in a second, before the kill.
+    config = sleep_preset_config(tmp_path, "sleepy", 3)
+    daemon = start_daemon(tmp_path / "first.log", output, "--scan", "--config", config)
     try:
         wait_for(lambda: job_states(output).get("checkpoint-20/regular") in ("preparing", "evaluating"), 240,
                  what="the second job to start")  # fmt: skip
@@ -137,14 +139,14 @@ def test_sigkill_mid_job_loses_nothing_and_redoes_only_the_interrupted_job(copy_
     # The job's child dies with the daemon (PR_SET_PDEATHSIG): nothing keeps the GPU busy.
     wait_for(lambda: not worker_processes(output / "ckpt-watch"), 15, what="the orphaned worker to die")
 
-    rerun = ckpt_watch(output, "--scan", "--config", config_file, "--preset", "quick")
+    rerun = ckpt_watch(output, "--scan", "--config", config)
     assert rerun.returncode == 0, rerun.stderr
     records = results(output)
     assert sorted(r["step"] for r in records) == [10, 20, 30]
     assert len({r["result_id"] for r in records}) == 3
     assert "1 job(s) interrupted" in rerun.stderr
     assert "started checkpoint-10" not in rerun.stderr  # the finished job was not redone
-    log = (output / "ckpt-watch" / "checkpoint-20" / "regular" / "quick.log").read_text()
+    log = (output / "ckpt-watch" / "checkpoint-20" / "regular" / "sleepy.log").read_text()
     assert log.count("===== attempt 1") == 2  # the interrupted attempt did not count against the job
 
 
