@@ -329,3 +329,27 @@ def test_tensorboard_is_an_extra():
 
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     assert any(dep.startswith("tensorboard") for dep in project["optional-dependencies"]["tensorboard"])
+
+
+def test_the_decisions_demo_keeps_the_best_alerts_stops_and_compares(tmp_path):
+    """`ckpt-watch demo --decisions`: the README's reproduction of issue 16's whole story on the CPU."""
+    from watcher.sinks.wandb_files import alert_records
+
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-m", "watcher", "demo", "--decisions", "--output-dir", str(out),
+                          "--log-format", "plain"], capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = [r for r in results(out) if r["status"] == "ok"]
+    by_acc = sorted(records, key=lambda r: (-r["metrics"]["ckpt_watch_smoke_mc/acc"], r["step"]))
+    kept = out / "ckpt-watch" / "best" / "ckpt_watch_smoke_mc" / "acc"
+    assert sorted(p.name for p in kept.iterdir()) == sorted(r["checkpoint"] for r in by_acc[:3])
+    assert len(list(out.glob("checkpoint-*"))) <= 2  # the trainer's rotation; best/ outlived it
+    assert all((kept / r["checkpoint"] / "model.safetensors").is_file() for r in by_acc[:3])
+    # The tiny run is deterministic: accuracy stays below its best for two checkpoints in a row at some point.
+    alerts = [json.loads(line) for line in (out / "ckpt-watch" / "alerts.jsonl").read_text().splitlines()]
+    assert alerts and alerts[0]["rule"] == "accuracy-regression", alerts
+    assert (out / "ckpt-watch-stop.json").is_file()
+    assert [a["title"] for f in out.rglob("*.wandb") for a in alert_records(f)] == \
+        [f"ckpt-watch: {alerts[0]['checkpoint']}: accuracy-regression"]
+    assert "is the difference real, or noise?" in run.stdout and "p < 0.05" in run.stdout, run.stdout
+    assert "wandb sync" in run.stdout

@@ -176,7 +176,7 @@ class Daemon:
                 next_reconcile = time.monotonic() + self._reconcile_interval()
                 if thorough:
                     next_thorough = time.monotonic() + THOROUGH_RESCAN
-        return self.shutdown(scan)
+        return self.shutdown(scan, deliver_all=finish_when is not None)
 
     def _watch(self, run: WatchedRun) -> None:
         """Start watching a run's output dir (not for a --scan), and say so in the start-up line."""
@@ -267,7 +267,8 @@ class Daemon:
             return  # the disk is full: `status` sees that itself; noted at a later round
         self._noted_problem = problem
 
-    def shutdown(self, scan: bool) -> int:
+    def shutdown(self, scan: bool, deliver_all: bool = False) -> int:
+        """`deliver_all`: end like a finished scan, every sink delivered to (the demo), unless a signal stopped it."""
         self.notifier.stopping()
         if self.active and self.executor.detaches and not self.executor.cancel_on_stop:
             self._leave_running()
@@ -287,13 +288,19 @@ class Daemon:
         # A backfill (--scan) ends with every sink delivered to; a stop asked for by a signal waits for a delivery
         # already on its way (briefly) but starts no slow one: those results stay in the journal for the next start.
         finished_scan = scan and not self._stop_requested
+        deliver_everything = (scan or deliver_all) and not self._stop_requested
         unwritten = False
         for run in self.runs:
             pending = {sink.name: run.journal.undelivered_count(sink.name) for sink in run.outbox.sinks}  # if it fails
             pending = {name: n for name, n in pending.items() if n}
             with self.resources.guard("deliver results"):
-                run.outbox.wait(None if finished_scan else STOP_GRACE)
-                pending = {name: n for name, n in run.outbox.deliver_pending(include_slow=finished_scan).items() if n}
+                run.outbox.wait(None if deliver_everything else STOP_GRACE)
+                # The demo's trainer has just ended: a sink that waited for that (W&B defer) is asked again now,
+                # not after its backoff.
+                force = deliver_all and deliver_everything
+                pending = {name: n for name, n in run.outbox.deliver_pending(force=force,
+                                                                             include_slow=deliver_everything).items()
+                           if n}  # fmt: skip
             if pending:
                 log.warning("results not yet delivered (they stay in the journal; `ckpt-watch sync %s` delivers "
                             "them): %s", run.output_dir, ", ".join(f"{name} {n}" for name, n in pending.items()))  # fmt: skip

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from watcher.cli import demo_decisions
 from watcher.cli.common import EXIT_FAILED, EXIT_OK, _Parser, resolve_log_format, setup_logging
 from watcher.config import LOG_FORMATS, WatchConfig, build_config
 from watcher.records import Result
@@ -29,15 +30,23 @@ TENSORBOARD_DIR = "runs/ckpt-watch-eval"
 def main(argv: list[str]) -> int:
     parser = _Parser(prog="ckpt-watch demo", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="where evaluation jobs run (default: cpu)")
-    parser.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
+    parser.add_argument("--decisions", action="store_true",
+                        help="also keep the best checkpoints, alert and stop training on a regression, and compare "
+                             "with noise in mind (watcher/cli/demo_decisions.py)")  # fmt: skip
+    parser.add_argument("--steps", type=int, help="training steps (default: 30; 100 with --decisions)")
     parser.add_argument("--save-steps", type=int, default=10, help="steps between checkpoints (default: 10)")
-    parser.add_argument("--step-delay", type=float, default=0.15, help="seconds slept per step (default: 0.15)")
+    parser.add_argument("--step-delay", type=float,
+                        help="seconds slept per step (default: 0.15; 0.3 with --decisions)")  # fmt: skip
     parser.add_argument("--output-dir", type=Path,
                         help="the training run's folder, kept afterwards (default: a new ckpt-watch-demo-* folder "
                              "in the temporary directory, also kept)")  # fmt: skip
     parser.add_argument("--log-format", choices=LOG_FORMATS, default="auto",
                         help="auto (default: the live view at a terminal, else plain), plain, json")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = demo_decisions.STEPS if args.decisions else 30
+    if args.step_delay is None:
+        args.step_delay = demo_decisions.STEP_DELAY if args.decisions else 0.15
     args.log_format = resolve_log_format(args.log_format)
     if args.log_format != "live":
         setup_logging(0, args.log_format)
@@ -52,19 +61,24 @@ def main(argv: list[str]) -> int:
 def run_demo(args: argparse.Namespace, output_dir: Path) -> int:
     from watcher.setup import resolve_setup
 
-    # No W&B in the demo: its tiny training run logs to none.
-    config: WatchConfig = build_config({}, {"output_dir": output_dir, "device": args.device, "preset": "smoke",
-                                            "wandb": "off", "tensorboard": TENSORBOARD_DIR})  # fmt: skip
+    decisions = getattr(args, "decisions", False)
+    # No W&B in the plain demo: its tiny training run logs to none. With --decisions it logs to an offline run, and
+    # the daemon writes the evals and the alert into that run.
+    config: WatchConfig = build_config(demo_decisions.CONFIG if decisions else {},
+                                       {"output_dir": output_dir, "device": args.device, "preset": "smoke",
+                                        "wandb": "auto" if decisions else "off", "tensorboard": TENSORBOARD_DIR})  # fmt: skip
     setup = resolve_setup(config)
     print(f"ckpt-watch demo: training a tiny model into {output_dir}; the daemon evaluates each checkpoint\n",
           flush=True)  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           **(demo_decisions.trainer_environment(output_dir) if decisions else {})}  # fmt: skip
     # The trainer's own curves in TensorBoard too, when the package that writes them is installed.
     report_to = ["--report-to", "tensorboard"] if _tensorboard_installed() else []
     train_log = open(output_dir / "train.log", "wb")
     trainer = subprocess.Popen(
         [sys.executable, "-m", "watcher.tiny", str(output_dir), "--steps", str(args.steps),
-         "--save-steps", str(args.save_steps), "--step-delay", str(args.step_delay), *report_to],
+         "--save-steps", str(args.save_steps), "--step-delay", str(args.step_delay), *report_to,
+         *(demo_decisions.trainer_arguments() if decisions else [])],
         stdout=train_log, stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
 
@@ -87,6 +101,8 @@ def run_demo(args: argparse.Namespace, output_dir: Path) -> int:
         return EXIT_FAILED
     records = read_results(setup.runs[0].results_dir)
     print_results(records)
+    if decisions:
+        demo_decisions.report(output_dir, setup.runs[0].results_dir)
     print(next_steps(output_dir, sorted({r.step for r in records if r.ok})), flush=True)
     failed = any(not r.ok for r in records)
     return EXIT_FAILED if failed or status else EXIT_OK
