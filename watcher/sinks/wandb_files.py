@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _FILE_HEADER = b":W&B" + struct.pack("<HB", 0xBEE1, 0)
 _BLOCK = 32768
@@ -107,32 +108,32 @@ def unsynced_offline_runs(wandb_dir: Path) -> list[LocalRun]:
 def history_rows(log: Path) -> Iterator[dict[str, object]]:
     """The history rows of a `.wandb` log (what `run.log` wrote), keys as logged, values as JSON decodes them.
     Rows of a writer killed mid-run are those that reached the file: reading stops at a torn or damaged tail."""
-    records = read_records(log)
-    while True:
-        try:
-            record = next(records)
-        except (StopIteration, WandbLogError):
-            return
-        if record.WhichOneof("record_type") == "history":
-            row = {}
-            for item in record.history.item:
-                try:
-                    row[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
-                except ValueError:
-                    continue
-            yield row
+    for record in _whole_records(log, "history"):
+        row = {}
+        for item in record.history.item:
+            try:
+                row[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+            except ValueError:
+                continue
+        yield row
 
 
 def alert_records(log: Path) -> Iterator[dict[str, object]]:
     """The alerts of a `.wandb` log (what `run.alert` wrote): title, text, level, as far as the file is whole."""
+    for record in _whole_records(log, "alert"):
+        yield {"title": record.alert.title, "text": record.alert.text, "level": record.alert.level}
+
+
+def _whole_records(log: Path, record_type: str) -> Iterator[Any]:
+    """The records of one type in a `.wandb` log, up to a torn or damaged tail."""
     records = read_records(log)
     while True:
         try:
             record = next(records)
         except (StopIteration, WandbLogError):
             return
-        if record.WhichOneof("record_type") == "alert":
-            yield {"title": record.alert.title, "text": record.alert.text, "level": record.alert.level}
+        if record.WhichOneof("record_type") == record_type:
+            yield record
 
 
 def find_local_runs(wandb_dir: Path) -> list[LocalRun]:
