@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from watcher import processes
-from watcher.journal import Job, ProcessLedger
+from watcher.journal import Job
+from watcher.ledgers import ProcessLedger
 from watcher.records import JobSpec, Outcome, Preset
 
 

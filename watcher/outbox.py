@@ -32,7 +32,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from watcher.journal import AlertRecord, Journal
+from watcher.journal import Journal
+from watcher.ledgers import AlertRecord
 from watcher.records import Result
 from watcher.sinks import Sink, SinkUnavailable
 

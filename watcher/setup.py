@@ -17,7 +17,7 @@ from typing import Callable
 from watcher.completion import checkpoint_files_in
 from watcher.config import ConfigError, ScheduleEntry, WatchConfig
 from watcher.devices import DeviceSpec, resolve_device
-from watcher.journal import ProcessLedger
+from watcher.ledgers import ProcessLedger
 from watcher.presets import Preset, get_preset
 from watcher.sinks import Sink, SinkPlace, build_sinks
 from watcher.watch import is_network_filesystem

@@ -30,7 +30,8 @@ from typing import Callable
 from watcher import slurm
 from watcher.config import SlurmSettings
 from watcher.jobs import JobPaths, StageReader, job_spec
-from watcher.journal import Job, Journal, SlurmRecord
+from watcher.journal import Job, Journal
+from watcher.ledgers import SlurmRecord
 from watcher.pool import Allocation
 from watcher.records import ACTIVE_STATES, Outcome, OutcomeKind, Preset
 

@@ -43,7 +43,8 @@ from typing import Any
 
 from watcher import processes
 from watcher.jobs import JobPaths, LocalJob, outcome_of, prepare_folder, read_nonblocking
-from watcher.journal import Job, ProcessLedger
+from watcher.journal import Job
+from watcher.ledgers import ProcessLedger
 from watcher.pool import Allocation
 from watcher.records import JobSpec, Outcome
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +47,9 @@ def trainer_environment(output_dir: Path) -> dict[str, str]:
 
 def report(output_dir: Path, results_dir: Path) -> None:
     """What the decisions came to, after the results table."""
-    from watcher.cli import best, compare
-
     print(f"\nThe best {CONFIG['keep_best'][0]['k']} checkpoints by {METRIC}, kept under {results_dir / 'best'} "
           f"(the trainer kept only its newest {SAVE_TOTAL_LIMIT}):", flush=True)  # fmt: skip
-    best.main([str(output_dir), "--metric", METRIC])
+    _ckpt_watch("best", str(output_dir), "--metric", METRIC)
     alerts = results_dir / "alerts.jsonl"
     lines = alerts.read_text(encoding="utf-8").splitlines() if alerts.is_file() else []
     print(f"\nAlerts ({alerts}):" if lines else "\nNo alert fired.", flush=True)
@@ -68,12 +68,18 @@ def report(output_dir: Path, results_dir: Path) -> None:
     if kept and other is not None and kept[0] != other:
         print(f"\nThe best checkpoint (A) against step {other}{' where the alert fired' if fired else ''} (B): "
               "is the difference real, or noise?", flush=True)  # fmt: skip
-        compare.main([str(output_dir), str(kept[0]), str(other)])
+        _ckpt_watch("compare", str(output_dir), str(kept[0]), str(other))
     from watcher.sinks.wandb_run import upload_note
 
     note = upload_note("auto", output_dir, results_dir) if wandb_installed() else None
     if note:
         print(f"\nThe evals and the alert (a W&B alert on the training run) are written offline. {note}", flush=True)
+
+
+def _ckpt_watch(*args: str) -> None:
+    """The command a user would type next, run as such (subcommands do not import each other)."""
+    sys.stdout.flush()
+    subprocess.run([sys.executable, "-m", "watcher", *args], check=False)
 
 
 def _stop_line(train_log: Path) -> str | None:

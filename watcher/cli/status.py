@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from watcher.config import ConfigError
-from watcher.journal import JobRow, JournalReader, SlurmRecord
+from watcher.journal import JobRow, JournalReader
+from watcher.ledgers import SlurmRecord
 from watcher.metrics import headline_metrics
 from watcher.records import Result, iso_time
 from watcher.regressions import REGRESSION_LEVEL, Regression, find_regressions

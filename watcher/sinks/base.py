@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence
 
-from watcher.journal import AlertRecord
+from watcher.ledgers import AlertRecord
 from watcher.records import Result
 
 

@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from watcher import processes
-from watcher.journal import AlertRecord
+from watcher.ledgers import AlertRecord
 from watcher.integrations.run_record import RUN_RECORD, process_alive, read_run_record
 from watcher.records import Result
 from watcher.sinks.base import SinkBase, SinkSettings, SinkUnavailable
