@@ -35,7 +35,7 @@ from watcher.config import AlertRule
 from watcher.integrations.sentinel import write_stop_request
 from watcher.journal import Journal
 from watcher.records import Result, iso_time
-from watcher.standings import Standing, best, resolve_mode, values_of
+from watcher.standings import Standing, best, newest_results, resolve_mode, values_of
 
 log = logging.getLogger("ckpt-watch")
 
@@ -89,13 +89,8 @@ def _points(rule: AlertRule, results: Sequence[Result]) -> list[Point]:
               for s in values_of(results, rule.metric, rule.variant)]  # fmt: skip
     if not rule.nan:
         return finite
-    reports = [r for r in results if r.ok and r.variant == rule.variant
-               and (rule.metric in r.metrics or rule.metric in r.nonfinite)]  # fmt: skip
-    newest: dict[str, Result] = {}
-    for result in reports:  # as standings.values_of picks, with the non-finite reports counted
-        known = newest.get(result.checkpoint)
-        if known is None or (result.generation, result.finished_at) >= (known.generation, known.finished_at):
-            newest[result.checkpoint] = result
+    # As standings.values_of picks, with the non-finite reports counted.
+    newest = newest_results(results, rule.variant, lambda r: rule.metric in r.metrics or rule.metric in r.nonfinite)
     nonfinite = [Point(r.step, r.checkpoint, r.generation, math.nan, r.result_id)
                  for r in newest.values() if rule.metric in r.nonfinite]  # fmt: skip
     return sorted([p for p in finite if p.checkpoint not in {n.checkpoint for n in nonfinite}] + nonfinite,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from watcher.metrics import higher_is_better, stderr_name
 from watcher.records import Result
@@ -37,21 +37,27 @@ class Standing:
 
 def values_of(results: Iterable[Result], metric: str, variant: str = "regular") -> list[Standing]:
     """Each checkpoint's value of `metric` (newest successful result of `variant` that has it), by step."""
-    newest: dict[str, Result] = {}
-    for result in results:
-        if result.variant != variant or not result.ok or not _finite(result.metrics.get(metric)):
-            continue
-        known = newest.get(result.checkpoint)
-        if known is None or (result.generation, result.finished_at) >= (known.generation, known.finished_at):
-            newest[result.checkpoint] = result
     standings = []
-    for result in newest.values():
+    for result in newest_results(results, variant, lambda r: _finite(r.metrics.get(metric))).values():
         stderr = result.metrics.get(stderr_name(metric))
         standings.append(Standing(step=result.step, checkpoint=result.checkpoint,
                                   checkpoint_path=result.checkpoint_path, generation=result.generation,
                                   value=float(result.metrics[metric]),
                                   stderr=float(stderr) if _finite(stderr) else None, result=result))  # fmt: skip
     return sorted(standings, key=lambda s: (s.step, s.checkpoint))
+
+
+def newest_results(results: Iterable[Result], variant: str, counts: Callable[[Result], bool]) -> dict[str, Result]:
+    """checkpoint name -> its newest successful result of `variant` among those `counts` accepts: the highest
+    generation, then the last to finish (the rule of the module docstring)."""
+    newest: dict[str, Result] = {}
+    for result in results:
+        if result.variant != variant or not result.ok or not counts(result):
+            continue
+        known = newest.get(result.checkpoint)
+        if known is None or (result.generation, result.finished_at) >= (known.generation, known.finished_at):
+            newest[result.checkpoint] = result
+    return newest
 
 
 def resolve_mode(mode: str, metric: str, results: Iterable[Result] = ()) -> str:
